@@ -1,0 +1,4 @@
+//! Load generators behind `prkv bench`. Benchmarks are commands, never timed tests; their
+//! results go to `BENCHMARKS.md` with the command that produced them.
+
+pub mod engine;

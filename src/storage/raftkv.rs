@@ -1,0 +1,119 @@
+//! `raft-kv`: every Region of the store in one RocksDB, TiKV's classic layout.
+//!
+//! Regions are key ranges of the shared DB: a Region's engine is a view that clips reads and
+//! writes to its range, and its apply state lives under its own local key ([`super::keys`]).
+//! The WAL is on but not synced per write (the Raft log is the durable record); it is synced
+//! when the durable apply index is asked for, before Raft-log GC may pass it.
+//!
+//! This mode exists as the baseline the partitioned engine is measured against: a split here
+//! is metadata-only, but a snapshot must scan the range, compaction mixes every Region, and
+//! destroying a replica is a range delete.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::engine::{Cf, KeyRange, RegionEngine, StoreEngine};
+use super::rocks::{DbHandle, Layout, RocksRegion, SharedResources};
+use super::{keys, Error, Index, RegionId, Result};
+use crate::config::{EngineKind, RocksDbConfig};
+
+pub struct RaftKvEngine {
+    handle: Arc<DbHandle>,
+    shared: Arc<SharedResources>,
+    regions: Mutex<HashMap<RegionId, Arc<RocksRegion>>>,
+    path: PathBuf,
+}
+
+impl RaftKvEngine {
+    pub fn open(path: &Path, config: &RocksDbConfig) -> Result<RaftKvEngine> {
+        std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+        let shared = SharedResources::new(config)?;
+        let handle = DbHandle::open(&shared, path, false)?;
+        Ok(RaftKvEngine { handle, shared, regions: Mutex::new(HashMap::new()), path: path.to_path_buf() })
+    }
+}
+
+impl StoreEngine for RaftKvEngine {
+    fn kind(&self) -> EngineKind {
+        EngineKind::RaftKv
+    }
+
+    fn open_region(&self, region_id: RegionId, range: KeyRange, _tablet_index: Index) -> Result<Arc<dyn RegionEngine>> {
+        let mut regions = self.regions.lock();
+        if let Some(r) = regions.get(&region_id) {
+            if r.range == range {
+                return Ok(r.clone());
+            }
+        }
+        let view = Arc::new(RocksRegion::new(
+            self.handle.clone(),
+            region_id,
+            range,
+            0,
+            Layout::Shared,
+            self.shared.clone(),
+            None,
+        )?);
+        regions.insert(region_id, view.clone());
+        Ok(view)
+    }
+
+    fn region(&self, region_id: RegionId) -> Option<Arc<dyn RegionEngine>> {
+        self.regions.lock().get(&region_id).map(|r| r.clone() as Arc<dyn RegionEngine>)
+    }
+
+    fn list_regions(&self) -> Result<Vec<(RegionId, Index)>> {
+        // Apply-state keys are the local keys 0x01 0x02 <id> 0x03; scan them.
+        let db = self.handle.db();
+        let cf = db.cf_handle(Cf::Default.name()).expect("default column family");
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_iterate_lower_bound(keys::apply_state_key(0));
+        opts.set_iterate_upper_bound(vec![keys::DATA_PREFIX]);
+        let mut it = db.raw_iterator_cf_opt(cf, opts);
+        it.seek_to_first();
+        let mut out = Vec::new();
+        while it.valid() {
+            if let Some(k) = it.key() {
+                if k.len() == 11 {
+                    let mut id = [0u8; 8];
+                    id.copy_from_slice(&k[2..10]);
+                    out.push((u64::from_be_bytes(id), 0));
+                }
+            }
+            it.next();
+        }
+        it.status().map_err(|e| super::rocks::rocks_err(&self.path, e))?;
+        Ok(out)
+    }
+
+    fn destroy_region(&self, region_id: RegionId) -> Result<()> {
+        let Some(view) = self.regions.lock().remove(&region_id) else {
+            return Err(Error::RegionNotFound(region_id));
+        };
+        // Remove the Region's data and its apply state in one atomic batch.
+        let db = self.handle.db();
+        let mut wb = rocksdb::WriteBatch::default();
+        let lo = keys::data_key(&view.range.start);
+        let hi = keys::data_end_key(&view.range.end);
+        for cf in Cf::ALL {
+            wb.delete_range_cf(db.cf_handle(cf.name()).expect("column family"), &lo, &hi);
+        }
+        wb.delete_cf(db.cf_handle(Cf::Default.name()).expect("column family"), keys::apply_state_key(region_id));
+        db.write(wb).map_err(|e| super::rocks::rocks_err(&self.path, e))
+    }
+
+    fn memtable_bytes(&self) -> u64 {
+        self.shared.wbm.get_usage() as u64
+    }
+
+    fn memtable_limit(&self) -> u64 {
+        self.shared.config.write_buffer_limit.0
+    }
+
+    fn flush_all(&self) -> Result<()> {
+        self.handle.flush(true)
+    }
+}

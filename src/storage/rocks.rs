@@ -1,0 +1,546 @@
+//! RocksDB underneath both engine kinds: shared resources, options, and the [`RegionEngine`]
+//! implementation over one RocksDB instance.
+//!
+//! Every RocksDB of a store shares one [`SharedResources`]: one `Env` (so background flush and
+//! compaction threads are per store, not per tablet), one block cache and one
+//! `WriteBufferManager` sized by `rocksdb.write-buffer-limit`. RocksDB's informational log goes to
+//! `tracing` instead of a `LOG` file per instance: one file descriptor less per tablet.
+//!
+//! This is the only module that names RocksDB types; they never leave it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use prkv_proto::serverpb::RaftApplyState;
+use prost::Message;
+use rocksdb::checkpoint::Checkpoint;
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Env, FlushOptions,
+    InfoLogger, LogLevel, Options, ReadOptions, ReadTier, WriteBufferManager, WriteOptions, DB,
+};
+
+use super::engine::{Cf, KeyRange, Op, RegionEngine, ScanDir, Snapshot, WriteBatch};
+use super::{keys, Error, Index, RegionId, Result};
+use crate::config::RocksDbConfig;
+
+/// Arena blocks are what the WriteBufferManager charges. RocksDB's default (1/8 of a memtable)
+/// would charge 4MiB to every tablet that receives a single write, so 1,000 lightly written
+/// tablets would "use" gigabytes; 64KiB keeps the charge close to real use.
+const ARENA_BLOCK_SIZE: usize = 64 << 10;
+
+/// Resources shared by every RocksDB instance of a store.
+pub(crate) struct SharedResources {
+    env: Env,
+    cache: Cache,
+    pub(crate) wbm: WriteBufferManager,
+    pub(crate) config: RocksDbConfig,
+    /// Time origin for "oldest unflushed write" stamps.
+    pub(crate) epoch: Instant,
+}
+
+impl SharedResources {
+    pub(crate) fn new(config: &RocksDbConfig) -> Result<Arc<SharedResources>> {
+        let mut env = Env::new().map_err(|e| rocks_err(Path::new("<env>"), e))?;
+        // Flushes run in the high-priority pool so that a compaction backlog never delays the
+        // flushes that free write-buffer memory.
+        let jobs = config.max_background_jobs.max(2);
+        env.set_high_priority_background_threads((jobs / 2).max(1));
+        env.set_low_priority_background_threads((jobs - jobs / 2).max(1));
+        let cache = Cache::new_lru_cache(config.block_cache_size.0 as usize);
+        // allow_stall: writers wait when memtables reach the limit until flushes free memory;
+        // this is what bounds memory when writes outrun flushes.
+        let wbm = WriteBufferManager::new_write_buffer_manager(
+            config.write_buffer_limit.0 as usize,
+            true,
+        );
+        Ok(Arc::new(SharedResources {
+            env,
+            cache,
+            wbm,
+            config: config.clone(),
+            epoch: Instant::now(),
+        }))
+    }
+
+    /// Options for one RocksDB instance. `tablet` selects the per-Region layout: WAL off
+    /// (callers disable it per write) and atomic flush, so the column families and the apply
+    /// state are always persisted together.
+    pub(crate) fn db_options(&self, tablet: bool) -> (Options, Vec<ColumnFamilyDescriptor>) {
+        let mut db = Options::default();
+        db.create_if_missing(true);
+        db.create_missing_column_families(true);
+        db.set_env(&self.env);
+        db.set_write_buffer_manager(&self.wbm);
+        db.set_max_background_jobs(self.config.max_background_jobs);
+        db.set_info_logger(InfoLogger::new_callback_logger(LogLevel::Warn, |level, msg| {
+            match level {
+                LogLevel::Fatal | LogLevel::Error => tracing::error!(target: "rocksdb", "{}", msg.trim_end()),
+                _ => tracing::warn!(target: "rocksdb", "{}", msg.trim_end()),
+            }
+        }));
+        db.set_skip_stats_update_on_db_open(true);
+        db.set_keep_log_file_num(1);
+        if tablet {
+            db.set_atomic_flush(true);
+            db.set_max_open_files(self.config.max_open_files);
+            db.set_max_file_opening_threads(1);
+            // A tablet's manifest rarely grows; keep it small so reopening is quick.
+            db.set_max_manifest_file_size(4 << 20);
+        } else {
+            // One DB holds every Region: give it the file budget of many tablets (TiKV's
+            // raft-kv default is 40960, above this machine's default fd limit of 20000).
+            db.set_max_open_files(4096);
+            db.set_max_total_wal_size(1 << 30);
+        }
+        let cfs = Cf::ALL
+            .iter()
+            .map(|cf| ColumnFamilyDescriptor::new(cf.name(), self.cf_options(tablet)))
+            .collect();
+        (db, cfs)
+    }
+
+    fn cf_options(&self, tablet: bool) -> Options {
+        let mut cf = Options::default();
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&self.cache);
+        table.set_bloom_filter(10.0, false);
+        table.set_cache_index_and_filter_blocks(true);
+        cf.set_block_based_table_factory(&table);
+        cf.set_write_buffer_manager(&self.wbm);
+        cf.set_write_buffer_size(self.config.write_buffer_size.0 as usize);
+        cf.set_max_write_buffer_number(if tablet { 2 } else { 5 });
+        cf.set_arena_block_size(ARENA_BLOCK_SIZE);
+        cf.set_compression_type(DBCompressionType::Lz4);
+        cf.set_bottommost_compression_type(DBCompressionType::Zstd);
+        cf.set_level_compaction_dynamic_level_bytes(true);
+        cf
+    }
+}
+
+pub(crate) fn rocks_err(path: &Path, e: rocksdb::Error) -> Error {
+    Error::Rocks { path: path.to_path_buf(), message: e.into_string() }
+}
+
+/// An open RocksDB instance. Dropping the last reference closes it and, if it was marked
+/// destroyed, removes its directory: a destroyed tablet stays readable by snapshots and
+/// iterators still alive, and its files go when they are done.
+pub(crate) struct DbHandle {
+    db: Option<DB>,
+    pub(crate) path: PathBuf,
+    destroy_on_drop: AtomicBool,
+}
+
+impl DbHandle {
+    pub(crate) fn open(shared: &SharedResources, path: &Path, tablet: bool) -> Result<Arc<DbHandle>> {
+        let (opts, cfs) = shared.db_options(tablet);
+        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| rocks_err(path, e))?;
+        Ok(Arc::new(DbHandle { db: Some(db), path: path.to_path_buf(), destroy_on_drop: AtomicBool::new(false) }))
+    }
+
+    pub(crate) fn db(&self) -> &DB {
+        self.db.as_ref().expect("DbHandle used after close")
+    }
+
+    pub(crate) fn mark_destroyed(&self) {
+        self.destroy_on_drop.store(true, Ordering::SeqCst);
+    }
+
+    fn cf(&self, cf: Cf) -> &rocksdb::ColumnFamily {
+        self.db().cf_handle(cf.name()).expect("every column family is created at open")
+    }
+
+    fn int_property(&self, cf: Cf, name: &str) -> u64 {
+        self.db().property_int_value_cf(self.cf(cf), name).ok().flatten().unwrap_or(0)
+    }
+
+    /// Bytes of this instance's memtables, active and immutable.
+    pub(crate) fn memtable_bytes(&self) -> u64 {
+        Cf::ALL.iter().map(|cf| self.int_property(*cf, "rocksdb.cur-size-all-mem-tables")).sum()
+    }
+
+    /// Bytes of this instance's active (mutable) memtables.
+    pub(crate) fn active_memtable_bytes(&self) -> u64 {
+        Cf::ALL.iter().map(|cf| self.int_property(*cf, "rocksdb.cur-size-active-mem-table")).sum()
+    }
+
+    /// Entries not yet flushed, in active and immutable memtables.
+    pub(crate) fn unflushed_entries(&self) -> u64 {
+        Cf::ALL
+            .iter()
+            .map(|cf| {
+                self.int_property(*cf, "rocksdb.num-entries-active-mem-table")
+                    + self.int_property(*cf, "rocksdb.num-entries-imm-mem-tables")
+            })
+            .sum()
+    }
+
+    pub(crate) fn flush(&self, wait: bool) -> Result<()> {
+        let mut opts = FlushOptions::default();
+        opts.set_wait(wait);
+        let cfs: Vec<_> = Cf::ALL.iter().map(|cf| self.cf(*cf)).collect();
+        self.db().flush_cfs_opt(&cfs, &opts).map_err(|e| rocks_err(&self.path, e))
+    }
+
+    pub(crate) fn sync_wal(&self) -> Result<()> {
+        self.db().flush_wal(true).map_err(|e| rocks_err(&self.path, e))
+    }
+}
+
+impl Drop for DbHandle {
+    fn drop(&mut self) {
+        // Close first: RocksDB must not have files open in a directory we remove.
+        drop(self.db.take());
+        if self.destroy_on_drop.load(Ordering::SeqCst) {
+            if let Err(e) = std::fs::remove_dir_all(&self.path) {
+                tracing::warn!(path = %self.path.display(), error = %e, "removing destroyed RocksDB failed");
+            }
+        }
+    }
+}
+
+/// Which layout a [`RocksRegion`] lives in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// The RocksDB holds this Region only; WAL off.
+    Tablet,
+    /// The RocksDB is shared by all Regions; WAL on.
+    Shared,
+}
+
+/// One Region's view of a RocksDB instance.
+pub(crate) struct RocksRegion {
+    pub(crate) handle: Arc<DbHandle>,
+    pub(crate) region_id: RegionId,
+    pub(crate) range: KeyRange,
+    pub(crate) tablet_index: Index,
+    pub(crate) layout: Layout,
+    /// Engine keys bounding the Region's data.
+    data_start: Vec<u8>,
+    data_end: Vec<u8>,
+    /// The last applied index written, asserted monotonic at the durability boundary.
+    last_applied: AtomicU64,
+    /// Nanoseconds since [`SharedResources::epoch`] of the oldest write not yet flushed; 0 when
+    /// clean (tablets only; read by the flush controller).
+    pub(crate) oldest_unflushed_ns: AtomicU64,
+    shared: Arc<SharedResources>,
+    /// Called after every write so the flush controller can react to memory pressure.
+    on_write: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl RocksRegion {
+    pub(crate) fn new(
+        handle: Arc<DbHandle>,
+        region_id: RegionId,
+        range: KeyRange,
+        tablet_index: Index,
+        layout: Layout,
+        shared: Arc<SharedResources>,
+        on_write: Option<Arc<dyn Fn() + Send + Sync>>,
+    ) -> Result<RocksRegion> {
+        let data_start = keys::data_key(&range.start);
+        let data_end = keys::data_end_key(&range.end);
+        let region = RocksRegion {
+            handle,
+            region_id,
+            range,
+            tablet_index,
+            layout,
+            data_start,
+            data_end,
+            last_applied: AtomicU64::new(0),
+            oldest_unflushed_ns: AtomicU64::new(0),
+            shared,
+            on_write,
+        };
+        let applied = region.apply_state()?.map_or(0, |s| s.applied_index);
+        region.last_applied.store(applied, Ordering::SeqCst);
+        Ok(region)
+    }
+
+    fn write_options(&self) -> WriteOptions {
+        let mut wo = WriteOptions::default();
+        // Tablets write no WAL: the Raft log is the only log (see the recovery invariant in
+        // `storage/mod.rs`). The shared DB keeps its WAL but does not sync it per write.
+        wo.disable_wal(self.layout == Layout::Tablet);
+        wo
+    }
+
+    /// Clips a user range to the Region and turns it into engine keys.
+    fn bounds(&self, start: &[u8], end: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let lo = if start > self.range.start.as_slice() { keys::data_key(start) } else { self.data_start.clone() };
+        let hi = if end.is_empty() {
+            self.data_end.clone()
+        } else {
+            let e = keys::data_key(end);
+            e.min(self.data_end.clone())
+        };
+        (lo, hi)
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<()> {
+        if self.range.contains(key) {
+            Ok(())
+        } else {
+            Err(Error::KeyNotInRange { region_id: self.region_id, key: key.to_vec(), range: self.range.clone() })
+        }
+    }
+
+    fn read_apply_state(&self, opts: ReadOptions) -> Result<Option<RaftApplyState>> {
+        let db = self.handle.db();
+        let raw = db
+            .get_cf_opt(self.handle.cf(Cf::Default), keys::apply_state_key(self.region_id), &opts)
+            .map_err(|e| rocks_err(&self.handle.path, e))?;
+        match raw {
+            None => Ok(None),
+            Some(bytes) => RaftApplyState::decode(bytes.as_slice()).map(Some).map_err(|e| Error::Corruption {
+                what: format!("apply state of Region {} in {}", self.region_id, self.handle.path.display()),
+                detail: e.to_string(),
+            }),
+        }
+    }
+}
+
+impl RegionEngine for RocksRegion {
+    fn region_id(&self) -> RegionId {
+        self.region_id
+    }
+
+    fn range(&self) -> &KeyRange {
+        &self.range
+    }
+
+    fn tablet_index(&self) -> Index {
+        self.tablet_index
+    }
+
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.check_key(key)?;
+        let db = self.handle.db();
+        db.get_cf(self.handle.cf(cf), keys::data_key(key)).map_err(|e| rocks_err(&self.handle.path, e))
+    }
+
+    fn scan(
+        &self,
+        cf: Cf,
+        start: &[u8],
+        end: &[u8],
+        dir: ScanDir,
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<()> {
+        let (lo, hi) = self.bounds(start, end);
+        scan_db(&self.handle, None, cf, lo, hi, dir, f)
+    }
+
+    fn write(&self, batch: &WriteBatch) -> Result<()> {
+        let db = self.handle.db();
+        let mut wb = rocksdb::WriteBatch::default();
+        for op in &batch.ops {
+            match op {
+                Op::Put(cf, k, v) => {
+                    self.check_key(k)?;
+                    wb.put_cf(self.handle.cf(*cf), keys::data_key(k), v);
+                }
+                Op::Delete(cf, k) => {
+                    self.check_key(k)?;
+                    wb.delete_cf(self.handle.cf(*cf), keys::data_key(k));
+                }
+                Op::DeleteRange(cf, s, e) => {
+                    if !self.range.contains_range(s, e) {
+                        return Err(Error::KeyNotInRange { region_id: self.region_id, key: s.clone(), range: self.range.clone() });
+                    }
+                    let (lo, hi) = self.bounds(s, e);
+                    if lo < hi {
+                        wb.delete_range_cf(self.handle.cf(*cf), lo, hi);
+                    }
+                }
+            }
+        }
+        if let Some(state) = &batch.apply_state {
+            // Durability boundary: the applied index only moves forward. A regression means
+            // two appliers or a replayed batch, and writing it would corrupt recovery.
+            let prev = self.last_applied.load(Ordering::SeqCst);
+            assert!(
+                state.applied_index >= prev,
+                "Region {} apply state goes backwards: {} -> {} in {}",
+                self.region_id,
+                prev,
+                state.applied_index,
+                self.handle.path.display()
+            );
+            wb.put_cf(self.handle.cf(Cf::Default), keys::apply_state_key(self.region_id), state.encode_to_vec());
+        }
+        if self.layout == Layout::Tablet && self.oldest_unflushed_ns.load(Ordering::Relaxed) == 0 {
+            let now = self.shared.epoch.elapsed().as_nanos().max(1) as u64;
+            let _ = self.oldest_unflushed_ns.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);
+        }
+        db.write_opt(wb, &self.write_options()).map_err(|e| rocks_err(&self.handle.path, e))?;
+        if let Some(state) = &batch.apply_state {
+            self.last_applied.fetch_max(state.applied_index, Ordering::SeqCst);
+        }
+        if let Some(cb) = &self.on_write {
+            cb();
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Box<dyn Snapshot> {
+        Box::new(RocksSnapshot::new(self.handle.clone(), self.bounds(&[], &[]), self.range.clone(), self.region_id))
+    }
+
+    fn apply_state(&self) -> Result<Option<RaftApplyState>> {
+        self.read_apply_state(ReadOptions::default())
+    }
+
+    fn persisted_apply_state(&self) -> Result<Option<RaftApplyState>> {
+        match self.layout {
+            Layout::Tablet => {
+                // With the WAL off, the persisted tier is exactly the flushed SSTs.
+                let mut opts = ReadOptions::default();
+                opts.set_read_tier(ReadTier::Persisted);
+                self.read_apply_state(opts)
+            }
+            Layout::Shared => {
+                let state = self.apply_state()?;
+                self.handle.sync_wal()?;
+                Ok(state)
+            }
+        }
+    }
+
+    fn approximate_size(&self) -> Result<u64> {
+        let db = self.handle.db();
+        let range = rocksdb::Range::new(&self.data_start, &self.data_end);
+        Ok(Cf::ALL
+            .iter()
+            .map(|cf| db.get_approximate_sizes_cf(self.handle.cf(*cf), &[range]).iter().sum::<u64>())
+            .sum())
+    }
+
+    fn approximate_keys(&self) -> Result<u64> {
+        let total: u64 = Cf::ALL.iter().map(|cf| self.handle.int_property(*cf, "rocksdb.estimate-num-keys")).sum();
+        match self.layout {
+            Layout::Tablet => Ok(total),
+            Layout::Shared => {
+                // The shared DB only knows its total: scale it by this Region's share of the
+                // bytes. Good enough for split checks, which re-scan before splitting.
+                let db = self.handle.db();
+                let whole = rocksdb::Range::new(&[keys::DATA_PREFIX], keys::DATA_END);
+                let whole_size: u64 = Cf::ALL
+                    .iter()
+                    .map(|cf| db.get_approximate_sizes_cf(self.handle.cf(*cf), &[whole]).iter().sum::<u64>())
+                    .sum();
+                if whole_size == 0 {
+                    return Ok(0);
+                }
+                let mine = self.approximate_size()?;
+                Ok(((total as u128 * mine as u128) / whole_size as u128) as u64)
+            }
+        }
+    }
+
+    fn checkpoint(&self, dir: &Path) -> Result<()> {
+        let cp = Checkpoint::new(self.handle.db()).map_err(|e| rocks_err(&self.handle.path, e))?;
+        cp.create_checkpoint(dir).map_err(|e| rocks_err(dir, e))
+    }
+
+    fn flush(&self, wait: bool) -> Result<()> {
+        // Reset before flushing: a write racing with the flush sets a new (later) stamp, which is
+        // conservative, never too young.
+        self.oldest_unflushed_ns.store(0, Ordering::SeqCst);
+        self.handle.flush(wait)
+    }
+
+    fn memtable_bytes(&self) -> u64 {
+        self.handle.memtable_bytes()
+    }
+
+    fn background_work_pending(&self) -> bool {
+        Cf::ALL.iter().any(|cf| {
+            ["rocksdb.compaction-pending", "rocksdb.num-running-compactions", "rocksdb.num-running-flushes", "rocksdb.mem-table-flush-pending"]
+                .iter()
+                .any(|p| self.handle.int_property(*cf, p) > 0)
+        })
+    }
+}
+
+/// A RocksDB snapshot that owns its database handle.
+struct RocksSnapshot {
+    // Field order matters: `snap` borrows from `handle`'s DB and must drop first.
+    snap: rocksdb::SnapshotWithThreadMode<'static, DB>,
+    handle: Arc<DbHandle>,
+    bounds: (Vec<u8>, Vec<u8>),
+    range: KeyRange,
+    region_id: RegionId,
+}
+
+impl RocksSnapshot {
+    fn new(handle: Arc<DbHandle>, bounds: (Vec<u8>, Vec<u8>), range: KeyRange, region_id: RegionId) -> Self {
+        let snap = handle.db().snapshot();
+        // SAFETY: the snapshot borrows the DB inside `handle`. The Arc keeps that DB alive at a
+        // stable address for as long as this struct exists, and `snap` is declared first, so it
+        // is dropped before `handle`.
+        let snap: rocksdb::SnapshotWithThreadMode<'static, DB> = unsafe { std::mem::transmute(snap) };
+        RocksSnapshot { snap, handle, bounds, range, region_id }
+    }
+}
+
+impl Snapshot for RocksSnapshot {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        if !self.range.contains(key) {
+            return Err(Error::KeyNotInRange { region_id: self.region_id, key: key.to_vec(), range: self.range.clone() });
+        }
+        self.snap.get_cf(self.handle.cf(cf), keys::data_key(key)).map_err(|e| rocks_err(&self.handle.path, e))
+    }
+
+    fn scan(
+        &self,
+        cf: Cf,
+        start: &[u8],
+        end: &[u8],
+        dir: ScanDir,
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<()> {
+        let (rs, re) = &self.bounds;
+        let lo = keys::data_key(start).max(rs.clone());
+        let hi = if end.is_empty() { re.clone() } else { keys::data_key(end).min(re.clone()) };
+        scan_db(&self.handle, Some(&self.snap), cf, lo, hi, dir, f)
+    }
+}
+
+fn scan_db(
+    handle: &DbHandle,
+    snap: Option<&rocksdb::SnapshotWithThreadMode<'static, DB>>,
+    cf: Cf,
+    lo: Vec<u8>,
+    hi: Vec<u8>,
+    dir: ScanDir,
+    f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+) -> Result<()> {
+    if lo >= hi {
+        return Ok(());
+    }
+    let mut opts = ReadOptions::default();
+    opts.set_iterate_lower_bound(lo);
+    opts.set_iterate_upper_bound(hi);
+    let mut it = match snap {
+        Some(s) => s.raw_iterator_cf_opt(handle.cf(cf), opts),
+        None => handle.db().raw_iterator_cf_opt(handle.cf(cf), opts),
+    };
+    match dir {
+        ScanDir::Forward => it.seek_to_first(),
+        ScanDir::Reverse => it.seek_to_last(),
+    }
+    while it.valid() {
+        let (Some(k), Some(v)) = (it.key(), it.value()) else { break };
+        if !f(keys::origin_key(k), v) {
+            return Ok(());
+        }
+        match dir {
+            ScanDir::Forward => it.next(),
+            ScanDir::Reverse => it.prev(),
+        }
+    }
+    it.status().map_err(|e| rocks_err(&handle.path, e))
+}

@@ -1,0 +1,257 @@
+//! `partitioned-raft-kv`: one RocksDB instance ("tablet") per Region replica.
+//!
+//! ```text
+//!   tablets/
+//!     7_0/          Region 7, born at log index 0 (bootstrap)
+//!     9_1520/       Region 9, installed from a split or snapshot at index 1520
+//!     9_880.tomb/   an older generation being removed (left over after a crash)
+//! ```
+//!
+//! A tablet directory is named `<region>_<index>`, where the index is the Raft log index the
+//! tablet's contents start from. A Region gets a new generation whenever its data is replaced
+//! as a whole (split, snapshot, merge): the new directory is prepared beside the old one and the
+//! registry *swaps* to it by opening the higher index; the old one is destroyed once unused.
+//! At start-up the highest index of each Region wins and leftovers are removed, so a crash in
+//! the middle of a swap leaves a consistent choice.
+//!
+//! Why this layout pays off (`docs/architecture.md`, section 1): compaction never mixes
+//! Regions, a split is a checkpoint (hard links) rather than a rewrite, a new replica receives
+//! files as they are, and removing a replica removes a directory.
+//!
+//! Tablets write no WAL and flush their column families atomically, so a tablet on disk is
+//! always a consistent prefix of the Region's log: see the recovery invariant in
+//! [`super`]. Memory is shared and bounded by the [`super::flush::FlushController`].
+//!
+//! File descriptors: a tablet holds its `LOCK`, `MANIFEST`, current (empty) WAL and directory
+//! open, plus at most `rocksdb.max-open-files - 10` SSTs; the info log goes to `tracing`, not a
+//! file. So a store needs about `4 * tablets + SSTs in use` descriptors, and raises its soft
+//! `RLIMIT_NOFILE` to the hard limit at start ([`raise_fd_limit`]).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::engine::{KeyRange, RegionEngine, StoreEngine};
+use super::flush::FlushController;
+use super::rocks::{DbHandle, Layout, RocksRegion, SharedResources};
+use super::{Error, Index, RegionId, Result};
+use crate::config::{EngineKind, RocksDbConfig};
+
+const TOMBSTONE_SUFFIX: &str = ".tomb";
+
+/// Opens, caches, swaps and destroys the tablets of one store.
+pub struct TabletRegistry {
+    root: PathBuf,
+    shared: Arc<SharedResources>,
+    tablets: Arc<Mutex<HashMap<RegionId, Arc<RocksRegion>>>>,
+    flush: Arc<FlushController>,
+}
+
+impl TabletRegistry {
+    pub fn open(root: &Path, config: &RocksDbConfig) -> Result<TabletRegistry> {
+        std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+        raise_fd_limit();
+        let shared = SharedResources::new(config)?;
+        let tablets = Arc::new(Mutex::new(HashMap::new()));
+        let flush = FlushController::start(shared.clone(), tablets.clone());
+        let registry = TabletRegistry { root: root.to_path_buf(), shared, tablets, flush };
+        registry.remove_leftovers()?;
+        Ok(registry)
+    }
+
+    /// The directory of a tablet generation.
+    pub fn tablet_path(&self, region_id: RegionId, index: Index) -> PathBuf {
+        self.root.join(format!("{region_id}_{index}"))
+    }
+
+    /// The flush controller, for metrics and tests.
+    pub fn flush_controller(&self) -> &FlushController {
+        &self.flush
+    }
+
+    /// Scans the tablet directory: `(region, index)` of every generation on disk.
+    fn scan_dir(&self) -> Result<Vec<(RegionId, Index, PathBuf)>> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&self.root).map_err(|e| Error::io(&self.root, e))? {
+            let entry = entry.map_err(|e| Error::io(&self.root, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some((r, i)) = parse_tablet_name(&name) {
+                found.push((r, i, entry.path()));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Removes tombstoned generations and every generation below a Region's newest one.
+    fn remove_leftovers(&self) -> Result<()> {
+        let mut newest: HashMap<RegionId, Index> = HashMap::new();
+        for (r, i, _) in self.scan_dir()? {
+            let e = newest.entry(r).or_insert(i);
+            *e = (*e).max(i);
+        }
+        for entry in std::fs::read_dir(&self.root).map_err(|e| Error::io(&self.root, e))? {
+            let entry = entry.map_err(|e| Error::io(&self.root, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let stale = match parse_tablet_name(&name) {
+                Some((r, i)) => newest.get(&r).is_some_and(|n| i < *n),
+                None => name.ends_with(TOMBSTONE_SUFFIX),
+            };
+            if stale {
+                tracing::info!(dir = %entry.path().display(), "removing stale tablet generation");
+                std::fs::remove_dir_all(entry.path()).map_err(|e| Error::io(&entry.path(), e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn open_tablet(&self, region_id: RegionId, range: KeyRange, index: Index) -> Result<Arc<RocksRegion>> {
+        let path = self.tablet_path(region_id, index);
+        let handle = DbHandle::open(&self.shared, &path, true)?;
+        let flush = self.flush.clone();
+        let on_write: Arc<dyn Fn() + Send + Sync> = Arc::new(move || flush.on_write());
+        Ok(Arc::new(RocksRegion::new(
+            handle,
+            region_id,
+            range,
+            index,
+            Layout::Tablet,
+            self.shared.clone(),
+            Some(on_write),
+        )?))
+    }
+
+    /// Moves a tablet directory aside and marks it for removal when its last user drops it.
+    fn retire(&self, tablet: &RocksRegion) {
+        tablet.handle.mark_destroyed();
+        tracing::info!(region_id = tablet.region_id, index = tablet.tablet_index, "tablet retired");
+    }
+}
+
+impl StoreEngine for TabletRegistry {
+    fn kind(&self) -> EngineKind {
+        EngineKind::PartitionedRaftKv
+    }
+
+    /// Opens generation `tablet_index` of the Region. If the cache holds an older generation,
+    /// this is a swap: the new tablet replaces it and the old one is destroyed once unused.
+    fn open_region(&self, region_id: RegionId, range: KeyRange, tablet_index: Index) -> Result<Arc<dyn RegionEngine>> {
+        let mut tablets = self.tablets.lock();
+        if let Some(t) = tablets.get(&region_id) {
+            if t.tablet_index == tablet_index && t.range == range {
+                return Ok(t.clone());
+            }
+            if t.tablet_index > tablet_index {
+                return Err(Error::Other(format!(
+                    "Region {region_id}: cannot open tablet index {tablet_index} below the open {}",
+                    t.tablet_index
+                )));
+            }
+        }
+        if tablets.get(&region_id).is_some_and(|t| t.tablet_index == tablet_index) {
+            // Same generation, new range: reopen a view over the same handle.
+            let old = tablets[&region_id].clone();
+            let flush = self.flush.clone();
+            let on_write: Arc<dyn Fn() + Send + Sync> = Arc::new(move || flush.on_write());
+            let view = Arc::new(RocksRegion::new(
+                old.handle.clone(),
+                region_id,
+                range,
+                tablet_index,
+                Layout::Tablet,
+                self.shared.clone(),
+                Some(on_write),
+            )?);
+            tablets.insert(region_id, view.clone());
+            return Ok(view);
+        }
+        let tablet = self.open_tablet(region_id, range, tablet_index)?;
+        if let Some(old) = tablets.insert(region_id, tablet.clone()) {
+            self.retire(&old);
+        }
+        Ok(tablet)
+    }
+
+    fn region(&self, region_id: RegionId) -> Option<Arc<dyn RegionEngine>> {
+        self.tablets.lock().get(&region_id).map(|t| t.clone() as Arc<dyn RegionEngine>)
+    }
+
+    fn list_regions(&self) -> Result<Vec<(RegionId, Index)>> {
+        let mut newest: HashMap<RegionId, Index> = HashMap::new();
+        for (r, i, _) in self.scan_dir()? {
+            let e = newest.entry(r).or_insert(i);
+            *e = (*e).max(i);
+        }
+        let mut v: Vec<_> = newest.into_iter().collect();
+        v.sort_unstable();
+        Ok(v)
+    }
+
+    fn destroy_region(&self, region_id: RegionId) -> Result<()> {
+        let open = self.tablets.lock().remove(&region_id);
+        match open {
+            Some(t) => self.retire(&t),
+            None => {
+                for (r, _, path) in self.scan_dir()? {
+                    if r == region_id {
+                        let tomb = path.with_extension("tomb");
+                        std::fs::rename(&path, &tomb).map_err(|e| Error::io(&path, e))?;
+                        std::fs::remove_dir_all(&tomb).map_err(|e| Error::io(&tomb, e))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn memtable_bytes(&self) -> u64 {
+        self.shared.wbm.get_usage() as u64
+    }
+
+    fn memtable_limit(&self) -> u64 {
+        self.shared.config.write_buffer_limit.0
+    }
+
+    fn flush_all(&self) -> Result<()> {
+        let tablets: Vec<_> = self.tablets.lock().values().cloned().collect();
+        for t in tablets {
+            t.flush(true)?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses `<region>_<index>`.
+fn parse_tablet_name(name: &str) -> Option<(RegionId, Index)> {
+    let (r, i) = name.split_once('_')?;
+    Some((r.parse().ok()?, i.parse().ok()?))
+}
+
+/// Raises the soft open-files limit to the hard limit: thousands of tablets need thousands of
+/// descriptors, and the soft default (often 1024) is an accident of history, not a budget.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!("could not raise RLIMIT_NOFILE");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tablet_names() {
+        assert_eq!(parse_tablet_name("7_0"), Some((7, 0)));
+        assert_eq!(parse_tablet_name("9_1520"), Some((9, 1520)));
+        assert_eq!(parse_tablet_name("9_1520.tomb"), None);
+        assert_eq!(parse_tablet_name("LOCK"), None);
+    }
+}

@@ -1,0 +1,191 @@
+//! The tablet registry under pressure: many tablets within a file-descriptor limit, and shared
+//! memtable memory held to `rocksdb.write-buffer-limit`.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prkv::config::{ReadableSize, RocksDbConfig};
+use prkv::storage::tablet::TabletRegistry;
+use prkv::storage::{Cf, KeyRange, RegionEngine, StoreEngine, WriteBatch};
+use prkv_proto::serverpb::RaftApplyState;
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+}
+
+const TABLETS: u64 = 1000;
+
+/// Child: opens 1,000 tablets at once (under the parent's `ulimit -n 4096`), writes and reads
+/// each while all stay open, then reopens the registry and checks every tablet again.
+#[test]
+#[ignore = "child process of many_tablets_fit_in_fd_limit"]
+fn many_tablets_child() {
+    let dir = std::path::PathBuf::from(std::env::var("PRKV_TABLETS_DIR").unwrap());
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    println!("limit {}", limit.rlim_cur);
+    let config = RocksDbConfig {
+        write_buffer_limit: ReadableSize::mib(256),
+        write_buffer_size: ReadableSize::mib(1),
+        block_cache_size: ReadableSize::mib(16),
+        ..Default::default()
+    };
+    for pass in 0..2 {
+        let registry = TabletRegistry::open(&dir, &config).unwrap();
+        let before = open_fds();
+        let tablets: Vec<Arc<dyn RegionEngine>> =
+            (1..=TABLETS).map(|r| registry.open_region(r, KeyRange::all(), 0).unwrap()).collect();
+        for t in &tablets {
+            let mut wb = WriteBatch::new();
+            wb.put(Cf::Default, b"key", &t.region_id().to_be_bytes());
+            wb.set_apply_state(RaftApplyState { applied_index: pass + 1, ..Default::default() });
+            t.write(&wb).unwrap();
+        }
+        for t in &tablets {
+            assert_eq!(t.get(Cf::Default, b"key").unwrap().unwrap(), t.region_id().to_be_bytes());
+            assert!(registry.region(t.region_id()).is_some(), "every tablet stays open");
+        }
+        let used = open_fds() - before;
+        println!("pass {pass}: {TABLETS} tablets open, {used} fds, {:.1} per tablet", used as f64 / TABLETS as f64);
+    }
+    let registry = TabletRegistry::open(&dir, &config).unwrap();
+    assert_eq!(registry.list_regions().unwrap().len(), TABLETS as usize);
+    println!("done");
+}
+
+#[test]
+fn many_tablets_fit_in_fd_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = common::spawn_child(
+        "many_tablets_child",
+        &[("PRKV_TABLETS_DIR", dir.path().display().to_string())],
+        Some("ulimit -n 4096"),
+    );
+    let mut out = common::child_stdout(&mut child);
+    assert_eq!(common::wait_for_line(&mut out, "limit"), "limit 4096");
+    println!("{}", common::wait_for_line(&mut out, "pass 1"));
+    common::wait_for_line(&mut out, "done");
+    assert!(child.wait().unwrap().success(), "child failed: see its output above");
+}
+
+fn registry(dir: &std::path::Path, limit_mib: u64, memtable_mib: u64, oldest_first: bool) -> TabletRegistry {
+    let config = RocksDbConfig {
+        write_buffer_limit: ReadableSize::mib(limit_mib),
+        write_buffer_size: ReadableSize::mib(memtable_mib),
+        write_buffer_flush_oldest_first: oldest_first,
+        block_cache_size: ReadableSize::mib(16),
+        max_background_jobs: 2,
+        ..Default::default()
+    };
+    TabletRegistry::open(dir, &config).unwrap()
+}
+
+/// 200 tablets written concurrently under a 64MiB limit: the measured total never exceeds the
+/// limit by more than one memtable.
+#[test]
+fn memtables_stay_within_write_buffer_limit() {
+    const LIMIT: u64 = 64 << 20;
+    const MEMTABLE: u64 = 8 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Arc::new(registry(dir.path(), 64, 8, true));
+    let tablets: Vec<Arc<dyn RegionEngine>> =
+        (1..=200u64).map(|r| reg.open_region(r, KeyRange::all(), 0).unwrap()).collect();
+    let done = Arc::new(AtomicBool::new(false));
+    let max_seen = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (reg, done, max_seen) = (reg.clone(), done.clone(), max_seen.clone());
+        std::thread::spawn(move || {
+            let mut samples = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                max_seen.fetch_max(reg.memtable_bytes(), Ordering::Relaxed);
+                samples += 1;
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            samples
+        })
+    };
+    // 8 writers, 25 tablets each, 512MiB in total: eight times the limit.
+    let value = vec![0xabu8; 1024];
+    std::thread::scope(|s| {
+        for w in 0..8usize {
+            let mine: Vec<_> = tablets.iter().skip(w).step_by(8).cloned().collect();
+            let value = &value;
+            s.spawn(move || {
+                let mut wb = WriteBatch::new();
+                for round in 0..80u64 {
+                    for t in &mine {
+                        wb.clear();
+                        for i in 0..32u64 {
+                            wb.put(Cf::Default, &(round * 32 + i).to_be_bytes(), value);
+                        }
+                        wb.set_apply_state(RaftApplyState { applied_index: round + 1, ..Default::default() });
+                        t.write(&wb).unwrap();
+                    }
+                }
+            });
+        }
+    });
+    done.store(true, Ordering::Relaxed);
+    let samples = sampler.join().unwrap();
+    let max = max_seen.load(Ordering::Relaxed);
+    println!(
+        "max memtable bytes {:.1}MiB over {samples} samples; limit 64MiB + one 8MiB memtable; {} controller flushes",
+        max as f64 / (1 << 20) as f64,
+        reg.flush_controller().flushes()
+    );
+    assert!(samples > 100);
+    assert!(max > LIMIT / 2, "the load never approached the limit ({max}): the test proves nothing");
+    assert!(max <= LIMIT + MEMTABLE, "memtables reached {max} bytes, above {LIMIT} + {MEMTABLE}");
+    assert!(reg.flush_controller().flushes() > 0);
+    // Every write is still readable.
+    for t in &tablets {
+        assert_eq!(t.apply_state().unwrap().unwrap().applied_index, 80);
+        assert!(t.get(Cf::Default, &(80u64 * 32 - 1).to_be_bytes()).unwrap().is_some());
+    }
+}
+
+/// Writes `mib` MiB to one tablet.
+fn fill(t: &dyn RegionEngine, mib: u64) {
+    let value = vec![1u8; 4096];
+    let mut wb = WriteBatch::new();
+    for i in 0..mib * 256 {
+        wb.put(Cf::Default, &i.to_be_bytes(), &value);
+        if wb.len() == 64 {
+            t.write(&wb).unwrap();
+            wb.clear();
+        }
+    }
+    if !wb.is_empty() {
+        t.write(&wb).unwrap();
+    }
+}
+
+/// With oldest-first, the first tablet flushed is the one written first, although it is the
+/// smallest; with largest-first it is the largest.
+#[test]
+fn flush_victim_follows_policy() {
+    for oldest_first in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        // Memtables of 64MiB never fill on their own: only the controller flushes.
+        let reg = registry(dir.path(), 64, 64, oldest_first);
+        let tablets: Vec<Arc<dyn RegionEngine>> =
+            (1..=12u64).map(|r| reg.open_region(r, KeyRange::all(), 0).unwrap()).collect();
+        fill(tablets[0].as_ref(), 1); // oldest, smallest
+        std::thread::sleep(Duration::from_millis(5));
+        fill(tablets[1].as_ref(), 12); // largest
+        for t in &tablets[2..] {
+            fill(t.as_ref(), 4);
+        }
+        // 1 + 12 + 40 = 53MiB > 3/4 of 64MiB: the controller must have acted, or acts now.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while reg.flush_controller().decisions().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let first = reg.flush_controller().decisions().first().cloned().expect("no flush decision was taken");
+        let want = if oldest_first { 1 } else { 2 };
+        assert_eq!(first.region_id, want, "oldest_first={oldest_first}: {first:?}");
+    }
+}
