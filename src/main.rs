@@ -9,7 +9,11 @@ use prkv::bench::engine::{self as engine_bench, EngineBenchOptions};
 use prkv::config::{EngineKind, ReadableSize};
 
 #[derive(Parser)]
-#[command(name = "prkv", version, about = "A distributed key-value store with one RocksDB tablet per Region")]
+#[command(
+    name = "prkv",
+    version,
+    about = "A distributed key-value store with one RocksDB tablet per Region"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,7 +34,11 @@ enum BenchCommand {
     /// throughput and write amplification.
     Engine {
         /// Engine kinds to run, in order; ratios are relative to the first.
-        #[arg(long, value_delimiter = ',', default_value = "partitioned-raft-kv,raft-kv")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "partitioned-raft-kv,raft-kv"
+        )]
         engine: Vec<EngineKind>,
         /// User bytes (keys + values) to write per engine kind.
         #[arg(long, default_value = "2GiB", value_parser = ReadableSize::parse)]
@@ -64,7 +72,10 @@ enum BenchCommand {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PRKV_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() -> ExitCode {
@@ -86,7 +97,9 @@ fn main() -> ExitCode {
                 settle_secs,
             } => {
                 if regions == 0 || threads == 0 || batch_keys == 0 || value_size == 0 {
-                    eprintln!("error: --regions, --threads, --batch-keys and --value-size must be > 0");
+                    eprintln!(
+                        "error: --regions, --threads, --batch-keys and --value-size must be > 0"
+                    );
                     return ExitCode::from(2);
                 }
                 let opts = EngineBenchOptions {

@@ -8,19 +8,27 @@ pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
 
 fn gauge(name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("valid metric name");
-    REGISTRY.register(Box::new(g.clone())).expect("metric registered once");
+    REGISTRY
+        .register(Box::new(g.clone()))
+        .expect("metric registered once");
     g
 }
 
 fn counter(name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).expect("valid metric name");
-    REGISTRY.register(Box::new(c.clone())).expect("metric registered once");
+    REGISTRY
+        .register(Box::new(c.clone()))
+        .expect("metric registered once");
     c
 }
 
 /// Bytes in all memtables of the store (the shared write buffer).
-pub static MEMTABLE_BYTES: LazyLock<IntGauge> =
-    LazyLock::new(|| gauge("prkv_engine_memtable_bytes", "Bytes held by all memtables of the store"));
+pub static MEMTABLE_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "prkv_engine_memtable_bytes",
+        "Bytes held by all memtables of the store",
+    )
+});
 
 /// Open tablets.
 pub static TABLETS_OPEN: LazyLock<IntGauge> =
@@ -28,7 +36,10 @@ pub static TABLETS_OPEN: LazyLock<IntGauge> =
 
 /// Flushes scheduled by the write-buffer controller.
 pub static MEMORY_FLUSHES: LazyLock<IntCounter> = LazyLock::new(|| {
-    counter("prkv_engine_memory_flushes_total", "Tablet flushes scheduled to keep memtables under rocksdb.write-buffer-limit")
+    counter(
+        "prkv_engine_memory_flushes_total",
+        "Tablet flushes scheduled to keep memtables under rocksdb.write-buffer-limit",
+    )
 });
 
 /// Renders every metric in the Prometheus text format.

@@ -20,12 +20,18 @@ fn checksum(dir: &Path) -> BTreeMap<String, (u64, u64, std::time::SystemTime)> {
             let meta = e.metadata().unwrap();
             if meta.is_dir() {
                 stack.push(e.path());
-                out.insert(e.path().display().to_string(), (0, 0, meta.modified().unwrap()));
+                out.insert(
+                    e.path().display().to_string(),
+                    (0, 0, meta.modified().unwrap()),
+                );
             } else {
                 let bytes = std::fs::read(e.path()).unwrap();
                 let mut h = std::collections::hash_map::DefaultHasher::new();
                 bytes.hash(&mut h);
-                out.insert(e.path().display().to_string(), (meta.len(), h.finish(), meta.modified().unwrap()));
+                out.insert(
+                    e.path().display().to_string(),
+                    (meta.len(), h.finish(), meta.modified().unwrap()),
+                );
             }
         }
     }
@@ -52,12 +58,22 @@ fn engine_kind_mismatch_is_refused_without_touching_files() {
             Err(e) => e.to_string(),
         };
         assert!(err.contains("storage.engine"), "{err}");
-        assert!(err.contains(written.as_str()) && err.contains(other.as_str()), "{err}");
-        assert_eq!(before, checksum(dir.path()), "the refused open changed the data dir");
+        assert!(
+            err.contains(written.as_str()) && err.contains(other.as_str()),
+            "{err}"
+        );
+        assert_eq!(
+            before,
+            checksum(dir.path()),
+            "the refused open changed the data dir"
+        );
         // The right kind still opens and sees the data.
         let engines = Engines::open(&common::test_config(dir.path(), written)).unwrap();
         let r = engines.kv.open_region(1, KeyRange::all(), 0).unwrap();
-        assert_eq!(r.get(Cf::Default, b"k").unwrap().as_deref(), Some(&b"v"[..]));
+        assert_eq!(
+            r.get(Cf::Default, b"k").unwrap().as_deref(),
+            Some(&b"v"[..])
+        );
     }
 }
 
@@ -65,7 +81,12 @@ fn engine_kind_mismatch_is_refused_without_touching_files() {
 fn data_dir_without_identity_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("tablets/1_0")).unwrap();
-    let err = Engines::open(&common::test_config(dir.path(), EngineKind::PartitionedRaftKv)).err().unwrap();
+    let err = Engines::open(&common::test_config(
+        dir.path(),
+        EngineKind::PartitionedRaftKv,
+    ))
+    .err()
+    .unwrap();
     assert!(err.to_string().contains("store.toml"), "{err}");
     assert!(!dir.path().join("store.toml").exists());
 }

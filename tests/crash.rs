@@ -22,7 +22,10 @@ const ROUNDS: usize = 20;
 
 /// Each Region owns the keys prefixed by its id.
 fn range(region: u64) -> KeyRange {
-    KeyRange::new(region.to_be_bytes().to_vec(), (region + 1).to_be_bytes().to_vec())
+    KeyRange::new(
+        region.to_be_bytes().to_vec(),
+        (region + 1).to_be_bytes().to_vec(),
+    )
 }
 
 fn key(region: u64, suffix: &str) -> Vec<u8> {
@@ -36,13 +39,24 @@ fn key(region: u64, suffix: &str) -> Vec<u8> {
 fn batch(region: u64, index: u64) -> WriteBatch {
     let mut wb = WriteBatch::new();
     let value = format!("{region}-{index}-").repeat(1 + (index % 7) as usize * 40);
-    wb.put(Cf::Default, &key(region, &format!("k{}", index % 37)), value.as_bytes());
-    if index % 5 == 0 {
+    wb.put(
+        Cf::Default,
+        &key(region, &format!("k{}", index % 37)),
+        value.as_bytes(),
+    );
+    if index.is_multiple_of(5) {
         wb.delete(Cf::Default, &key(region, &format!("k{}", (index * 7) % 37)));
     }
-    wb.put(Cf::Write, &key(region, &format!("w{index:08}")), &index.to_be_bytes());
+    wb.put(
+        Cf::Write,
+        &key(region, &format!("w{index:08}")),
+        &index.to_be_bytes(),
+    );
     wb.put(Cf::Lock, &key(region, "lock"), &index.to_be_bytes());
-    wb.set_apply_state(RaftApplyState { applied_index: index, ..Default::default() });
+    wb.set_apply_state(RaftApplyState {
+        applied_index: index,
+        ..Default::default()
+    });
     wb
 }
 
@@ -52,11 +66,17 @@ fn expected(region: u64, applied: u64) -> State {
     let mut s = State::new();
     for index in 1..=applied {
         let value = format!("{region}-{index}-").repeat(1 + (index % 7) as usize * 40);
-        s.insert(("default", key(region, &format!("k{}", index % 37))), value.into_bytes());
-        if index % 5 == 0 {
+        s.insert(
+            ("default", key(region, &format!("k{}", index % 37))),
+            value.into_bytes(),
+        );
+        if index.is_multiple_of(5) {
             s.remove(&("default", key(region, &format!("k{}", (index * 7) % 37))));
         }
-        s.insert(("write", key(region, &format!("w{index:08}"))), index.to_be_bytes().to_vec());
+        s.insert(
+            ("write", key(region, &format!("w{index:08}"))),
+            index.to_be_bytes().to_vec(),
+        );
         s.insert(("lock", key(region, "lock")), index.to_be_bytes().to_vec());
     }
     s
@@ -85,10 +105,13 @@ fn crash_child_process() {
     let dir = std::path::PathBuf::from(std::env::var("PRKV_CRASH_DIR").unwrap());
     let seed: u64 = std::env::var("PRKV_CRASH_SEED").unwrap().parse().unwrap();
     let engines = Engines::open(&common::test_config(&dir, kind_from_env())).unwrap();
-    let regions: Vec<_> =
-        (1..=REGIONS).map(|r| engines.kv.open_region(r, range(r), 0).unwrap()).collect();
-    let mut next: Vec<u64> =
-        regions.iter().map(|r| r.apply_state().unwrap().map_or(0, |s| s.applied_index) + 1).collect();
+    let regions: Vec<_> = (1..=REGIONS)
+        .map(|r| engines.kv.open_region(r, range(r), 0).unwrap())
+        .collect();
+    let mut next: Vec<u64> = regions
+        .iter()
+        .map(|r| r.apply_state().unwrap().map_or(0, |s| s.applied_index) + 1)
+        .collect();
     println!("ready");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     loop {
@@ -98,14 +121,19 @@ fn crash_child_process() {
         next[i] += 1;
         // Flush now and then, so that each Region's durable point differs.
         if rng.gen_ratio(1, 40) {
-            regions[rng.gen_range(0..regions.len())].flush(rng.gen_bool(0.5)).unwrap();
+            regions[rng.gen_range(0..regions.len())]
+                .flush(rng.gen_bool(0.5))
+                .unwrap();
         }
     }
 }
 
 fn crash_rounds(kind: EngineKind) {
     let dir = tempfile::tempdir().unwrap();
-    let base_seed: u64 = std::env::var("PRKV_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    let base_seed: u64 = std::env::var("PRKV_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
     println!("crash test {kind}: seed {base_seed} (set PRKV_TEST_SEED to replay)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(base_seed);
     let mut total_applied = 0;
@@ -140,7 +168,10 @@ fn crash_rounds(kind: EngineKind) {
             );
         }
     }
-    assert!(total_applied > 0, "the children never made anything durable");
+    assert!(
+        total_applied > 0,
+        "the children never made anything durable"
+    );
 }
 
 #[test]

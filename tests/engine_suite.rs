@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use prkv::config::{Config, EngineKind, ReadableSize};
 use prkv::storage::engine::Snapshot;
-use prkv::storage::{Cf, Engines, KeyRange, RegionEngine, ScanDir, StoreEngine, WriteBatch};
+use prkv::storage::{Cf, Engines, KeyRange, RegionEngine, ScanDir, WriteBatch};
 use prkv_proto::serverpb::RaftApplyState;
 
 fn config(dir: &std::path::Path, kind: EngineKind) -> Config {
@@ -22,10 +22,19 @@ fn config(dir: &std::path::Path, kind: EngineKind) -> Config {
 }
 
 fn apply(index: u64) -> RaftApplyState {
-    RaftApplyState { applied_index: index, ..Default::default() }
+    RaftApplyState {
+        applied_index: index,
+        ..Default::default()
+    }
 }
 
-fn collect(e: &dyn RegionEngine, cf: Cf, start: &[u8], end: &[u8], dir: ScanDir) -> Vec<(Vec<u8>, Vec<u8>)> {
+fn collect(
+    e: &dyn RegionEngine,
+    cf: Cf,
+    start: &[u8],
+    end: &[u8],
+    dir: ScanDir,
+) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut out = Vec::new();
     e.scan(cf, start, end, dir, &mut |k, v| {
         out.push((k.to_vec(), v.to_vec()));
@@ -55,7 +64,10 @@ fn put_all(e: &dyn RegionEngine, pairs: &[(&[u8], &[u8])], index: u64) {
 }
 
 fn kv(pairs: &[(&[u8], &[u8])]) -> Vec<(Vec<u8>, Vec<u8>)> {
-    pairs.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_vec(), v.to_vec()))
+        .collect()
 }
 
 fn get_put_delete_and_column_families(kind: EngineKind) {
@@ -68,33 +80,68 @@ fn get_put_delete_and_column_families(kind: EngineKind) {
     wb.put(Cf::Write, b"a", b"write");
     wb.put(Cf::Default, b"b", b"2");
     r.write(&wb).unwrap();
-    assert_eq!(r.get(Cf::Default, b"a").unwrap().as_deref(), Some(&b"1"[..]));
-    assert_eq!(r.get(Cf::Lock, b"a").unwrap().as_deref(), Some(&b"lock"[..]));
-    assert_eq!(r.get(Cf::Write, b"a").unwrap().as_deref(), Some(&b"write"[..]));
+    assert_eq!(
+        r.get(Cf::Default, b"a").unwrap().as_deref(),
+        Some(&b"1"[..])
+    );
+    assert_eq!(
+        r.get(Cf::Lock, b"a").unwrap().as_deref(),
+        Some(&b"lock"[..])
+    );
+    assert_eq!(
+        r.get(Cf::Write, b"a").unwrap().as_deref(),
+        Some(&b"write"[..])
+    );
     assert_eq!(r.get(Cf::Lock, b"b").unwrap(), None);
     let mut wb = WriteBatch::new();
     wb.delete(Cf::Default, b"a");
     r.write(&wb).unwrap();
     assert_eq!(r.get(Cf::Default, b"a").unwrap(), None);
-    assert_eq!(r.get(Cf::Lock, b"a").unwrap().as_deref(), Some(&b"lock"[..]), "deletes stay in their cf");
+    assert_eq!(
+        r.get(Cf::Lock, b"a").unwrap().as_deref(),
+        Some(&b"lock"[..]),
+        "deletes stay in their cf"
+    );
     // The empty key and binary keys are ordinary keys.
     put_all(r.as_ref(), &[(b"", b"empty"), (b"\x00\xff", b"bin")], 1);
-    assert_eq!(r.get(Cf::Default, b"").unwrap().as_deref(), Some(&b"empty"[..]));
-    assert_eq!(r.get(Cf::Default, b"\x00\xff").unwrap().as_deref(), Some(&b"bin"[..]));
+    assert_eq!(
+        r.get(Cf::Default, b"").unwrap().as_deref(),
+        Some(&b"empty"[..])
+    );
+    assert_eq!(
+        r.get(Cf::Default, b"\x00\xff").unwrap().as_deref(),
+        Some(&b"bin"[..])
+    );
 }
 
 fn scans_both_directions_with_bounds(kind: EngineKind) {
     let dir = tempfile::tempdir().unwrap();
     let engines = Engines::open(&config(dir.path(), kind)).unwrap();
     let r = engines.kv.open_region(1, KeyRange::all(), 0).unwrap();
-    put_all(r.as_ref(), &[(b"a", b"1"), (b"b", b"2"), (b"c", b"3"), (b"d", b"4")], 1);
+    put_all(
+        r.as_ref(),
+        &[(b"a", b"1"), (b"b", b"2"), (b"c", b"3"), (b"d", b"4")],
+        1,
+    );
     let all = kv(&[(b"a", b"1"), (b"b", b"2"), (b"c", b"3"), (b"d", b"4")]);
-    assert_eq!(collect(r.as_ref(), Cf::Default, b"", b"", ScanDir::Forward), all);
+    assert_eq!(
+        collect(r.as_ref(), Cf::Default, b"", b"", ScanDir::Forward),
+        all
+    );
     let mut rev = all.clone();
     rev.reverse();
-    assert_eq!(collect(r.as_ref(), Cf::Default, b"", b"", ScanDir::Reverse), rev);
-    assert_eq!(collect(r.as_ref(), Cf::Default, b"b", b"d", ScanDir::Forward), kv(&[(b"b", b"2"), (b"c", b"3")]));
-    assert_eq!(collect(r.as_ref(), Cf::Default, b"b", b"d", ScanDir::Reverse), kv(&[(b"c", b"3"), (b"b", b"2")]));
+    assert_eq!(
+        collect(r.as_ref(), Cf::Default, b"", b"", ScanDir::Reverse),
+        rev
+    );
+    assert_eq!(
+        collect(r.as_ref(), Cf::Default, b"b", b"d", ScanDir::Forward),
+        kv(&[(b"b", b"2"), (b"c", b"3")])
+    );
+    assert_eq!(
+        collect(r.as_ref(), Cf::Default, b"b", b"d", ScanDir::Reverse),
+        kv(&[(b"c", b"3"), (b"b", b"2")])
+    );
     // Early stop.
     let mut n = 0;
     r.scan(Cf::Default, b"", b"", ScanDir::Forward, &mut |_, _| {
@@ -104,27 +151,51 @@ fn scans_both_directions_with_bounds(kind: EngineKind) {
     .unwrap();
     assert_eq!(n, 2);
     // The apply state never shows up in a data scan.
-    assert!(collect(r.as_ref(), Cf::Default, b"", b"", ScanDir::Forward).iter().all(|(k, _)| k.len() == 1));
+    assert!(collect(r.as_ref(), Cf::Default, b"", b"", ScanDir::Forward)
+        .iter()
+        .all(|(k, _)| k.len() == 1));
 }
 
 fn region_ranges_are_enforced(kind: EngineKind) {
     let dir = tempfile::tempdir().unwrap();
     let engines = Engines::open(&config(dir.path(), kind)).unwrap();
     // [b, d) and [d, +inf)
-    let r1 = engines.kv.open_region(1, KeyRange::new(*b"b", *b"d"), 0).unwrap();
-    let r2 = engines.kv.open_region(2, KeyRange::new(*b"d", *b""), 0).unwrap();
+    let r1 = engines
+        .kv
+        .open_region(1, KeyRange::new(*b"b", *b"d"), 0)
+        .unwrap();
+    let r2 = engines
+        .kv
+        .open_region(2, KeyRange::new(*b"d", *b""), 0)
+        .unwrap();
     put_all(r1.as_ref(), &[(b"b", b"1"), (b"c", b"2")], 1);
     put_all(r2.as_ref(), &[(b"d", b"3"), (b"z", b"4")], 1);
     let mut wb = WriteBatch::new();
     wb.put(Cf::Default, b"c", b"ok");
     wb.put(Cf::Default, b"d", b"outside");
-    assert!(r1.write(&wb).is_err(), "a key outside the Region must be refused");
-    assert_eq!(r1.get(Cf::Default, b"c").unwrap().as_deref(), Some(&b"2"[..]), "a refused batch changes nothing");
+    assert!(
+        r1.write(&wb).is_err(),
+        "a key outside the Region must be refused"
+    );
+    assert_eq!(
+        r1.get(Cf::Default, b"c").unwrap().as_deref(),
+        Some(&b"2"[..]),
+        "a refused batch changes nothing"
+    );
     assert!(r1.get(Cf::Default, b"a").is_err());
-    assert_eq!(collect(r1.as_ref(), Cf::Default, b"", b"", ScanDir::Forward), kv(&[(b"b", b"1"), (b"c", b"2")]));
-    assert_eq!(collect(r2.as_ref(), Cf::Default, b"", b"", ScanDir::Reverse), kv(&[(b"z", b"4"), (b"d", b"3")]));
+    assert_eq!(
+        collect(r1.as_ref(), Cf::Default, b"", b"", ScanDir::Forward),
+        kv(&[(b"b", b"1"), (b"c", b"2")])
+    );
+    assert_eq!(
+        collect(r2.as_ref(), Cf::Default, b"", b"", ScanDir::Reverse),
+        kv(&[(b"z", b"4"), (b"d", b"3")])
+    );
     // Scans are clipped to the Region even when asked for more.
-    assert_eq!(collect(r1.as_ref(), Cf::Default, b"a", b"zz", ScanDir::Forward).len(), 2);
+    assert_eq!(
+        collect(r1.as_ref(), Cf::Default, b"a", b"zz", ScanDir::Forward).len(),
+        2
+    );
     assert_eq!(r1.apply_state().unwrap().unwrap().applied_index, 1);
     assert_eq!(r2.apply_state().unwrap().unwrap().applied_index, 1);
 }
@@ -132,15 +203,28 @@ fn region_ranges_are_enforced(kind: EngineKind) {
 fn delete_range_stays_inside(kind: EngineKind) {
     let dir = tempfile::tempdir().unwrap();
     let engines = Engines::open(&config(dir.path(), kind)).unwrap();
-    let r1 = engines.kv.open_region(1, KeyRange::new(*b"", *b"m"), 0).unwrap();
-    let r2 = engines.kv.open_region(2, KeyRange::new(*b"m", *b""), 0).unwrap();
+    let r1 = engines
+        .kv
+        .open_region(1, KeyRange::new(*b"", *b"m"), 0)
+        .unwrap();
+    let r2 = engines
+        .kv
+        .open_region(2, KeyRange::new(*b"m", *b""), 0)
+        .unwrap();
     put_all(r1.as_ref(), &[(b"a", b"1"), (b"b", b"2"), (b"c", b"3")], 1);
     put_all(r2.as_ref(), &[(b"m", b"4"), (b"n", b"5")], 1);
     let mut wb = WriteBatch::new();
     wb.delete_range(Cf::Default, b"b", b"");
     r1.write(&wb).unwrap();
-    assert_eq!(collect(r1.as_ref(), Cf::Default, b"", b"", ScanDir::Forward), kv(&[(b"a", b"1")]));
-    assert_eq!(collect(r2.as_ref(), Cf::Default, b"", b"", ScanDir::Forward).len(), 2, "neighbour untouched");
+    assert_eq!(
+        collect(r1.as_ref(), Cf::Default, b"", b"", ScanDir::Forward),
+        kv(&[(b"a", b"1")])
+    );
+    assert_eq!(
+        collect(r2.as_ref(), Cf::Default, b"", b"", ScanDir::Forward).len(),
+        2,
+        "neighbour untouched"
+    );
 }
 
 fn snapshots_are_stable(kind: EngineKind) {
@@ -150,13 +234,25 @@ fn snapshots_are_stable(kind: EngineKind) {
     put_all(r.as_ref(), &[(b"a", b"1"), (b"b", b"2")], 1);
     let snap = r.snapshot();
     put_all(r.as_ref(), &[(b"a", b"changed"), (b"c", b"3")], 2);
-    assert_eq!(snap.get(Cf::Default, b"a").unwrap().as_deref(), Some(&b"1"[..]));
+    assert_eq!(
+        snap.get(Cf::Default, b"a").unwrap().as_deref(),
+        Some(&b"1"[..])
+    );
     assert_eq!(snap.get(Cf::Default, b"c").unwrap(), None);
-    assert_eq!(snap_collect(snap.as_ref(), Cf::Default), kv(&[(b"a", b"1"), (b"b", b"2")]));
-    assert_eq!(r.get(Cf::Default, b"a").unwrap().as_deref(), Some(&b"changed"[..]));
+    assert_eq!(
+        snap_collect(snap.as_ref(), Cf::Default),
+        kv(&[(b"a", b"1"), (b"b", b"2")])
+    );
+    assert_eq!(
+        r.get(Cf::Default, b"a").unwrap().as_deref(),
+        Some(&b"changed"[..])
+    );
     // A snapshot outlives the Region's handle.
     drop(r);
-    assert_eq!(snap.get(Cf::Default, b"b").unwrap().as_deref(), Some(&b"2"[..]));
+    assert_eq!(
+        snap.get(Cf::Default, b"b").unwrap().as_deref(),
+        Some(&b"2"[..])
+    );
 }
 
 fn apply_state_round_trips_and_survives_reopen(kind: EngineKind) {
@@ -176,7 +272,10 @@ fn apply_state_round_trips_and_survives_reopen(kind: EngineKind) {
     assert_eq!(engines.kv.list_regions().unwrap(), vec![(5, 0)]);
     let r = engines.kv.open_region(5, KeyRange::all(), 0).unwrap();
     assert_eq!(r.apply_state().unwrap().unwrap().applied_index, 7);
-    assert_eq!(r.get(Cf::Default, b"k").unwrap().as_deref(), Some(&b"v"[..]));
+    assert_eq!(
+        r.get(Cf::Default, b"k").unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
 }
 
 fn apply_state_never_regresses(kind: EngineKind) {
@@ -190,13 +289,31 @@ fn apply_state_never_regresses(kind: EngineKind) {
 fn approximate_size_and_keys(kind: EngineKind) {
     let dir = tempfile::tempdir().unwrap();
     let engines = Engines::open(&config(dir.path(), kind)).unwrap();
-    let r = engines.kv.open_region(1, KeyRange::new(*b"", *b"m"), 0).unwrap();
-    let other = engines.kv.open_region(2, KeyRange::new(*b"m", *b""), 0).unwrap();
-    let value = vec![7u8; 1000];
+    let r = engines
+        .kv
+        .open_region(1, KeyRange::new(*b"", *b"m"), 0)
+        .unwrap();
+    let other = engines
+        .kv
+        .open_region(2, KeyRange::new(*b"m", *b""), 0)
+        .unwrap();
+    // Incompressible values: the estimates measure bytes on disk.
+    let mut x = 0x9e3779b97f4a7c15u64;
+    let mut value = vec![0u8; 1000];
     for batch in 0..10u64 {
         let mut wb = WriteBatch::new();
         for i in 0..100u64 {
-            wb.put(Cf::Default, format!("a{:06}", batch * 100 + i).as_bytes(), &value);
+            for b in value.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+            wb.put(
+                Cf::Default,
+                format!("a{:06}", batch * 100 + i).as_bytes(),
+                &value,
+            );
         }
         wb.set_apply_state(apply(batch + 1));
         r.write(&wb).unwrap();
@@ -207,7 +324,10 @@ fn approximate_size_and_keys(kind: EngineKind) {
     let size = r.approximate_size().unwrap();
     let keys = r.approximate_keys().unwrap();
     // 1,000 keys of ~1KB: the estimates must be in the right order of magnitude.
-    assert!(size > 100 << 10 && size < 4 << 20, "approximate size {size}");
+    assert!(
+        size > 100 << 10 && size < 4 << 20,
+        "approximate size {size}"
+    );
     assert!((500..=2000).contains(&keys), "approximate keys {keys}");
     assert!(other.approximate_size().unwrap() < size / 10);
 }
@@ -215,7 +335,10 @@ fn approximate_size_and_keys(kind: EngineKind) {
 fn checkpoint_is_openable(kind: EngineKind) {
     let dir = tempfile::tempdir().unwrap();
     let engines = Engines::open(&config(dir.path(), kind)).unwrap();
-    let r = engines.kv.open_region(1, KeyRange::new(*b"a", *b"x"), 0).unwrap();
+    let r = engines
+        .kv
+        .open_region(1, KeyRange::new(*b"a", *b"x"), 0)
+        .unwrap();
     put_all(r.as_ref(), &[(b"b", b"1"), (b"c", b"2")], 3);
     let cp = dir.path().join("checkpoint");
     r.checkpoint(&cp).unwrap();
@@ -225,16 +348,28 @@ fn checkpoint_is_openable(kind: EngineKind) {
     let engines2 = Engines::open(&config(other.path(), EngineKind::PartitionedRaftKv)).unwrap();
     let target = other.path().join("tablets").join("1_3");
     std::fs::rename(&cp, &target).unwrap();
-    let copy = engines2.kv.open_region(1, KeyRange::new(*b"a", *b"x"), 3).unwrap();
-    assert_eq!(collect(copy.as_ref(), Cf::Default, b"", b"", ScanDir::Forward), kv(&[(b"b", b"1"), (b"c", b"2")]));
+    let copy = engines2
+        .kv
+        .open_region(1, KeyRange::new(*b"a", *b"x"), 3)
+        .unwrap();
+    assert_eq!(
+        collect(copy.as_ref(), Cf::Default, b"", b"", ScanDir::Forward),
+        kv(&[(b"b", b"1"), (b"c", b"2")])
+    );
     assert_eq!(copy.apply_state().unwrap().unwrap().applied_index, 3);
 }
 
 fn destroy_removes_region(kind: EngineKind) {
     let dir = tempfile::tempdir().unwrap();
     let engines = Engines::open(&config(dir.path(), kind)).unwrap();
-    let r1 = engines.kv.open_region(1, KeyRange::new(*b"", *b"m"), 0).unwrap();
-    let r2 = engines.kv.open_region(2, KeyRange::new(*b"m", *b""), 0).unwrap();
+    let r1 = engines
+        .kv
+        .open_region(1, KeyRange::new(*b"", *b"m"), 0)
+        .unwrap();
+    let r2 = engines
+        .kv
+        .open_region(2, KeyRange::new(*b"m", *b""), 0)
+        .unwrap();
     put_all(r1.as_ref(), &[(b"a", b"1")], 1);
     put_all(r2.as_ref(), &[(b"n", b"2")], 1);
     r1.flush(true).unwrap();
@@ -243,17 +378,35 @@ fn destroy_removes_region(kind: EngineKind) {
     engines.kv.destroy_region(1).unwrap();
     assert!(engines.kv.region(1).is_none());
     // A snapshot taken before keeps working until dropped.
-    assert_eq!(snap.get(Cf::Default, b"a").unwrap().as_deref(), Some(&b"1"[..]));
+    assert_eq!(
+        snap.get(Cf::Default, b"a").unwrap().as_deref(),
+        Some(&b"1"[..])
+    );
     drop(snap);
-    let ids: Vec<_> = engines.kv.list_regions().unwrap().into_iter().map(|(r, _)| r).collect();
+    let ids: Vec<_> = engines
+        .kv
+        .list_regions()
+        .unwrap()
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect();
     assert_eq!(ids, vec![2]);
     if kind == EngineKind::PartitionedRaftKv {
-        assert!(!dir.path().join("tablets/1_0").exists(), "tablet directory removed");
+        assert!(
+            !dir.path().join("tablets/1_0").exists(),
+            "tablet directory removed"
+        );
     }
-    let r1 = engines.kv.open_region(1, KeyRange::new(*b"", *b"m"), 0).unwrap();
+    let r1 = engines
+        .kv
+        .open_region(1, KeyRange::new(*b"", *b"m"), 0)
+        .unwrap();
     assert_eq!(r1.get(Cf::Default, b"a").unwrap(), None);
     assert_eq!(r1.apply_state().unwrap(), None);
-    assert_eq!(r2.get(Cf::Default, b"n").unwrap().as_deref(), Some(&b"2"[..]));
+    assert_eq!(
+        r2.get(Cf::Default, b"n").unwrap().as_deref(),
+        Some(&b"2"[..])
+    );
 }
 
 fn memtable_accounting(kind: EngineKind) {
@@ -267,11 +420,19 @@ fn memtable_accounting(kind: EngineKind) {
         wb.put(Cf::Default, &i.to_be_bytes(), &value);
         r.write(&wb).unwrap();
     }
-    assert!(r.memtable_bytes() >= 1 << 20, "one region's memtables: {}", r.memtable_bytes());
+    assert!(
+        r.memtable_bytes() >= 1 << 20,
+        "one region's memtables: {}",
+        r.memtable_bytes()
+    );
     assert!(engines.kv.memtable_bytes() >= before + (1 << 20));
     assert_eq!(engines.kv.memtable_limit(), 64 << 20);
     r.flush(true).unwrap();
-    assert!(r.memtable_bytes() < 1 << 20, "flushed: {}", r.memtable_bytes());
+    assert!(
+        r.memtable_bytes() < 1 << 20,
+        "flushed: {}",
+        r.memtable_bytes()
+    );
 }
 
 fn concurrent_writers_on_many_regions(kind: EngineKind) {
@@ -280,7 +441,10 @@ fn concurrent_writers_on_many_regions(kind: EngineKind) {
     let regions: Vec<Arc<dyn RegionEngine>> = (0..16u8)
         .map(|i| {
             let end = if i == 15 { vec![] } else { vec![i + 1] };
-            engines.kv.open_region(i as u64 + 1, KeyRange::new(vec![i], end), 0).unwrap()
+            engines
+                .kv
+                .open_region(i as u64 + 1, KeyRange::new(vec![i], end), 0)
+                .unwrap()
         })
         .collect();
     std::thread::scope(|s| {
@@ -299,7 +463,10 @@ fn concurrent_writers_on_many_regions(kind: EngineKind) {
         }
     });
     for r in &regions {
-        assert_eq!(collect(r.as_ref(), Cf::Write, b"", b"", ScanDir::Forward).len(), 200);
+        assert_eq!(
+            collect(r.as_ref(), Cf::Write, b"", b"", ScanDir::Forward).len(),
+            200
+        );
         assert_eq!(r.apply_state().unwrap().unwrap().applied_index, 200);
     }
 }

@@ -13,18 +13,24 @@ use prkv::storage::{Cf, KeyRange, RegionEngine, StoreEngine, WriteBatch};
 use prkv_proto::serverpb::RaftApplyState;
 
 fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 const TABLETS: u64 = 1000;
 
 /// Child: opens 1,000 tablets at once (under the parent's `ulimit -n 4096`), writes and reads
-/// each while all stay open, then reopens the registry and checks every tablet again.
+/// each while all stay open; closes them (each flushes into an SST) and does it again, now with
+/// an SST open per tablet: 4 descriptors per tablet (LOCK, MANIFEST, WAL, SST).
 #[test]
 #[ignore = "child process of many_tablets_fit_in_fd_limit"]
 fn many_tablets_child() {
     let dir = std::path::PathBuf::from(std::env::var("PRKV_TABLETS_DIR").unwrap());
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
     println!("limit {}", limit.rlim_cur);
     let config = RocksDbConfig {
@@ -36,20 +42,41 @@ fn many_tablets_child() {
     for pass in 0..2 {
         let registry = TabletRegistry::open(&dir, &config).unwrap();
         let before = open_fds();
-        let tablets: Vec<Arc<dyn RegionEngine>> =
-            (1..=TABLETS).map(|r| registry.open_region(r, KeyRange::all(), 0).unwrap()).collect();
+        println!("pass {pass}: {before} fds open before opening tablets");
+        let tablets: Vec<Arc<dyn RegionEngine>> = (1..=TABLETS)
+            .map(|r| registry.open_region(r, KeyRange::all(), 0).unwrap())
+            .collect();
         for t in &tablets {
             let mut wb = WriteBatch::new();
             wb.put(Cf::Default, b"key", &t.region_id().to_be_bytes());
-            wb.set_apply_state(RaftApplyState { applied_index: pass + 1, ..Default::default() });
+            wb.set_apply_state(RaftApplyState {
+                applied_index: pass + 1,
+                ..Default::default()
+            });
             t.write(&wb).unwrap();
         }
+        if pass == 1 {
+            // The first pass's data was flushed into one SST per tablet when it closed: it is
+            // read back from there, with that SST held open in the tablet's table cache.
+            for t in &tablets {
+                assert_eq!(t.apply_state().unwrap().unwrap().applied_index, 2);
+            }
+        }
         for t in &tablets {
-            assert_eq!(t.get(Cf::Default, b"key").unwrap().unwrap(), t.region_id().to_be_bytes());
-            assert!(registry.region(t.region_id()).is_some(), "every tablet stays open");
+            assert_eq!(
+                t.get(Cf::Default, b"key").unwrap().unwrap(),
+                t.region_id().to_be_bytes()
+            );
+            assert!(
+                registry.region(t.region_id()).is_some(),
+                "every tablet stays open"
+            );
         }
         let used = open_fds() - before;
-        println!("pass {pass}: {TABLETS} tablets open, {used} fds, {:.1} per tablet", used as f64 / TABLETS as f64);
+        println!(
+            "pass {pass}: {TABLETS} tablets open, {used} fds, {:.1} per tablet",
+            used as f64 / TABLETS as f64
+        );
     }
     let registry = TabletRegistry::open(&dir, &config).unwrap();
     assert_eq!(registry.list_regions().unwrap().len(), TABLETS as usize);
@@ -66,12 +93,27 @@ fn many_tablets_fit_in_fd_limit() {
     );
     let mut out = common::child_stdout(&mut child);
     assert_eq!(common::wait_for_line(&mut out, "limit"), "limit 4096");
-    println!("{}", common::wait_for_line(&mut out, "pass 1"));
+    println!(
+        "{}",
+        common::wait_for_line(&mut out, "pass 0: 1000 tablets open")
+    );
+    println!(
+        "{}",
+        common::wait_for_line(&mut out, "pass 1: 1000 tablets open")
+    );
     common::wait_for_line(&mut out, "done");
-    assert!(child.wait().unwrap().success(), "child failed: see its output above");
+    assert!(
+        child.wait().unwrap().success(),
+        "child failed: see its output above"
+    );
 }
 
-fn registry(dir: &std::path::Path, limit_mib: u64, memtable_mib: u64, oldest_first: bool) -> TabletRegistry {
+fn registry(
+    dir: &std::path::Path,
+    limit_mib: u64,
+    memtable_mib: u64,
+    oldest_first: bool,
+) -> TabletRegistry {
     let config = RocksDbConfig {
         write_buffer_limit: ReadableSize::mib(limit_mib),
         write_buffer_size: ReadableSize::mib(memtable_mib),
@@ -91,8 +133,9 @@ fn memtables_stay_within_write_buffer_limit() {
     const MEMTABLE: u64 = 8 << 20;
     let dir = tempfile::tempdir().unwrap();
     let reg = Arc::new(registry(dir.path(), 64, 8, true));
-    let tablets: Vec<Arc<dyn RegionEngine>> =
-        (1..=200u64).map(|r| reg.open_region(r, KeyRange::all(), 0).unwrap()).collect();
+    let tablets: Vec<Arc<dyn RegionEngine>> = (1..=200u64)
+        .map(|r| reg.open_region(r, KeyRange::all(), 0).unwrap())
+        .collect();
     let done = Arc::new(AtomicBool::new(false));
     let max_seen = Arc::new(AtomicU64::new(0));
     let sampler = {
@@ -121,7 +164,10 @@ fn memtables_stay_within_write_buffer_limit() {
                         for i in 0..32u64 {
                             wb.put(Cf::Default, &(round * 32 + i).to_be_bytes(), value);
                         }
-                        wb.set_apply_state(RaftApplyState { applied_index: round + 1, ..Default::default() });
+                        wb.set_apply_state(RaftApplyState {
+                            applied_index: round + 1,
+                            ..Default::default()
+                        });
                         t.write(&wb).unwrap();
                     }
                 }
@@ -137,13 +183,22 @@ fn memtables_stay_within_write_buffer_limit() {
         reg.flush_controller().flushes()
     );
     assert!(samples > 100);
-    assert!(max > LIMIT / 2, "the load never approached the limit ({max}): the test proves nothing");
-    assert!(max <= LIMIT + MEMTABLE, "memtables reached {max} bytes, above {LIMIT} + {MEMTABLE}");
+    assert!(
+        max > LIMIT / 2,
+        "the load never approached the limit ({max}): the test proves nothing"
+    );
+    assert!(
+        max <= LIMIT + MEMTABLE,
+        "memtables reached {max} bytes, above {LIMIT} + {MEMTABLE}"
+    );
     assert!(reg.flush_controller().flushes() > 0);
     // Every write is still readable.
     for t in &tablets {
         assert_eq!(t.apply_state().unwrap().unwrap().applied_index, 80);
-        assert!(t.get(Cf::Default, &(80u64 * 32 - 1).to_be_bytes()).unwrap().is_some());
+        assert!(t
+            .get(Cf::Default, &(80u64 * 32 - 1).to_be_bytes())
+            .unwrap()
+            .is_some());
     }
 }
 
@@ -171,8 +226,9 @@ fn flush_victim_follows_policy() {
         let dir = tempfile::tempdir().unwrap();
         // Memtables of 64MiB never fill on their own: only the controller flushes.
         let reg = registry(dir.path(), 64, 64, oldest_first);
-        let tablets: Vec<Arc<dyn RegionEngine>> =
-            (1..=12u64).map(|r| reg.open_region(r, KeyRange::all(), 0).unwrap()).collect();
+        let tablets: Vec<Arc<dyn RegionEngine>> = (1..=12u64)
+            .map(|r| reg.open_region(r, KeyRange::all(), 0).unwrap())
+            .collect();
         fill(tablets[0].as_ref(), 1); // oldest, smallest
         std::thread::sleep(Duration::from_millis(5));
         fill(tablets[1].as_ref(), 12); // largest
@@ -181,11 +237,20 @@ fn flush_victim_follows_policy() {
         }
         // 1 + 12 + 40 = 53MiB > 3/4 of 64MiB: the controller must have acted, or acts now.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while reg.flush_controller().decisions().is_empty() && std::time::Instant::now() < deadline {
+        while reg.flush_controller().decisions().is_empty() && std::time::Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(10));
         }
-        let first = reg.flush_controller().decisions().first().cloned().expect("no flush decision was taken");
+        let first = reg
+            .flush_controller()
+            .decisions()
+            .first()
+            .cloned()
+            .expect("no flush decision was taken");
         let want = if oldest_first { 1 } else { 2 };
-        assert_eq!(first.region_id, want, "oldest_first={oldest_first}: {first:?}");
+        assert_eq!(
+            first.region_id, want,
+            "oldest_first={oldest_first}: {first:?}"
+        );
     }
 }

@@ -54,7 +54,9 @@ pub struct EngineBenchResult {
 
 /// Bytes this process has caused to be written to storage so far.
 pub fn process_write_bytes() -> u64 {
-    let Ok(text) = std::fs::read_to_string("/proc/self/io") else { return 0 };
+    let Ok(text) = std::fs::read_to_string("/proc/self/io") else {
+        return 0;
+    };
     text.lines()
         .find_map(|l| l.strip_prefix("write_bytes:"))
         .and_then(|v| v.trim().parse().ok())
@@ -73,7 +75,11 @@ fn bench_key(region: u64, seq: u64, key_size: usize) -> Vec<u8> {
 
 fn region_range(region: u64, regions: u64) -> KeyRange {
     let start = (region as u32).to_be_bytes().to_vec();
-    let end = if region + 1 == regions { Vec::new() } else { ((region + 1) as u32).to_be_bytes().to_vec() };
+    let end = if region + 1 == regions {
+        Vec::new()
+    } else {
+        ((region + 1) as u32).to_be_bytes().to_vec()
+    };
     KeyRange::new(start, end)
 }
 
@@ -94,11 +100,16 @@ fn run_one(opts: &EngineBenchOptions, kind: EngineKind) -> Result<EngineBenchRes
     config.storage.data_dir = dir.clone();
     config.storage.engine = kind;
     config.rocksdb.write_buffer_limit = opts.write_buffer_limit;
-    config.rocksdb.write_buffer_size = ReadableSize(opts.write_buffer_limit.0.min(ReadableSize::mib(64).0) / 2);
+    config.rocksdb.write_buffer_size =
+        ReadableSize(opts.write_buffer_limit.0.min(ReadableSize::mib(64).0) / 2);
     config.validate().map_err(|e| e.to_string())?;
     let engines = Engines::open(&config).map_err(|e| e.to_string())?;
     let regions: Vec<Arc<dyn RegionEngine>> = (0..opts.regions)
-        .map(|r| engines.kv.open_region(r + 1, region_range(r, opts.regions), 0))
+        .map(|r| {
+            engines
+                .kv
+                .open_region(r + 1, region_range(r, opts.regions), 0)
+        })
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
 
@@ -108,8 +119,10 @@ fn run_one(opts: &EngineBenchOptions, kind: EngineKind) -> Result<EngineBenchRes
     let user_bytes = per_region * opts.regions * pair;
     let bar = ProgressBar::new(user_bytes);
     bar.set_style(
-        ProgressStyle::with_template("{prefix:>20} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec}")
-            .map_err(|e| e.to_string())?,
+        ProgressStyle::with_template(
+            "{prefix:>20} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec}",
+        )
+        .map_err(|e| e.to_string())?,
     );
     bar.set_prefix(kind.as_str());
 
@@ -121,8 +134,12 @@ fn run_one(opts: &EngineBenchOptions, kind: EngineKind) -> Result<EngineBenchRes
     std::thread::scope(|s| -> Result<(), String> {
         let mut handles = Vec::new();
         for t in 0..opts.threads {
-            let mine: Vec<Arc<dyn RegionEngine>> =
-                regions.iter().enumerate().filter(|(i, _)| i % opts.threads == t).map(|(_, r)| r.clone()).collect();
+            let mine: Vec<Arc<dyn RegionEngine>> = regions
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % opts.threads == t)
+                .map(|(_, r)| r.clone())
+                .collect();
             let bar = bar.clone();
             let written = written.clone();
             let opts = opts.clone();
@@ -150,7 +167,10 @@ fn run_one(opts: &EngineBenchOptions, kind: EngineKind) -> Result<EngineBenchRes
                             next[i] += 1;
                         }
                         applied[i] += 1;
-                        wb.set_apply_state(RaftApplyState { applied_index: applied[i], ..Default::default() });
+                        wb.set_apply_state(RaftApplyState {
+                            applied_index: applied[i],
+                            ..Default::default()
+                        });
                         region.write(&wb).map_err(|e| e.to_string())?;
                         let bytes = n * pair;
                         written.fetch_add(bytes, Ordering::Relaxed);
@@ -163,7 +183,8 @@ fn run_one(opts: &EngineBenchOptions, kind: EngineKind) -> Result<EngineBenchRes
             }));
         }
         for h in handles {
-            h.join().map_err(|_| "writer thread panicked".to_string())??;
+            h.join()
+                .map_err(|_| "writer thread panicked".to_string())??;
         }
         Ok(())
     })?;
@@ -207,7 +228,12 @@ pub fn render_table(results: &[EngineBenchResult]) -> String {
     );
     let base = results.first();
     for r in results {
-        let (tr, wr) = base.map_or((1.0, 1.0), |b| (r.mb_per_sec / b.mb_per_sec, r.write_amplification / b.write_amplification.max(1e-9)));
+        let (tr, wr) = base.map_or((1.0, 1.0), |b| {
+            (
+                r.mb_per_sec / b.mb_per_sec,
+                r.write_amplification / b.write_amplification.max(1e-9),
+            )
+        });
         out.push_str(&format!(
             "| {} | {} | {:.1}s | {:.1} MiB/s | {:.0} | {} | {:.2}{} | {:.2}x | {:.2}x |\n",
             r.engine,
@@ -217,7 +243,11 @@ pub fn render_table(results: &[EngineBenchResult]) -> String {
             r.keys_per_sec,
             ReadableSize(r.disk_write_bytes / (1 << 20) * (1 << 20)),
             r.write_amplification,
-            if r.compactions_settled { "" } else { " (compactions still running)" },
+            if r.compactions_settled {
+                ""
+            } else {
+                " (compactions still running)"
+            },
             tr,
             wr,
         ));

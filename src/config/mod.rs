@@ -76,7 +76,10 @@ pub enum ConfigError {
 
 impl ConfigError {
     fn invalid(key: &str, reason: impl Into<String>) -> Self {
-        ConfigError::Invalid { key: key.to_string(), reason: reason.into() }
+        ConfigError::Invalid {
+            key: key.to_string(),
+            reason: reason.into(),
+        }
     }
 
     /// The dotted key this error is about, if it is about one.
@@ -111,7 +114,10 @@ pub struct StorageConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { data_dir: PathBuf::from("./prkv-data"), engine: EngineKind::default() }
+        StorageConfig {
+            data_dir: PathBuf::from("./prkv-data"),
+            engine: EngineKind::default(),
+        }
     }
 }
 
@@ -244,7 +250,10 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { addr: "127.0.0.1:20160".into(), status_addr: "127.0.0.1:20180".into() }
+        ServerConfig {
+            addr: "127.0.0.1:20160".into(),
+            status_addr: "127.0.0.1:20180".into(),
+        }
     }
 }
 
@@ -256,7 +265,9 @@ pub struct PdConfig {
 
 impl Default for PdConfig {
     fn default() -> Self {
-        PdConfig { endpoints: vec!["127.0.0.1:2379".into()] }
+        PdConfig {
+            endpoints: vec!["127.0.0.1:2379".into()],
+        }
     }
 }
 
@@ -280,8 +291,10 @@ impl Config {
 
     /// Reads, parses and validates a config file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Config::from_toml(&text)
     }
 
@@ -289,7 +302,10 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let r = &self.rocksdb;
         if r.write_buffer_size.0 == 0 {
-            return Err(ConfigError::invalid("rocksdb.write-buffer-size", "must be > 0"));
+            return Err(ConfigError::invalid(
+                "rocksdb.write-buffer-size",
+                "must be > 0",
+            ));
         }
         if r.write_buffer_limit.0 < r.write_buffer_size.0 {
             return Err(ConfigError::invalid(
@@ -303,18 +319,30 @@ impl Config {
         if r.max_open_files != -1 && r.max_open_files < 20 {
             return Err(ConfigError::invalid(
                 "rocksdb.max-open-files",
-                format!("{} is neither -1 (unlimited) nor >= 20 (RocksDB's minimum)", r.max_open_files),
+                format!(
+                    "{} is neither -1 (unlimited) nor >= 20 (RocksDB's minimum)",
+                    r.max_open_files
+                ),
             ));
         }
         if !(1..=64).contains(&r.max_background_jobs) {
-            return Err(ConfigError::invalid("rocksdb.max-background-jobs", "must be in 1..=64"));
+            return Err(ConfigError::invalid(
+                "rocksdb.max-background-jobs",
+                "must be in 1..=64",
+            ));
         }
         let rs = &self.raftstore;
         if rs.raft_base_tick_interval.0.is_zero() {
-            return Err(ConfigError::invalid("raftstore.raft-base-tick-interval", "must be > 0"));
+            return Err(ConfigError::invalid(
+                "raftstore.raft-base-tick-interval",
+                "must be > 0",
+            ));
         }
         if rs.raft_heartbeat_ticks == 0 {
-            return Err(ConfigError::invalid("raftstore.raft-heartbeat-ticks", "must be > 0"));
+            return Err(ConfigError::invalid(
+                "raftstore.raft-heartbeat-ticks",
+                "must be > 0",
+            ));
         }
         if rs.raft_election_timeout_ticks <= rs.raft_heartbeat_ticks {
             return Err(ConfigError::invalid(
@@ -337,11 +365,17 @@ impl Config {
             ));
         }
         if rs.raft_entry_max_size.0 == 0 || rs.raft_entry_max_size.0 > ReadableSize::gib(1).0 {
-            return Err(ConfigError::invalid("raftstore.raft-entry-max-size", "must be in (0, 1GiB]"));
+            return Err(ConfigError::invalid(
+                "raftstore.raft-entry-max-size",
+                "must be in (0, 1GiB]",
+            ));
         }
         let c = &self.coprocessor;
         if c.region_split_size.0 == 0 {
-            return Err(ConfigError::invalid("coprocessor.region-split-size", "must be > 0"));
+            return Err(ConfigError::invalid(
+                "coprocessor.region-split-size",
+                "must be > 0",
+            ));
         }
         if c.region_max_size.0 < c.region_split_size.0 {
             return Err(ConfigError::invalid(
@@ -353,7 +387,10 @@ impl Config {
             ));
         }
         if c.region_split_keys == 0 {
-            return Err(ConfigError::invalid("coprocessor.region-split-keys", "must be > 0"));
+            return Err(ConfigError::invalid(
+                "coprocessor.region-split-keys",
+                "must be > 0",
+            ));
         }
         if c.region_max_keys < c.region_split_keys {
             return Err(ConfigError::invalid(
@@ -364,7 +401,10 @@ impl Config {
         check_addr("server.addr", &self.server.addr)?;
         check_addr("server.status-addr", &self.server.status_addr)?;
         if self.pd.endpoints.is_empty() {
-            return Err(ConfigError::invalid("pd.endpoints", "needs at least one endpoint"));
+            return Err(ConfigError::invalid(
+                "pd.endpoints",
+                "needs at least one endpoint",
+            ));
         }
         for e in &self.pd.endpoints {
             let hostport = e.strip_prefix("http://").unwrap_or(e);
@@ -386,10 +426,16 @@ impl Config {
 /// Checks that `value` is `host:port` with a valid port.
 fn check_addr(key: &str, value: &str) -> Result<(), ConfigError> {
     let Some((host, port)) = value.rsplit_once(':') else {
-        return Err(ConfigError::invalid(key, format!("{value:?} is not host:port")));
+        return Err(ConfigError::invalid(
+            key,
+            format!("{value:?} is not host:port"),
+        ));
     };
     if host.is_empty() || port.parse::<u16>().is_err() {
-        return Err(ConfigError::invalid(key, format!("{value:?} is not host:port")));
+        return Err(ConfigError::invalid(
+            key,
+            format!("{value:?} is not host:port"),
+        ));
     }
     Ok(())
 }
@@ -408,7 +454,11 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/config-template.toml");
         let text = std::fs::read_to_string(path).unwrap();
         let config = Config::from_toml(&text).unwrap();
-        assert_eq!(config, Config::default(), "etc/config-template.toml drifted from defaults");
+        assert_eq!(
+            config,
+            Config::default(),
+            "etc/config-template.toml drifted from defaults"
+        );
     }
 
     #[test]
@@ -417,7 +467,10 @@ mod tests {
         let template = std::fs::read_to_string(path).unwrap();
         let defaults = toml::Value::try_from(Config::default()).unwrap();
         for (section, table) in defaults.as_table().unwrap() {
-            assert!(template.contains(&format!("[{section}]")), "template lacks [{section}]");
+            assert!(
+                template.contains(&format!("[{section}]")),
+                "template lacks [{section}]"
+            );
             for key in table.as_table().unwrap().keys() {
                 let line = format!("\n{key} = ");
                 assert!(template.contains(&line), "template lacks {section}.{key}");
@@ -434,7 +487,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.rocksdb.write_buffer_limit.0, 10 << 30);
         assert_eq!(c.rocksdb.write_buffer_size.0, 256 << 20);
-        assert_eq!(c.raftstore.raft_log_gc_tick_interval.0, std::time::Duration::from_secs(5));
+        assert_eq!(
+            c.raftstore.raft_log_gc_tick_interval.0,
+            std::time::Duration::from_secs(5)
+        );
         let c = Config::from_toml("[storage]\nengine = \"raft-kv\"\n").unwrap();
         assert_eq!(c.storage.engine, EngineKind::RaftKv);
     }
@@ -443,35 +499,64 @@ mod tests {
     #[test]
     fn invalid_values_name_their_key() {
         let cases = [
-            ("[rocksdb]\nwrite-buffer-limit = \"lots\"", "rocksdb.write-buffer-limit"),
-            ("[rocksdb]\nwrite-buffer-limit = \"12XB\"", "rocksdb.write-buffer-limit"),
-            ("[rocksdb]\nwrite-buffer-limit = -5", "rocksdb.write-buffer-limit"),
-            ("[rocksdb]\nwrite-buffer-limit = \"1MiB\"", "rocksdb.write-buffer-limit"),
-            ("[rocksdb]\nwrite-buffer-flush-oldest-first = \"yes\"", "rocksdb.write-buffer-flush-oldest-first"),
+            (
+                "[rocksdb]\nwrite-buffer-limit = \"lots\"",
+                "rocksdb.write-buffer-limit",
+            ),
+            (
+                "[rocksdb]\nwrite-buffer-limit = \"12XB\"",
+                "rocksdb.write-buffer-limit",
+            ),
+            (
+                "[rocksdb]\nwrite-buffer-limit = -5",
+                "rocksdb.write-buffer-limit",
+            ),
+            (
+                "[rocksdb]\nwrite-buffer-limit = \"1MiB\"",
+                "rocksdb.write-buffer-limit",
+            ),
+            (
+                "[rocksdb]\nwrite-buffer-flush-oldest-first = \"yes\"",
+                "rocksdb.write-buffer-flush-oldest-first",
+            ),
             ("[rocksdb]\nmax-open-files = 5", "rocksdb.max-open-files"),
-            ("[rocksdb]\nno-such-key = 1", "rocksdb"),
+            ("[rocksdb]\nno-such-key = 1", "rocksdb.no-such-key"),
             ("[storage]\nengine = \"btree\"", "storage.engine"),
             ("[storage]\ndata-dir = 7", "storage.data-dir"),
-            ("[raftstore]\nraft-base-tick-interval = \"soon\"", "raftstore.raft-base-tick-interval"),
-            ("[raftstore]\nraft-store-max-leader-lease = \"20s\"", "raftstore.raft-store-max-leader-lease"),
-            ("[raftstore]\nraft-election-timeout-ticks = 1", "raftstore.raft-election-timeout-ticks"),
-            ("[raftstore]\nraft-entry-max-size = \"0B\"", "raftstore.raft-entry-max-size"),
-            ("[coprocessor]\nregion-max-size = \"1MiB\"", "coprocessor.region-max-size"),
-            ("[coprocessor]\nregion-split-keys = 0", "coprocessor.region-split-keys"),
+            (
+                "[raftstore]\nraft-base-tick-interval = \"soon\"",
+                "raftstore.raft-base-tick-interval",
+            ),
+            (
+                "[raftstore]\nraft-store-max-leader-lease = \"20s\"",
+                "raftstore.raft-store-max-leader-lease",
+            ),
+            (
+                "[raftstore]\nraft-election-timeout-ticks = 1",
+                "raftstore.raft-election-timeout-ticks",
+            ),
+            (
+                "[raftstore]\nraft-entry-max-size = \"0B\"",
+                "raftstore.raft-entry-max-size",
+            ),
+            (
+                "[coprocessor]\nregion-max-size = \"1MiB\"",
+                "coprocessor.region-max-size",
+            ),
+            (
+                "[coprocessor]\nregion-split-keys = 0",
+                "coprocessor.region-split-keys",
+            ),
             ("[server]\naddr = \"nowhere\"", "server.addr"),
             ("[pd]\nendpoints = []", "pd.endpoints"),
             ("[pd]\nendpoints = [\"127.0.0.1:99999\"]", "pd.endpoints"),
-            ("[nonsense]\na = 1", ""),
+            ("[nonsense]\na = 1", "nonsense"),
         ];
         for (text, key) in cases {
             let err = Config::from_toml(text).expect_err(text);
             let shown = err.to_string();
-            if key.is_empty() {
-                assert!(shown.contains("nonsense"), "{text:?}: {shown}");
-            } else {
-                assert_eq!(err.key(), Some(key), "{text:?}: {shown}");
-                assert!(shown.contains(key), "{text:?}: {shown}");
-            }
+            assert_eq!(err.key(), Some(key), "{text:?}: {shown}");
+            assert!(shown.contains(key), "{text:?}: {shown}");
         }
         let err = Config::from_toml("[rocksdb]\nno-such-key = 1").unwrap_err();
         assert!(err.to_string().contains("no-such-key"), "{err}");

@@ -27,7 +27,9 @@ impl ReadableSize {
     /// Parses "256MiB", "10GiB", "512KB", "42B" or "42".
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
         if num.is_empty() {
             return Err(format!("{s:?} is not a size (expected e.g. \"256MiB\")"));
@@ -38,7 +40,11 @@ impl ReadableSize {
             "M" | "MB" | "MiB" => 20,
             "G" | "GB" | "GiB" => 30,
             "T" | "TB" | "TiB" => 40,
-            other => return Err(format!("unknown size unit {other:?} in {s:?} (use B, KiB, MiB, GiB, TiB)")),
+            other => {
+                return Err(format!(
+                    "unknown size unit {other:?} in {s:?} (use B, KiB, MiB, GiB, TiB)"
+                ))
+            }
         };
         let value: f64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
         let bytes = value * (1u64 << shift) as f64;
@@ -53,7 +59,7 @@ impl fmt::Display for ReadableSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
         for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
-            if b >= 1 << shift && b % (1 << shift) == 0 {
+            if b >= 1 << shift && b.is_multiple_of(1 << shift) {
                 return write!(f, "{}{unit}", b >> shift);
             }
         }
@@ -112,11 +118,17 @@ impl ReadableDuration {
         let mut rest = text;
         let mut total = Duration::ZERO;
         while !rest.is_empty() {
-            let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+            let digits = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
             if digits == 0 {
-                return Err(format!("{text:?} is not a duration (expected e.g. \"10s\")"));
+                return Err(format!(
+                    "{text:?} is not a duration (expected e.g. \"10s\")"
+                ));
             }
-            let n: u64 = rest[..digits].parse().map_err(|_| format!("{text:?} is too large"))?;
+            let n: u64 = rest[..digits]
+                .parse()
+                .map_err(|_| format!("{text:?} is too large"))?;
             rest = &rest[digits..];
             let (unit_ms, len) = if rest.starts_with("ms") {
                 (1, 2)
@@ -130,7 +142,9 @@ impl ReadableDuration {
                 return Err(format!("{text:?} lacks a unit (ms, s, m, h)"));
             };
             rest = &rest[len..];
-            let ms = n.checked_mul(unit_ms).ok_or_else(|| format!("{text:?} is too large"))?;
+            let ms = n
+                .checked_mul(unit_ms)
+                .ok_or_else(|| format!("{text:?} is too large"))?;
             total += Duration::from_millis(ms);
         }
         Ok(ReadableDuration(total))
@@ -140,11 +154,11 @@ impl ReadableDuration {
 impl fmt::Display for ReadableDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        if ms > 0 && ms % 3_600_000 == 0 {
+        if ms > 0 && ms.is_multiple_of(3_600_000) {
             write!(f, "{}h", ms / 3_600_000)
-        } else if ms > 0 && ms % 60_000 == 0 {
+        } else if ms > 0 && ms.is_multiple_of(60_000) {
             write!(f, "{}m", ms / 60_000)
-        } else if ms % 1000 == 0 {
+        } else if ms.is_multiple_of(1000) {
             write!(f, "{}s", ms / 1000)
         } else {
             write!(f, "{ms}ms")
@@ -186,9 +200,18 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(ReadableDuration::parse("10ms").unwrap().0, Duration::from_millis(10));
-        assert_eq!(ReadableDuration::parse("1m30s").unwrap().0, Duration::from_secs(90));
-        assert_eq!(ReadableDuration::parse("2h").unwrap().0, Duration::from_secs(7200));
+        assert_eq!(
+            ReadableDuration::parse("10ms").unwrap().0,
+            Duration::from_millis(10)
+        );
+        assert_eq!(
+            ReadableDuration::parse("1m30s").unwrap().0,
+            Duration::from_secs(90)
+        );
+        assert_eq!(
+            ReadableDuration::parse("2h").unwrap().0,
+            Duration::from_secs(7200)
+        );
         for bad in ["", "10", "s", "3x", "99999999999999999999h"] {
             assert!(ReadableDuration::parse(bad).is_err(), "{bad}");
         }

@@ -75,19 +75,29 @@ impl LogWriteBatch {
     /// new leader overwrites an uncommitted suffix.
     pub fn append(&mut self, region_id: RegionId, entries: &[Entry]) -> Result<()> {
         for w in entries.windows(2) {
-            assert_eq!(w[0].index + 1, w[1].index, "Region {region_id}: appended entries are not consecutive");
+            assert_eq!(
+                w[0].index + 1,
+                w[1].index,
+                "Region {region_id}: appended entries are not consecutive"
+            );
         }
         self.batch.add_entries::<EntryExt>(region_id, entries)?;
         Ok(())
     }
 
     pub fn put_hard_state(&mut self, region_id: RegionId, hs: &HardState) -> Result<()> {
-        self.batch.put_message(region_id, HARD_STATE_KEY.to_vec(), hs)?;
+        self.batch
+            .put_message(region_id, HARD_STATE_KEY.to_vec(), hs)?;
         Ok(())
     }
 
-    pub fn put_region_state(&mut self, region_id: RegionId, state: &RegionLocalState) -> Result<()> {
-        self.batch.put(region_id, REGION_STATE_KEY.to_vec(), state.encode_to_vec())?;
+    pub fn put_region_state(
+        &mut self,
+        region_id: RegionId,
+        state: &RegionLocalState,
+    ) -> Result<()> {
+        self.batch
+            .put(region_id, REGION_STATE_KEY.to_vec(), state.encode_to_vec())?;
         Ok(())
     }
 
@@ -95,8 +105,10 @@ impl LogWriteBatch {
     /// records `(index, term)` as the truncated state.
     pub fn compact_to(&mut self, region_id: RegionId, index: Index, term: u64) -> Result<()> {
         let ts = RaftTruncatedState { index, term };
-        self.batch.put(region_id, TRUNCATED_STATE_KEY.to_vec(), ts.encode_to_vec())?;
-        self.batch.add_command(region_id, Command::Compact { index: index + 1 });
+        self.batch
+            .put(region_id, TRUNCATED_STATE_KEY.to_vec(), ts.encode_to_vec())?;
+        self.batch
+            .add_command(region_id, Command::Compact { index: index + 1 });
         Ok(())
     }
 
@@ -123,7 +135,9 @@ impl RaftLogStore {
             ..Default::default()
         };
         let engine = Engine::open(cfg)?;
-        Ok(RaftLogStore { engine: Arc::new(engine) })
+        Ok(RaftLogStore {
+            engine: Arc::new(engine),
+        })
     }
 
     /// Persists `batch`; with `sync`, one fsync covers every Region in it. Returns the bytes
@@ -133,7 +147,9 @@ impl RaftLogStore {
     }
 
     pub fn hard_state(&self, region_id: RegionId) -> Result<Option<HardState>> {
-        Ok(self.engine.get_message::<HardState>(region_id, HARD_STATE_KEY)?)
+        Ok(self
+            .engine
+            .get_message::<HardState>(region_id, HARD_STATE_KEY)?)
     }
 
     pub fn region_state(&self, region_id: RegionId) -> Result<Option<RegionLocalState>> {
@@ -144,13 +160,20 @@ impl RaftLogStore {
         self.get_prost(region_id, TRUNCATED_STATE_KEY, "RaftTruncatedState")
     }
 
-    fn get_prost<M: prost::Message + Default>(&self, region_id: RegionId, key: &[u8], what: &str) -> Result<Option<M>> {
+    fn get_prost<M: prost::Message + Default>(
+        &self,
+        region_id: RegionId,
+        key: &[u8],
+        what: &str,
+    ) -> Result<Option<M>> {
         match self.engine.get(region_id, key) {
             None => Ok(None),
-            Some(bytes) => M::decode(bytes.as_slice()).map(Some).map_err(|e| Error::Corruption {
-                what: format!("{what} of Region {region_id} in raft-engine"),
-                detail: e.to_string(),
-            }),
+            Some(bytes) => M::decode(bytes.as_slice())
+                .map(Some)
+                .map_err(|e| Error::Corruption {
+                    what: format!("{what} of Region {region_id} in raft-engine"),
+                    detail: e.to_string(),
+                }),
         }
     }
 
@@ -164,9 +187,16 @@ impl RaftLogStore {
 
     /// Entries `[low, high)`, stopping early once `max_size` bytes are reached (but always at
     /// least one entry).
-    pub fn entries(&self, region_id: RegionId, low: Index, high: Index, max_size: Option<usize>) -> Result<Vec<Entry>> {
+    pub fn entries(
+        &self,
+        region_id: RegionId,
+        low: Index,
+        high: Index,
+        max_size: Option<usize>,
+    ) -> Result<Vec<Entry>> {
         let mut out = Vec::with_capacity((high.saturating_sub(low)).min(1024) as usize);
-        self.engine.fetch_entries_to::<EntryExt>(region_id, low, high, max_size, &mut out)?;
+        self.engine
+            .fetch_entries_to::<EntryExt>(region_id, low, high, max_size, &mut out)?;
         Ok(out)
     }
 

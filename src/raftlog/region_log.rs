@@ -62,11 +62,23 @@ pub fn conf_state_from_region(region: &Region) -> ConfState {
 impl RegionLog {
     /// Loads the Region's log state from the store. A Region with no stored truncated state
     /// starts from an empty log at index 0.
-    pub fn load(store: RaftLogStore, region_id: RegionId, region: &Region) -> crate::storage::Result<RegionLog> {
+    pub fn load(
+        store: RaftLogStore,
+        region_id: RegionId,
+        region: &Region,
+    ) -> crate::storage::Result<RegionLog> {
         let hard_state = store.hard_state(region_id)?.unwrap_or_default();
         let truncated = store.truncated_state(region_id)?.unwrap_or_default();
-        let state = State { hard_state, conf_state: conf_state_from_region(region), truncated };
-        let log = RegionLog { region_id, store, state: RwLock::new(state) };
+        let state = State {
+            hard_state,
+            conf_state: conf_state_from_region(region),
+            truncated,
+        };
+        let log = RegionLog {
+            region_id,
+            store,
+            state: RwLock::new(state),
+        };
         // Recovery assertion: the log must continue right after the truncated index.
         if let Some(first) = log.store.first_index(region_id) {
             let t = log.state.read().truncated.index;
@@ -104,7 +116,9 @@ impl RegionLog {
 
     fn last(&self) -> Index {
         let t = self.state.read().truncated.index;
-        self.store.last_index(self.region_id).map_or(t, |l| l.max(t))
+        self.store
+            .last_index(self.region_id)
+            .map_or(t, |l| l.max(t))
     }
 }
 
@@ -160,6 +174,8 @@ impl raft::Storage for RegionLog {
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         // Snapshots (tablet files streamed to the follower) arrive with the split/snapshot work;
         // until then a follower behind the truncated index waits, it is never sent bad data.
-        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+        Err(raft::Error::Store(
+            StorageError::SnapshotTemporarilyUnavailable,
+        ))
     }
 }

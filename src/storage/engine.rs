@@ -51,23 +51,14 @@ impl KeyRange {
     }
 
     pub fn new(start: impl Into<Vec<u8>>, end: impl Into<Vec<u8>>) -> Self {
-        KeyRange { start: start.into(), end: end.into() }
+        KeyRange {
+            start: start.into(),
+            end: end.into(),
+        }
     }
 
     pub fn contains(&self, key: &[u8]) -> bool {
         key >= self.start.as_slice() && (self.end.is_empty() || key < self.end.as_slice())
-    }
-
-    /// Whether `[start, end)` (end empty = unbounded) lies inside this range.
-    pub fn contains_range(&self, start: &[u8], end: &[u8]) -> bool {
-        if start < self.start.as_slice() {
-            return false;
-        }
-        match (self.end.is_empty(), end.is_empty()) {
-            (true, _) => true,
-            (false, true) => false,
-            (false, false) => end <= self.end.as_slice(),
-        }
     }
 }
 
@@ -112,7 +103,8 @@ impl WriteBatch {
     /// Deletes the keys in `[start, end)` of `cf`; an empty `end` means the Region's end.
     pub fn delete_range(&mut self, cf: Cf, start: &[u8], end: &[u8]) {
         self.data_bytes += start.len() + end.len();
-        self.ops.push(Op::DeleteRange(cf, start.to_vec(), end.to_vec()));
+        self.ops
+            .push(Op::DeleteRange(cf, start.to_vec(), end.to_vec()));
     }
 
     /// Records that this batch completes the application of the log up to

@@ -57,6 +57,7 @@ pub struct FlushController {
     stop: Mutex<bool>,
     flushes: AtomicU64,
     decisions: Mutex<Vec<FlushDecision>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// Decisions kept for inspection: enough to see a pattern, bounded so it never grows.
@@ -75,13 +76,31 @@ impl FlushController {
             stop: Mutex::new(false),
             flushes: AtomicU64::new(0),
             decisions: Mutex::new(Vec::new()),
+            thread: Mutex::new(None),
         });
         let weak = Arc::downgrade(&ctl);
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("flush-ctl".into())
             .spawn(move || run(weak))
             .expect("spawning the flush controller thread");
+        *ctl.thread.lock() = Some(handle);
         ctl
+    }
+
+    /// Stops the controller thread and waits for it, so that it holds no tablet afterwards:
+    /// a registry that is dropped must have closed every tablet when the drop returns.
+    pub(crate) fn shutdown(&self) {
+        *self.stop.lock() = true;
+        {
+            let mut p = self.pending.lock();
+            *p = true;
+            self.wake.notify_all();
+        }
+        if let Some(h) = self.thread.lock().take() {
+            if h.join().is_err() {
+                tracing::error!("flush controller thread panicked");
+            }
+        }
     }
 
     fn trigger_bytes(&self) -> u64 {
@@ -113,6 +132,11 @@ impl FlushController {
     /// Runs one round: if active memtables are above the trigger, flushes one victim.
     /// Returns the decision taken.
     pub fn run_once(&self) -> Option<FlushDecision> {
+        // Total usage bounds active usage from above: below the trigger there is nothing to do,
+        // and an idle store pays one atomic load per wake-up, not a walk over its tablets.
+        if (self.shared.wbm.get_usage() as u64) < self.trigger_bytes() {
+            return None;
+        }
         let tablets = self.tablets.upgrade()?;
         let list: Vec<Arc<RocksRegion>> = tablets.lock().values().cloned().collect();
         let mut active_total = 0;
@@ -123,7 +147,12 @@ impl FlushController {
             // RocksDB may have flushed a tablet on its own (a full memtable); its stamp is then
             // stale. Entries left in memtables tell.
             if stamp != 0 && t.handle.unflushed_entries() == 0 {
-                let _ = t.oldest_unflushed_ns.compare_exchange(stamp, 0, Ordering::SeqCst, Ordering::SeqCst);
+                let _ = t.oldest_unflushed_ns.compare_exchange(
+                    stamp,
+                    0,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                );
                 stamp = 0;
             }
             active_total += active;
@@ -139,7 +168,10 @@ impl FlushController {
             .min_by_key(|(_, active, stamp)| {
                 if oldest_first {
                     // Unstamped tablets (unknown age) go last.
-                    (if *stamp == 0 { u64::MAX } else { *stamp }, u64::MAX - active)
+                    (
+                        if *stamp == 0 { u64::MAX } else { *stamp },
+                        u64::MAX - active,
+                    )
                 } else {
                     (u64::MAX - active, 0)
                 }
@@ -151,7 +183,12 @@ impl FlushController {
             oldest_unflushed_ns: stamp,
             active_bytes: active,
         };
-        tracing::debug!(region_id = t.region_id, active_bytes = active, oldest_first, "flushing tablet for memory");
+        tracing::debug!(
+            region_id = t.region_id,
+            active_bytes = active,
+            oldest_first,
+            "flushing tablet for memory"
+        );
         if let Err(e) = crate::storage::RegionEngine::flush(t.as_ref(), false) {
             tracing::warn!(region_id = t.region_id, error = %e, "memory flush failed");
             return None;
@@ -163,12 +200,6 @@ impl FlushController {
         }
         d.push(decision.clone());
         Some(decision)
-    }
-}
-
-impl Drop for FlushController {
-    fn drop(&mut self) {
-        *self.stop.lock() = true;
     }
 }
 
@@ -185,7 +216,7 @@ fn run(ctl: Weak<FlushController>) {
             }
             *p = false;
         }
-        while c.run_once().is_some() {
+        while !*c.stop.lock() && c.run_once().is_some() {
             std::thread::sleep(FLUSH_SETTLE);
         }
         drop(c);

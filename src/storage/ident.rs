@@ -31,7 +31,10 @@ pub fn load(data_dir: &Path) -> Result<Option<StoreIdent>> {
     match std::fs::read_to_string(&path) {
         Ok(text) => toml::from_str(&text)
             .map(Some)
-            .map_err(|e| Error::Corruption { what: path.display().to_string(), detail: e.to_string() }),
+            .map_err(|e| Error::Corruption {
+                what: path.display().to_string(),
+                detail: e.to_string(),
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io(&path, e)),
     }
@@ -43,10 +46,13 @@ pub fn store(data_dir: &Path, ident: &StoreIdent) -> Result<()> {
     let tmp = data_dir.join(format!("{IDENT_FILE}.tmp"));
     let text = toml::to_string(ident).map_err(|e| Error::Other(e.to_string()))?;
     let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(text.as_bytes()).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(text.as_bytes())
+        .map_err(|e| Error::io(&tmp, e))?;
     f.sync_all().map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-    std::fs::File::open(data_dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(data_dir, e))?;
+    std::fs::File::open(data_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(data_dir, e))?;
     Ok(())
 }
 
@@ -69,12 +75,18 @@ pub fn check_or_bootstrap(data_dir: &Path, engine: EngineKind) -> Result<StoreId
         if data_dir.join(part).exists() {
             return Err(Error::Corruption {
                 what: data_dir.display().to_string(),
-                detail: format!("holds {part}/ but no {IDENT_FILE}; refusing to guess its engine kind"),
+                detail: format!(
+                    "holds {part}/ but no {IDENT_FILE}; refusing to guess its engine kind"
+                ),
             });
         }
     }
     std::fs::create_dir_all(data_dir).map_err(|e| Error::io(data_dir, e))?;
-    let ident = StoreIdent { engine, cluster_id: 0, store_id: 0 };
+    let ident = StoreIdent {
+        engine,
+        cluster_id: 0,
+        store_id: 0,
+    };
     store(data_dir, &ident)?;
     Ok(ident)
 }

@@ -37,8 +37,8 @@ pub mod engine;
 pub mod flush;
 pub mod ident;
 pub mod keys;
-mod rocks;
 pub mod raftkv;
+mod rocks;
 pub mod tablet;
 
 use std::path::{Path, PathBuf};
@@ -69,12 +69,20 @@ pub enum Error {
     #[error("corrupted {what}: {detail}")]
     Corruption { what: String, detail: String },
     #[error(
-        "storage.engine is {configured:?} but the data dir {data_dir} was bootstrapped with \
-         {found:?}; set storage.engine = {found:?} or use a new storage.data-dir"
+        "storage.engine is \"{configured}\" but the data dir {data_dir} was bootstrapped with \
+         \"{found}\"; set storage.engine = \"{found}\" or use a new storage.data-dir"
     )]
-    EngineMismatch { data_dir: PathBuf, configured: EngineKind, found: EngineKind },
+    EngineMismatch {
+        data_dir: PathBuf,
+        configured: EngineKind,
+        found: EngineKind,
+    },
     #[error("key {key:?} is not in Region {region_id}'s range {range:?}")]
-    KeyNotInRange { region_id: RegionId, key: Vec<u8>, range: KeyRange },
+    KeyNotInRange {
+        region_id: RegionId,
+        key: Vec<u8>,
+        range: KeyRange,
+    },
     #[error("Region {0} has no engine on this store")]
     RegionNotFound(RegionId),
     #[error("{0}")]
@@ -85,7 +93,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        Error::Io { path: path.to_path_buf(), source }
+        Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -103,12 +114,17 @@ impl Engines {
     pub fn open(config: &Config) -> Result<Engines> {
         let data_dir = &config.storage.data_dir;
         ident::check_or_bootstrap(data_dir, config.storage.engine)?;
-        let raft = crate::raftlog::RaftLogStore::open(&config.raft_engine_dir(), &config.raft_engine)?;
+        let raft =
+            crate::raftlog::RaftLogStore::open(&config.raft_engine_dir(), &config.raft_engine)?;
         let kv: Arc<dyn StoreEngine> = match config.storage.engine {
-            EngineKind::PartitionedRaftKv => {
-                Arc::new(tablet::TabletRegistry::open(&data_dir.join("tablets"), &config.rocksdb)?)
-            }
-            EngineKind::RaftKv => Arc::new(raftkv::RaftKvEngine::open(&data_dir.join("db"), &config.rocksdb)?),
+            EngineKind::PartitionedRaftKv => Arc::new(tablet::TabletRegistry::open(
+                &data_dir.join("tablets"),
+                &config.rocksdb,
+            )?),
+            EngineKind::RaftKv => Arc::new(raftkv::RaftKvEngine::open(
+                &data_dir.join("db"),
+                &config.rocksdb,
+            )?),
         };
         Ok(Engines { raft, kv })
     }

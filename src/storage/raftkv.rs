@@ -32,7 +32,12 @@ impl RaftKvEngine {
         std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
         let shared = SharedResources::new(config)?;
         let handle = DbHandle::open(&shared, path, false)?;
-        Ok(RaftKvEngine { handle, shared, regions: Mutex::new(HashMap::new()), path: path.to_path_buf() })
+        Ok(RaftKvEngine {
+            handle,
+            shared,
+            regions: Mutex::new(HashMap::new()),
+            path: path.to_path_buf(),
+        })
     }
 }
 
@@ -41,7 +46,12 @@ impl StoreEngine for RaftKvEngine {
         EngineKind::RaftKv
     }
 
-    fn open_region(&self, region_id: RegionId, range: KeyRange, _tablet_index: Index) -> Result<Arc<dyn RegionEngine>> {
+    fn open_region(
+        &self,
+        region_id: RegionId,
+        range: KeyRange,
+        _tablet_index: Index,
+    ) -> Result<Arc<dyn RegionEngine>> {
         let mut regions = self.regions.lock();
         if let Some(r) = regions.get(&region_id) {
             if r.range == range {
@@ -62,13 +72,18 @@ impl StoreEngine for RaftKvEngine {
     }
 
     fn region(&self, region_id: RegionId) -> Option<Arc<dyn RegionEngine>> {
-        self.regions.lock().get(&region_id).map(|r| r.clone() as Arc<dyn RegionEngine>)
+        self.regions
+            .lock()
+            .get(&region_id)
+            .map(|r| r.clone() as Arc<dyn RegionEngine>)
     }
 
     fn list_regions(&self) -> Result<Vec<(RegionId, Index)>> {
         // Apply-state keys are the local keys 0x01 0x02 <id> 0x03; scan them.
         let db = self.handle.db();
-        let cf = db.cf_handle(Cf::Default.name()).expect("default column family");
+        let cf = db
+            .cf_handle(Cf::Default.name())
+            .expect("default column family");
         let mut opts = rocksdb::ReadOptions::default();
         opts.set_iterate_lower_bound(keys::apply_state_key(0));
         opts.set_iterate_upper_bound(vec![keys::DATA_PREFIX]);
@@ -85,7 +100,8 @@ impl StoreEngine for RaftKvEngine {
             }
             it.next();
         }
-        it.status().map_err(|e| super::rocks::rocks_err(&self.path, e))?;
+        it.status()
+            .map_err(|e| super::rocks::rocks_err(&self.path, e))?;
         Ok(out)
     }
 
@@ -101,8 +117,12 @@ impl StoreEngine for RaftKvEngine {
         for cf in Cf::ALL {
             wb.delete_range_cf(db.cf_handle(cf.name()).expect("column family"), &lo, &hi);
         }
-        wb.delete_cf(db.cf_handle(Cf::Default.name()).expect("column family"), keys::apply_state_key(region_id));
-        db.write(wb).map_err(|e| super::rocks::rocks_err(&self.path, e))
+        wb.delete_cf(
+            db.cf_handle(Cf::Default.name()).expect("column family"),
+            keys::apply_state_key(region_id),
+        );
+        db.write(wb)
+            .map_err(|e| super::rocks::rocks_err(&self.path, e))
     }
 
     fn memtable_bytes(&self) -> u64 {

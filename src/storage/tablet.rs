@@ -56,7 +56,12 @@ impl TabletRegistry {
         let shared = SharedResources::new(config)?;
         let tablets = Arc::new(Mutex::new(HashMap::new()));
         let flush = FlushController::start(shared.clone(), tablets.clone());
-        let registry = TabletRegistry { root: root.to_path_buf(), shared, tablets, flush };
+        let registry = TabletRegistry {
+            root: root.to_path_buf(),
+            shared,
+            tablets,
+            flush,
+        };
         registry.remove_leftovers()?;
         Ok(registry)
     }
@@ -106,7 +111,12 @@ impl TabletRegistry {
         Ok(())
     }
 
-    fn open_tablet(&self, region_id: RegionId, range: KeyRange, index: Index) -> Result<Arc<RocksRegion>> {
+    fn open_tablet(
+        &self,
+        region_id: RegionId,
+        range: KeyRange,
+        index: Index,
+    ) -> Result<Arc<RocksRegion>> {
         let path = self.tablet_path(region_id, index);
         let handle = DbHandle::open(&self.shared, &path, true)?;
         let flush = self.flush.clone();
@@ -125,7 +135,11 @@ impl TabletRegistry {
     /// Moves a tablet directory aside and marks it for removal when its last user drops it.
     fn retire(&self, tablet: &RocksRegion) {
         tablet.handle.mark_destroyed();
-        tracing::info!(region_id = tablet.region_id, index = tablet.tablet_index, "tablet retired");
+        tracing::info!(
+            region_id = tablet.region_id,
+            index = tablet.tablet_index,
+            "tablet retired"
+        );
     }
 }
 
@@ -136,7 +150,12 @@ impl StoreEngine for TabletRegistry {
 
     /// Opens generation `tablet_index` of the Region. If the cache holds an older generation,
     /// this is a swap: the new tablet replaces it and the old one is destroyed once unused.
-    fn open_region(&self, region_id: RegionId, range: KeyRange, tablet_index: Index) -> Result<Arc<dyn RegionEngine>> {
+    fn open_region(
+        &self,
+        region_id: RegionId,
+        range: KeyRange,
+        tablet_index: Index,
+    ) -> Result<Arc<dyn RegionEngine>> {
         let mut tablets = self.tablets.lock();
         if let Some(t) = tablets.get(&region_id) {
             if t.tablet_index == tablet_index && t.range == range {
@@ -149,7 +168,10 @@ impl StoreEngine for TabletRegistry {
                 )));
             }
         }
-        if tablets.get(&region_id).is_some_and(|t| t.tablet_index == tablet_index) {
+        if tablets
+            .get(&region_id)
+            .is_some_and(|t| t.tablet_index == tablet_index)
+        {
             // Same generation, new range: reopen a view over the same handle.
             let old = tablets[&region_id].clone();
             let flush = self.flush.clone();
@@ -174,7 +196,10 @@ impl StoreEngine for TabletRegistry {
     }
 
     fn region(&self, region_id: RegionId) -> Option<Arc<dyn RegionEngine>> {
-        self.tablets.lock().get(&region_id).map(|t| t.clone() as Arc<dyn RegionEngine>)
+        self.tablets
+            .lock()
+            .get(&region_id)
+            .map(|t| t.clone() as Arc<dyn RegionEngine>)
     }
 
     fn list_regions(&self) -> Result<Vec<(RegionId, Index)>> {
@@ -222,6 +247,12 @@ impl StoreEngine for TabletRegistry {
     }
 }
 
+impl Drop for TabletRegistry {
+    fn drop(&mut self) {
+        self.flush.shutdown();
+    }
+}
+
 /// Parses `<region>_<index>`.
 fn parse_tablet_name(name: &str) -> Option<(RegionId, Index)> {
     let (r, i) = name.split_once('_')?;
@@ -231,7 +262,10 @@ fn parse_tablet_name(name: &str) -> Option<(RegionId, Index)> {
 /// Raises the soft open-files limit to the hard limit: thousands of tablets need thousands of
 /// descriptors, and the soft default (often 1024) is an accident of history, not a budget.
 pub fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {

@@ -30,27 +30,39 @@ pub fn spawn_child(test_name: &str, envs: &[(&str, String)], shell_prefix: Optio
         // e.g. "ulimit -n 4096": run the child under a shell that first applies the prefix.
         Some(prefix) => {
             let mut c = Command::new("bash");
-            c.arg("-c").arg(format!("{prefix} && exec \"$0\" \"$@\"")).arg(exe);
+            c.arg("-c")
+                .arg(format!("{prefix} && exec \"$0\" \"$@\""))
+                .arg(exe);
             c
         }
         None => Command::new(exe),
     };
-    cmd.args([test_name, "--exact", "--ignored", "--nocapture", "--test-threads=1"]);
+    cmd.args([
+        test_name,
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawning child test process")
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawning child test process")
 }
 
-/// Reads the child's stdout until a line starting with `prefix`; returns that line.
+/// Reads the child's stdout until a line containing `prefix`; returns the line from `prefix` on.
+/// (libtest prints "test NAME ... " without a newline before the test's own output.)
 pub fn wait_for_line(reader: &mut impl BufRead, prefix: &str) -> String {
     let mut line = String::new();
     loop {
         line.clear();
         let n = reader.read_line(&mut line).expect("reading child stdout");
         assert!(n > 0, "child exited before printing {prefix:?}");
-        if line.starts_with(prefix) {
-            return line.trim_end().to_string();
+        if let Some(at) = line.find(prefix) {
+            return line[at..].trim_end().to_string();
         }
     }
 }
