@@ -52,3 +52,15 @@ pub fn render() -> String {
     }
     String::from_utf8(buf).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn metrics_render_in_text_format() {
+        super::MEMORY_FLUSHES.inc();
+        super::TABLETS_OPEN.get();
+        let text = super::render();
+        assert!(text.contains("prkv_engine_memory_flushes_total"), "{text}");
+        assert!(text.contains("prkv_engine_tablets_open"), "{text}");
+    }
+}

@@ -220,6 +220,10 @@ fn run_one(opts: &EngineBenchOptions, kind: EngineKind) -> Result<EngineBenchRes
     })
 }
 
+fn gib(bytes: u64) -> String {
+    format!("{:.2}GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
 /// Renders results as a Markdown table with ratios to the first row.
 pub fn render_table(results: &[EngineBenchResult]) -> String {
     let mut out = String::from(
@@ -237,11 +241,11 @@ pub fn render_table(results: &[EngineBenchResult]) -> String {
         out.push_str(&format!(
             "| {} | {} | {:.1}s | {:.1} MiB/s | {:.0} | {} | {:.2}{} | {:.2}x | {:.2}x |\n",
             r.engine,
-            ReadableSize(r.user_bytes),
+            gib(r.user_bytes),
             r.load_secs,
             r.mb_per_sec,
             r.keys_per_sec,
-            ReadableSize(r.disk_write_bytes / (1 << 20) * (1 << 20)),
+            gib(r.disk_write_bytes),
             r.write_amplification,
             if r.compactions_settled {
                 ""

@@ -134,7 +134,9 @@ impl FlushController {
     pub fn run_once(&self) -> Option<FlushDecision> {
         // Total usage bounds active usage from above: below the trigger there is nothing to do,
         // and an idle store pays one atomic load per wake-up, not a walk over its tablets.
-        if (self.shared.wbm.get_usage() as u64) < self.trigger_bytes() {
+        let usage = self.shared.wbm.get_usage() as u64;
+        crate::metrics::MEMTABLE_BYTES.set(usage as i64);
+        if usage < self.trigger_bytes() {
             return None;
         }
         let tablets = self.tablets.upgrade()?;
@@ -194,6 +196,7 @@ impl FlushController {
             return None;
         }
         self.flushes.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::MEMORY_FLUSHES.inc();
         let mut d = self.decisions.lock();
         if d.len() == DECISIONS_KEPT {
             d.remove(0);

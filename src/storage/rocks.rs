@@ -82,14 +82,11 @@ impl SharedResources {
         db.set_env(&self.env);
         db.set_write_buffer_manager(&self.wbm);
         db.set_max_background_jobs(self.config.max_background_jobs);
+        // Errors only: RocksDB warns on every stalled write, which under a write-heavy load
+        // would flood the log; stalls are visible in the memtable metrics instead.
         db.set_info_logger(InfoLogger::new_callback_logger(
-            LogLevel::Warn,
-            |level, msg| match level {
-                LogLevel::Fatal | LogLevel::Error => {
-                    tracing::error!(target: "rocksdb", "{}", msg.trim_end())
-                }
-                _ => tracing::warn!(target: "rocksdb", "{}", msg.trim_end()),
-            },
+            LogLevel::Error,
+            |_, msg| tracing::error!(target: "rocksdb", "{}", msg.trim_end()),
         ));
         db.set_skip_stats_update_on_db_open(true);
         db.set_keep_log_file_num(1);

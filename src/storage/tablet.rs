@@ -192,6 +192,7 @@ impl StoreEngine for TabletRegistry {
         if let Some(old) = tablets.insert(region_id, tablet.clone()) {
             self.retire(&old);
         }
+        crate::metrics::TABLETS_OPEN.set(tablets.len() as i64);
         Ok(tablet)
     }
 
@@ -214,7 +215,12 @@ impl StoreEngine for TabletRegistry {
     }
 
     fn destroy_region(&self, region_id: RegionId) -> Result<()> {
-        let open = self.tablets.lock().remove(&region_id);
+        let open = {
+            let mut tablets = self.tablets.lock();
+            let open = tablets.remove(&region_id);
+            crate::metrics::TABLETS_OPEN.set(tablets.len() as i64);
+            open
+        };
         match open {
             Some(t) => self.retire(&t),
             None => {
