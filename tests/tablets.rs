@@ -254,3 +254,55 @@ fn flush_victim_follows_policy() {
         );
     }
 }
+
+/// A new tablet generation replaces the old one (as after a snapshot or split): the registry
+/// swaps to it, removes the old directory once nobody uses it, and on restart keeps only the
+/// newest generation of each Region.
+#[test]
+fn swap_to_new_generation_and_clean_up() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let reg = registry(dir.path(), 64, 8, true);
+        let old = reg.open_region(7, KeyRange::all(), 0).unwrap();
+        let mut wb = WriteBatch::new();
+        wb.put(Cf::Default, b"k", b"old");
+        wb.set_apply_state(RaftApplyState {
+            applied_index: 10,
+            ..Default::default()
+        });
+        old.write(&wb).unwrap();
+        // Build generation 10 from a checkpoint, then change it.
+        old.checkpoint(&reg.tablet_path(7, 10)).unwrap();
+        let new = reg.open_region(7, KeyRange::all(), 10).unwrap();
+        assert_eq!(new.tablet_index(), 10);
+        assert_eq!(new.apply_state().unwrap().unwrap().applied_index, 10);
+        let mut wb = WriteBatch::new();
+        wb.put(Cf::Default, b"k", b"new");
+        new.write(&wb).unwrap();
+        // The old handle still reads its own generation until dropped.
+        assert_eq!(
+            old.get(Cf::Default, b"k").unwrap().as_deref(),
+            Some(&b"old"[..])
+        );
+        assert!(reg.tablet_path(7, 0).exists());
+        drop(old);
+        assert!(
+            !reg.tablet_path(7, 0).exists(),
+            "old generation removed once unused"
+        );
+        assert_eq!(reg.region(7).unwrap().tablet_index(), 10);
+        // Opening an older generation than the open one is refused.
+        assert!(reg.open_region(7, KeyRange::all(), 5).is_err());
+        // A stale generation left behind by a crash mid-swap.
+        std::fs::create_dir_all(reg.tablet_path(7, 3)).unwrap();
+        std::fs::create_dir_all(dir.path().join("7_1.tomb")).unwrap();
+    }
+    let reg = registry(dir.path(), 64, 8, true);
+    assert_eq!(reg.list_regions().unwrap(), vec![(7, 10)]);
+    assert!(!reg.tablet_path(7, 3).exists() && !dir.path().join("7_1.tomb").exists());
+    let t = reg.open_region(7, KeyRange::all(), 10).unwrap();
+    assert_eq!(
+        t.get(Cf::Default, b"k").unwrap().as_deref(),
+        Some(&b"new"[..])
+    );
+}
