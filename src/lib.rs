@@ -14,4 +14,5 @@ pub mod bench;
 pub mod config;
 pub mod metrics;
 pub mod raftlog;
+pub mod raftstore;
 pub mod storage;

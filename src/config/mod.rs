@@ -139,6 +139,11 @@ pub struct RocksDbConfig {
     pub block_cache_size: ReadableSize,
     /// Background flush and compaction threads, shared by every tablet through one Env.
     pub max_background_jobs: i32,
+    /// Test-only: close without flushing memtables, so that a clean stop loses exactly what a
+    /// crash would (tablets write no WAL). Not a config key.
+    #[serde(skip)]
+    #[doc(hidden)]
+    pub skip_flush_on_close: bool,
 }
 
 impl Default for RocksDbConfig {
@@ -150,6 +155,7 @@ impl Default for RocksDbConfig {
             max_open_files: 20,
             block_cache_size: ReadableSize::mib(512),
             max_background_jobs: 4,
+            skip_flush_on_close: false,
         }
     }
 }

@@ -89,6 +89,13 @@ impl SharedResources {
             |_, msg| tracing::error!(target: "rocksdb", "{}", msg.trim_end()),
         ));
         db.set_skip_stats_update_on_db_open(true);
+        // SAFETY: `db` is a live Options object; the setter only stores a flag in it.
+        unsafe {
+            librocksdb_sys::rocksdb_options_set_avoid_flush_during_shutdown(
+                rocksdb::AsRawPtr::as_raw_ptr(&db),
+                u8::from(self.config.skip_flush_on_close),
+            );
+        }
         db.set_keep_log_file_num(1);
         if tablet {
             db.set_atomic_flush(true);

@@ -70,3 +70,4 @@ pub fn wait_for_line(reader: &mut impl BufRead, prefix: &str) -> String {
 pub fn child_stdout(child: &mut Child) -> BufReader<std::process::ChildStdout> {
     BufReader::new(child.stdout.take().expect("piped stdout"))
 }
+pub mod cluster;

@@ -1,0 +1,104 @@
+//! Messages into a store's loop, and the callbacks that answer them.
+
+use prkv_proto::metapb::{Peer, Region, RegionEpoch};
+use prkv_proto::serverpb::Mutation;
+
+use super::error::Result;
+use crate::storage::engine::Snapshot;
+use crate::storage::RegionId;
+
+pub type StoreId = u64;
+
+/// A Raft message between two replicas of a Region, or a store-level heartbeat (`region_id` 0).
+#[derive(Clone, Debug)]
+pub struct RaftMessage {
+    pub region_id: RegionId,
+    pub from_peer: Peer,
+    pub to_peer: Peer,
+    pub region_epoch: RegionEpoch,
+    pub message: raft::eraftpb::Message,
+    /// The sender's view of the Region, so that a store that has no replica yet can create one
+    /// (a peer being added).
+    pub region: Option<Region>,
+    /// The leader tells followers that the Region goes idle: they stop ticking until the next
+    /// message (see hibernation in `peer.rs`).
+    pub hibernate: bool,
+    pub from_store: StoreId,
+    pub to_store: StoreId,
+}
+
+impl RaftMessage {
+    /// A store-to-store liveness heartbeat; not addressed to any Region.
+    pub fn store_heartbeat(from_store: StoreId, to_store: StoreId) -> RaftMessage {
+        RaftMessage {
+            region_id: 0,
+            from_peer: Peer::default(),
+            to_peer: Peer::default(),
+            region_epoch: RegionEpoch::default(),
+            message: raft::eraftpb::Message::default(),
+            region: None,
+            hibernate: false,
+            from_store,
+            to_store,
+        }
+    }
+
+    pub fn is_store_heartbeat(&self) -> bool {
+        self.region_id == 0
+    }
+}
+
+pub type WriteCallback = Box<dyn FnOnce(Result<()>) + Send>;
+pub type ReadCallback = Box<dyn FnOnce(Result<Box<dyn Snapshot>>) + Send>;
+
+/// A membership change.
+#[derive(Clone, Debug)]
+pub enum ChangePeer {
+    AddVoter(Peer),
+    AddLearner(Peer),
+    Remove(Peer),
+}
+
+/// What a store's loop receives.
+pub enum StoreMsg {
+    Raft(Box<RaftMessage>),
+    Write {
+        region_id: RegionId,
+        epoch: RegionEpoch,
+        mutations: Vec<Mutation>,
+        cb: WriteCallback,
+    },
+    /// A linearizable read: answered with an engine snapshot that reflects every write
+    /// acknowledged before the read arrived.
+    Read {
+        region_id: RegionId,
+        epoch: RegionEpoch,
+        cb: ReadCallback,
+    },
+    ChangePeers {
+        region_id: RegionId,
+        changes: Vec<ChangePeer>,
+        cb: WriteCallback,
+    },
+    TransferLeader {
+        region_id: RegionId,
+        to: Peer,
+    },
+    /// Asks for the store's view of a Region (for tests and tools).
+    QueryRegion {
+        region_id: RegionId,
+        cb: Box<dyn FnOnce(Option<RegionStatus>) + Send>,
+    },
+    Stop,
+}
+
+/// A replica's state as seen by its store.
+#[derive(Clone, Debug)]
+pub struct RegionStatus {
+    pub region: Region,
+    pub peer: Peer,
+    pub leader_id: u64,
+    pub term: u64,
+    pub applied_index: u64,
+    pub hibernated: bool,
+}

@@ -1,0 +1,751 @@
+//! One replica of one Region: a `raft::RawNode` plus what turns its log into a state machine.
+//!
+//! A peer does no I/O of its own on the Raft side. The store loop ([`super::store`]) collects the
+//! `Ready` of every peer with work, persists all of them with one raft-engine write and one
+//! fsync, and then calls back into the peer to send, apply and advance. What the peer owns:
+//!
+//! * **Proposals**: a write is checked (leader, epoch, keys, size, queue bound), encoded as a
+//!   `RaftCmdRequest` and proposed; its callback waits in `proposals` until the entry is applied.
+//!   An entry applied at the proposal's index but with another term means a new leader
+//!   overwrote it: the command did not happen and the caller hears `StaleCommand`.
+//! * **Apply**: committed entries go into one engine write batch together with the apply state
+//!   (the recovery invariant of [`crate::storage`]); callbacks run only after that write.
+//! * **Reads** (Raft thesis section 6.4): a leader holding a valid lease serves from its engine
+//!   at once; otherwise the read waits for a ReadIndex round (a quorum confirming leadership)
+//!   and for the apply index to reach the read index. The lease starts when a quorum
+//!   confirmation was *requested* and lasts `raftstore.raft-store-max-leader-lease`, shorter
+//!   than the election timeout; with `check_quorum`, followers refuse to vote for anyone else
+//!   within an election timeout of hearing from the leader, so no other leader can commit a write
+//!   while the lease holds.
+//! * **Hibernation**: an idle Region stops ticking (see [`Peer::maybe_hibernate`]).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prkv_proto::metapb::{Peer as PeerMeta, PeerRole, Region, RegionEpoch};
+use prkv_proto::serverpb::{
+    mutation, Mutation, PeerState, RaftApplyState, RaftCmdRequest, RegionLocalState,
+};
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChangeType, ConfChangeV2, Entry, EntryType};
+use raft::{RawNode, StateRole};
+
+use super::error::{Error, Result};
+use super::msg::{ChangePeer, ReadCallback, WriteCallback};
+use crate::raftlog::{LogWriteBatch, RaftLogStore, RegionLog};
+use crate::storage::{Cf, RegionEngine, WriteBatch};
+
+/// Proposals waiting for apply, per Region. A leader that cannot commit (lost quorum) must not
+/// buffer unboundedly; 4096 in-flight writes per Region is far beyond what a healthy Region
+/// needs between two Ready rounds, so reaching it means "overloaded": `ServerIsBusy`.
+pub const MAX_PENDING_PROPOSALS: usize = 4096;
+/// Reads waiting for a ReadIndex round, per Region, bounded for the same reason.
+pub const MAX_PENDING_READS: usize = 4096;
+
+/// The settings a peer needs, derived from `[raftstore]`.
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    pub election_tick: usize,
+    pub heartbeat_tick: usize,
+    pub raft_entry_max_size: u64,
+    pub lease: Duration,
+    pub hibernate: bool,
+}
+
+struct Proposal {
+    index: u64,
+    term: u64,
+    cb: WriteCallback,
+    proposed_at: Instant,
+}
+
+struct PendingRead {
+    batch: u64,
+    cb: ReadCallback,
+    issued_at: Option<Instant>,
+    read_index: Option<u64>,
+    ticks: usize,
+}
+
+/// What applying a batch of entries changed beyond the data.
+#[derive(Default)]
+pub struct ApplyOutcome {
+    /// The Region's membership changed and its new state was persisted.
+    pub region_changed: bool,
+    /// This replica was removed from the Region and must be destroyed.
+    pub removed: bool,
+}
+
+pub struct Peer {
+    pub region: Region,
+    pub meta: PeerMeta,
+    pub raw: RawNode<RegionLog>,
+    pub engine: Arc<dyn RegionEngine>,
+    log: RaftLogStore,
+    cfg: PeerConfig,
+    proposals: VecDeque<Proposal>,
+    reads: VecDeque<PendingRead>,
+    next_read_batch: u64,
+    pub applied_index: u64,
+    pub applied_term: u64,
+    lease_until: Option<Instant>,
+    lease_term: u64,
+    /// Idle: not ticked until a message or command arrives.
+    pub hibernated: bool,
+    idle_ticks: usize,
+    last_term: u64,
+}
+
+fn discard_logger() -> slog::Logger {
+    slog::Logger::root(slog::Discard, slog::o!())
+}
+
+impl Peer {
+    /// Builds a peer from the persisted state: Raft state from `log`, applied state from
+    /// `engine`. Committed entries above the engine's apply index are replayed by the first
+    /// Readies (raft-rs hands out `applied+1..=commit` again).
+    pub fn new(
+        region: Region,
+        meta: PeerMeta,
+        log: RaftLogStore,
+        engine: Arc<dyn RegionEngine>,
+        cfg: PeerConfig,
+    ) -> Result<Peer> {
+        let storage = RegionLog::load(log.clone(), region.id, &region)?;
+        let apply = engine.apply_state()?.unwrap_or_default();
+        let mut hs = raft::Storage::initial_state(&storage)
+            .map(|s| s.hard_state)
+            .unwrap_or_default();
+        // Entries committed by a LightReady are applied before the next hard state is written,
+        // so after a crash the engine may be ahead of the persisted commit index. Whatever was
+        // applied was committed: raise the commit index (raft-rs insists applied <= commit).
+        if apply.applied_index > hs.commit {
+            let last = raft::Storage::last_index(&storage).unwrap_or(0);
+            assert!(
+                apply.applied_index <= last,
+                "Region {}: engine applied {} but the log ends at {last}: applied data has no log",
+                region.id,
+                apply.applied_index
+            );
+            hs.commit = apply.applied_index;
+            storage.set_hard_state(hs);
+        }
+        let raft_cfg = raft::Config {
+            id: meta.id,
+            election_tick: cfg.election_tick,
+            heartbeat_tick: cfg.heartbeat_tick,
+            applied: apply.applied_index,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            ..Default::default()
+        };
+        raft_cfg
+            .validate()
+            .map_err(|e| Error::Storage(format!("raft config: {e}")))?;
+        let raw = RawNode::new(&raft_cfg, storage, &discard_logger()).map_err(|e| {
+            Error::Storage(format!("Region {}: creating raft node: {e}", region.id))
+        })?;
+        Ok(Peer {
+            region,
+            meta,
+            raw,
+            engine,
+            log,
+            cfg,
+            proposals: VecDeque::new(),
+            reads: VecDeque::new(),
+            next_read_batch: 1,
+            applied_index: apply.applied_index,
+            applied_term: apply.applied_term,
+            lease_until: None,
+            lease_term: 0,
+            hibernated: false,
+            idle_ticks: 0,
+            last_term: 0,
+        })
+    }
+
+    pub fn region_id(&self) -> u64 {
+        self.region.id
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
+    pub fn leader_id(&self) -> u64 {
+        self.raw.raft.leader_id
+    }
+
+    /// The leader as a Region peer, if known.
+    pub fn leader(&self) -> Option<PeerMeta> {
+        let id = self.leader_id();
+        self.region.peers.iter().find(|p| p.id == id).cloned()
+    }
+
+    pub fn peer_by_id(&self, id: u64) -> Option<PeerMeta> {
+        self.region.peers.iter().find(|p| p.id == id).cloned()
+    }
+
+    fn not_leader(&self) -> Error {
+        Error::NotLeader {
+            region_id: self.region.id,
+            leader: self.leader(),
+        }
+    }
+
+    fn check_epoch(&self, epoch: &RegionEpoch) -> Result<()> {
+        let current = self.region.region_epoch.unwrap_or_default();
+        if epoch.version != current.version {
+            return Err(Error::EpochNotMatch {
+                current_regions: vec![self.region.clone()],
+            });
+        }
+        Ok(())
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<()> {
+        let r = &self.region;
+        if key >= r.start_key.as_slice() && (r.end_key.is_empty() || key < r.end_key.as_slice()) {
+            Ok(())
+        } else {
+            Err(Error::KeyNotInRegion {
+                key: key.to_vec(),
+                region: Box::new(r.clone()),
+            })
+        }
+    }
+
+    /// Wakes a hibernated peer: it ticks again from now on.
+    pub fn wake(&mut self) {
+        self.hibernated = false;
+        self.idle_ticks = 0;
+    }
+
+    /// Proposes a write. On error the callback has not been consumed and the error is returned.
+    pub fn propose_write(
+        &mut self,
+        epoch: &RegionEpoch,
+        mutations: Vec<Mutation>,
+        cb: WriteCallback,
+    ) -> std::result::Result<(), (Error, WriteCallback)> {
+        self.wake();
+        if !self.is_leader() {
+            return Err((self.not_leader(), cb));
+        }
+        if let Err(e) = self.check_epoch(epoch) {
+            return Err((e, cb));
+        }
+        for m in &mutations {
+            if let Err(e) = self.check_key(&m.key) {
+                return Err((e, cb));
+            }
+            if m.op == mutation::Op::DeleteRange as i32 && !m.value.is_empty() {
+                let end_ok = self.region.end_key.is_empty() || m.value <= self.region.end_key;
+                if !end_ok {
+                    return Err((
+                        Error::KeyNotInRegion {
+                            key: m.value.clone(),
+                            region: Box::new(self.region.clone()),
+                        },
+                        cb,
+                    ));
+                }
+            }
+        }
+        if self.proposals.len() >= MAX_PENDING_PROPOSALS {
+            return Err((
+                Error::ServerIsBusy {
+                    reason: format!(
+                        "Region {} has {} pending proposals",
+                        self.region.id,
+                        self.proposals.len()
+                    ),
+                },
+                cb,
+            ));
+        }
+        let cmd = RaftCmdRequest {
+            region_id: self.region.id,
+            region_epoch: Some(*epoch),
+            mutations,
+        };
+        let data = cmd.encode_to_vec();
+        if data.len() as u64 > self.cfg.raft_entry_max_size {
+            return Err((
+                Error::RaftEntryTooLarge {
+                    region_id: self.region.id,
+                    entry_size: data.len() as u64,
+                },
+                cb,
+            ));
+        }
+        if self.raw.propose(vec![], data).is_err() {
+            return Err((self.not_leader(), cb));
+        }
+        let index = self.raw.raft.raft_log.last_index();
+        self.proposals.push_back(Proposal {
+            index,
+            term: self.term(),
+            cb,
+            proposed_at: Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// Proposes a membership change (joint consensus when more than one change).
+    pub fn propose_conf_change(
+        &mut self,
+        changes: &[ChangePeer],
+        cb: WriteCallback,
+    ) -> std::result::Result<(), (Error, WriteCallback)> {
+        self.wake();
+        if !self.is_leader() {
+            return Err((self.not_leader(), cb));
+        }
+        let mut cc = ConfChangeV2::default();
+        let mut context = Vec::new();
+        for c in changes {
+            let (t, p) = match c {
+                ChangePeer::AddVoter(p) => (ConfChangeType::AddNode, p),
+                ChangePeer::AddLearner(p) => (ConfChangeType::AddLearnerNode, p),
+                ChangePeer::Remove(p) => (ConfChangeType::RemoveNode, p),
+            };
+            let mut single = raft::eraftpb::ConfChangeSingle::default();
+            single.set_change_type(t);
+            single.node_id = p.id;
+            cc.changes.push(single);
+            // The context carries the store of each peer, which Raft itself does not know.
+            context.extend_from_slice(&p.id.to_be_bytes());
+            context.extend_from_slice(&p.store_id.to_be_bytes());
+        }
+        cc.context = context.into();
+        if let Err(e) = self.raw.propose_conf_change(vec![], cc) {
+            return Err((
+                Error::Storage(format!(
+                    "Region {}: conf change refused: {e}",
+                    self.region.id
+                )),
+                cb,
+            ));
+        }
+        let index = self.raw.raft.raft_log.last_index();
+        self.proposals.push_back(Proposal {
+            index,
+            term: self.term(),
+            cb,
+            proposed_at: Instant::now(),
+        });
+        Ok(())
+    }
+
+    fn lease_valid(&self, now: Instant) -> bool {
+        self.is_leader()
+            && self.lease_term == self.term()
+            && self.applied_term == self.term()
+            && self.lease_until.is_some_and(|t| now < t)
+    }
+
+    /// Starts a linearizable read.
+    pub fn read(&mut self, epoch: &RegionEpoch, cb: ReadCallback) {
+        self.wake();
+        if !self.is_leader() {
+            return cb(Err(self.not_leader()));
+        }
+        if let Err(e) = self.check_epoch(epoch) {
+            return cb(Err(e));
+        }
+        if self.lease_valid(Instant::now()) {
+            return cb(Ok(self.engine.snapshot()));
+        }
+        if self.reads.len() >= MAX_PENDING_READS {
+            return cb(Err(Error::ServerIsBusy {
+                reason: format!("Region {} has too many pending reads", self.region.id),
+            }));
+        }
+        self.reads.push_back(PendingRead {
+            batch: 0,
+            cb,
+            issued_at: None,
+            read_index: None,
+            ticks: 0,
+        });
+        self.maybe_issue_reads();
+    }
+
+    /// Sends one ReadIndex request covering every read not yet issued. raft-rs drops ReadIndex
+    /// requests of a leader that has not committed in its term, so they wait for that.
+    fn maybe_issue_reads(&mut self) {
+        if !self.is_leader() || !self.raw.raft.commit_to_current_term() {
+            return;
+        }
+        if !self.reads.iter().any(|r| r.issued_at.is_none()) {
+            return;
+        }
+        let batch = self.next_read_batch;
+        self.next_read_batch += 1;
+        let now = Instant::now();
+        for r in self.reads.iter_mut().filter(|r| r.issued_at.is_none()) {
+            r.batch = batch;
+            r.issued_at = Some(now);
+        }
+        self.raw.read_index(batch.to_be_bytes().to_vec());
+    }
+
+    /// Handles confirmed ReadIndex rounds.
+    pub fn on_read_states(&mut self, states: Vec<raft::ReadState>) {
+        for rs in states {
+            let Ok(bytes) = <[u8; 8]>::try_from(rs.request_ctx.as_slice()) else {
+                continue;
+            };
+            let batch = u64::from_be_bytes(bytes);
+            let mut issued = None;
+            for r in self.reads.iter_mut().filter(|r| r.batch == batch) {
+                r.read_index = Some(rs.index);
+                issued = r.issued_at;
+            }
+            // A quorum confirmed leadership as of the request: the lease runs from then.
+            if let Some(at) = issued {
+                if self.is_leader() {
+                    self.renew_lease(at);
+                }
+            }
+        }
+        self.serve_reads();
+    }
+
+    fn renew_lease(&mut self, from: Instant) {
+        let until = from + self.cfg.lease;
+        if self.lease_term != self.term() {
+            self.lease_term = self.term();
+            self.lease_until = Some(until);
+        } else {
+            self.lease_until = Some(self.lease_until.map_or(until, |t| t.max(until)));
+        }
+    }
+
+    /// Answers reads whose read index has been applied.
+    fn serve_reads(&mut self) {
+        while let Some(r) = self.reads.front() {
+            match r.read_index {
+                Some(idx) if idx <= self.applied_index => {
+                    let r = self.reads.pop_front().expect("front exists");
+                    (r.cb)(Ok(self.engine.snapshot()));
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Called after each Ready round: notices leadership changes.
+    pub fn on_role_maybe_changed(&mut self) {
+        if self.term() != self.last_term || !self.is_leader() {
+            self.last_term = self.term();
+            if !self.is_leader() {
+                self.lease_until = None;
+                for r in self.reads.drain(..) {
+                    (r.cb)(Err(Error::NotLeader {
+                        region_id: self.region.id,
+                        leader: None,
+                    }));
+                }
+            }
+        }
+        self.maybe_issue_reads();
+    }
+
+    /// Drives Raft's clock. Returns whether the peer did anything beyond ticking.
+    pub fn tick(&mut self) {
+        self.raw.tick();
+        let timeout = self.cfg.election_tick * 2;
+        let mut expired = Vec::new();
+        for (i, r) in self.reads.iter_mut().enumerate() {
+            r.ticks += 1;
+            if r.ticks > timeout {
+                expired.push(i);
+            }
+        }
+        for i in expired.into_iter().rev() {
+            if let Some(r) = self.reads.remove(i) {
+                (r.cb)(Err(Error::ReadIndexTimeout {
+                    region_id: self.region.id,
+                }));
+            }
+        }
+        self.maybe_hibernate();
+    }
+
+    /// A leader with nothing in flight for two election timeouts tells its followers to
+    /// hibernate and stops ticking itself; followers hibernate when told. Any message, write
+    /// or read wakes the peer. A follower whose leader's store falls silent is woken by the
+    /// store (see `store.rs`), so a hibernated Region still fails over.
+    fn maybe_hibernate(&mut self) -> bool {
+        if !self.cfg.hibernate || !self.is_leader() {
+            return false;
+        }
+        let r = &self.raw.raft;
+        let last = r.raft_log.last_index();
+        let busy = !self.proposals.is_empty()
+            || !self.reads.is_empty()
+            || r.raft_log.committed != last
+            || self.applied_index != last
+            || r.prs()
+                .iter()
+                .any(|(id, pr)| *id != self.meta.id && pr.matched != last);
+        if busy {
+            self.idle_ticks = 0;
+            return false;
+        }
+        self.idle_ticks += 1;
+        self.idle_ticks >= self.cfg.election_tick * 2
+    }
+
+    /// Whether the leader decided to hibernate on its last tick.
+    pub fn wants_hibernate(&self) -> bool {
+        self.cfg.hibernate
+            && self.is_leader()
+            && self.idle_ticks >= self.cfg.election_tick * 2
+            && !self.hibernated
+    }
+
+    /// Applies committed entries: data and apply state in one engine write, then callbacks.
+    pub fn apply(&mut self, entries: Vec<Entry>) -> Result<ApplyOutcome> {
+        let mut outcome = ApplyOutcome::default();
+        let mut wb = WriteBatch::new();
+        let mut results: Vec<(u64, u64, Option<Error>)> = Vec::new();
+        let mut last = None;
+        for e in entries {
+            if e.index <= self.applied_index {
+                continue; // replayed after a restart, already in the engine
+            }
+            match e.get_entry_type() {
+                EntryType::EntryNormal => {
+                    let mut err = None;
+                    if !e.data.is_empty() {
+                        // A malformed entry would apply differently nowhere (every replica
+                        // decodes the same bytes), but it means corruption: stop, do not guess.
+                        let cmd = RaftCmdRequest::decode(e.data.as_ref()).unwrap_or_else(|err| {
+                            panic!(
+                                "Region {}: entry {} is not a RaftCmdRequest: {err}",
+                                self.region.id, e.index
+                            )
+                        });
+                        let current = self.region.region_epoch.unwrap_or_default();
+                        if cmd.region_epoch.as_ref().map_or(0, |ep| ep.version) != current.version {
+                            err = Some(Error::EpochNotMatch {
+                                current_regions: vec![self.region.clone()],
+                            });
+                        } else {
+                            apply_mutations(&mut wb, &cmd.mutations);
+                        }
+                    }
+                    results.push((e.index, e.term, err));
+                }
+                EntryType::EntryConfChangeV2 | EntryType::EntryConfChange => {
+                    // Data before the change must be durable in order with it.
+                    self.flush_apply(&mut wb, e.index - 1, self.applied_term)?;
+                    let removed = self.apply_conf_change(&e)?;
+                    outcome.region_changed = true;
+                    results.push((e.index, e.term, None));
+                    if removed {
+                        // Nothing after our own removal concerns this replica.
+                        outcome.removed = true;
+                        last = Some((e.index, e.term));
+                        break;
+                    }
+                }
+            }
+            last = Some((e.index, e.term));
+        }
+        if let Some((index, term)) = last {
+            self.flush_apply(&mut wb, index, term)?;
+        }
+        let now_leader = self.is_leader();
+        for (index, term, err) in results {
+            while let Some(p) = self.proposals.front() {
+                if p.index > index {
+                    break;
+                }
+                let p = self.proposals.pop_front().expect("front exists");
+                if p.index == index && p.term == term {
+                    if err.is_none() && now_leader && term == self.term() {
+                        let from = p.proposed_at;
+                        self.renew_lease(from);
+                    }
+                    (p.cb)(err.clone().map_or(Ok(()), Err));
+                } else {
+                    (p.cb)(Err(Error::StaleCommand {
+                        region_id: self.region.id,
+                        term: p.term,
+                    }));
+                }
+            }
+        }
+        self.serve_reads();
+        Ok(outcome)
+    }
+
+    /// Writes `wb` with the apply state `index`/`term`, if anything moved.
+    fn flush_apply(&mut self, wb: &mut WriteBatch, index: u64, term: u64) -> Result<()> {
+        if index <= self.applied_index && wb.is_empty() {
+            return Ok(());
+        }
+        let index = index.max(self.applied_index);
+        wb.set_apply_state(RaftApplyState {
+            applied_index: index,
+            applied_term: term,
+            ..Default::default()
+        });
+        self.engine.write(wb)?;
+        wb.clear();
+        self.applied_index = index;
+        self.applied_term = term;
+        Ok(())
+    }
+
+    /// Applies a membership change to Raft and to the Region, and persists the Region.
+    /// Returns whether this replica was removed.
+    fn apply_conf_change(&mut self, e: &Entry) -> Result<bool> {
+        let cc = if e.get_entry_type() == EntryType::EntryConfChangeV2 {
+            let mut cc = ConfChangeV2::default();
+            cc.merge_from_bytes(e.data.as_ref()).unwrap_or_else(|err| {
+                panic!(
+                    "Region {}: bad conf change at {}: {err}",
+                    self.region.id, e.index
+                )
+            });
+            cc
+        } else {
+            let mut v1 = raft::eraftpb::ConfChange::default();
+            v1.merge_from_bytes(e.data.as_ref()).unwrap_or_else(|err| {
+                panic!(
+                    "Region {}: bad conf change at {}: {err}",
+                    self.region.id, e.index
+                )
+            });
+            // We only propose V2; a V1 entry converts to a one-change V2.
+            let mut single = raft::eraftpb::ConfChangeSingle::default();
+            single.set_change_type(v1.get_change_type());
+            single.node_id = v1.node_id;
+            let mut cc = ConfChangeV2::default();
+            cc.changes.push(single);
+            cc.context = v1.context;
+            cc
+        };
+        let cs = self.raw.apply_conf_change(&cc).unwrap_or_else(|err| {
+            panic!(
+                "Region {}: conf change at {} failed: {err}",
+                self.region.id, e.index
+            )
+        });
+        self.raw.store().set_conf_state(cs.clone());
+        // Store ids of added peers travel in the context as (peer id, store id) pairs.
+        let mut stores = std::collections::HashMap::new();
+        for pair in cc.context.chunks_exact(16) {
+            let id = u64::from_be_bytes(pair[..8].try_into().expect("8 bytes"));
+            let store = u64::from_be_bytes(pair[8..].try_into().expect("8 bytes"));
+            stores.insert(id, store);
+        }
+        let known: std::collections::HashMap<u64, u64> = self
+            .region
+            .peers
+            .iter()
+            .map(|p| (p.id, p.store_id))
+            .collect();
+        let in_joint = !cs.voters_outgoing.is_empty();
+        let mut ids: Vec<u64> = cs
+            .voters
+            .iter()
+            .chain(&cs.voters_outgoing)
+            .chain(&cs.learners)
+            .chain(&cs.learners_next)
+            .copied()
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut peers = Vec::new();
+        for id in ids {
+            let role = if cs.learners.contains(&id) {
+                PeerRole::Learner
+            } else if in_joint && cs.voters.contains(&id) && !cs.voters_outgoing.contains(&id) {
+                PeerRole::IncomingVoter
+            } else if in_joint && !cs.voters.contains(&id) && cs.voters_outgoing.contains(&id) {
+                PeerRole::DemotingVoter
+            } else {
+                PeerRole::Voter
+            };
+            let store_id = stores
+                .get(&id)
+                .or_else(|| known.get(&id))
+                .copied()
+                .unwrap_or(0);
+            peers.push(PeerMeta {
+                id,
+                store_id,
+                role: role as i32,
+                is_witness: false,
+            });
+        }
+        self.region.peers = peers;
+        let mut epoch = self.region.region_epoch.unwrap_or_default();
+        epoch.conf_ver += cc.changes.len().max(1) as u64;
+        self.region.region_epoch = Some(epoch);
+        let removed = !self.region.peers.iter().any(|p| p.id == self.meta.id);
+        if let Some(me) = self.region.peers.iter().find(|p| p.id == self.meta.id) {
+            self.meta = *me;
+        }
+        let state = RegionLocalState {
+            state: if removed {
+                PeerState::Tombstone
+            } else {
+                PeerState::Normal
+            } as i32,
+            region: Some(self.region.clone()),
+            tablet_index: self.engine.tablet_index(),
+            destroyed_peer_id: 0,
+        };
+        let mut lb = LogWriteBatch::new();
+        lb.put_region_state(self.region.id, &state)?;
+        self.log.write(&mut lb, true)?;
+        self.applied_index = e.index;
+        self.applied_term = e.term;
+        Ok(removed)
+    }
+
+    /// Fails everything pending (the peer is being destroyed or the store stops).
+    pub fn fail_all(&mut self, err: Error) {
+        for p in self.proposals.drain(..) {
+            (p.cb)(Err(err.clone()));
+        }
+        for r in self.reads.drain(..) {
+            (r.cb)(Err(err.clone()));
+        }
+    }
+}
+
+fn cf_of(name: &str) -> Cf {
+    match name {
+        "lock" => Cf::Lock,
+        "write" => Cf::Write,
+        _ => Cf::Default,
+    }
+}
+
+fn apply_mutations(wb: &mut WriteBatch, mutations: &[Mutation]) {
+    for m in mutations {
+        let cf = cf_of(&m.cf);
+        match mutation::Op::try_from(m.op).unwrap_or(mutation::Op::Put) {
+            mutation::Op::Put => wb.put(cf, &m.key, &m.value),
+            mutation::Op::Delete => wb.delete(cf, &m.key),
+            mutation::Op::DeleteRange => wb.delete_range(cf, &m.key, &m.value),
+        }
+    }
+}

@@ -1,0 +1,384 @@
+//! An in-process cluster: N stores, each with its own data dir and engine, joined by a
+//! [`SimNetwork`], with `must_*` helpers in the style of TiKV's test_raftstore.
+//!
+//! Regions are bootstrapped directly (a stand-in for PD): `bootstrap(n, stores)` cuts the key
+//! space into `n` Regions `[r{i}, r{i+1})` with ids `1..=n`, and peer id `region * 100 + store`.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prkv::config::{Config, EngineKind, ReadableDuration, ReadableSize};
+use prkv::raftstore::{
+    bootstrap_region, start_store, ChangePeer, Error, RegionStatus, SimNetwork, StoreHandle,
+    StoreId, StoreMsg, Transport,
+};
+use prkv::storage::{Cf, Engines, StoreEngine};
+use prkv_proto::metapb::{Peer, PeerRole, Region, RegionEpoch};
+use prkv_proto::serverpb::{mutation, Mutation};
+
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+pub struct Cluster {
+    pub kind: EngineKind,
+    pub net: SimNetwork,
+    pub dirs: HashMap<StoreId, tempfile::TempDir>,
+    pub stores: HashMap<StoreId, StoreHandle>,
+    /// The engines of each running store, shared with it, for reading replicas directly.
+    pub kv: HashMap<StoreId, Arc<dyn StoreEngine>>,
+    pub regions: Vec<Region>,
+    pub cfg: Config,
+}
+
+pub fn region_key(i: u64) -> Vec<u8> {
+    format!("r{i:06}").into_bytes()
+}
+
+impl Cluster {
+    pub fn new(stores: u64, kind: EngineKind) -> Cluster {
+        let mut cfg = Config::default();
+        cfg.storage.engine = kind;
+        cfg.rocksdb.write_buffer_limit = ReadableSize::mib(128);
+        cfg.rocksdb.write_buffer_size = ReadableSize::mib(4);
+        cfg.rocksdb.block_cache_size = ReadableSize::mib(8);
+        cfg.rocksdb.max_background_jobs = 2;
+        // Tablets write no WAL: stopping a store without a flush loses exactly what a crash
+        // would, so every restart here exercises recovery by log replay.
+        cfg.rocksdb.skip_flush_on_close = true;
+        cfg.raft_engine.target_file_size = ReadableSize::mib(8);
+        cfg.raftstore.raft_base_tick_interval = ReadableDuration::millis(20);
+        cfg.raftstore.raft_heartbeat_ticks = 2;
+        cfg.raftstore.raft_election_timeout_ticks = 10;
+        cfg.raftstore.raft_store_max_leader_lease = ReadableDuration::millis(150);
+        cfg.validate().unwrap();
+        let dirs = (1..=stores)
+            .map(|s| (s, tempfile::tempdir().unwrap()))
+            .collect();
+        Cluster {
+            kind,
+            net: SimNetwork::new(),
+            dirs,
+            stores: HashMap::new(),
+            kv: HashMap::new(),
+            regions: Vec::new(),
+            cfg,
+        }
+    }
+
+    fn store_config(&self, store: StoreId) -> Config {
+        let mut c = self.cfg.clone();
+        c.storage.data_dir = self.dirs[&store].path().to_path_buf();
+        c
+    }
+
+    /// Creates `n` Regions covering the key space, replicated on `stores`.
+    pub fn bootstrap(&mut self, n: u64, stores: &[StoreId]) {
+        for i in 1..=n {
+            let region = Region {
+                id: i,
+                start_key: if i == 1 { vec![] } else { region_key(i) },
+                end_key: if i == n { vec![] } else { region_key(i + 1) },
+                region_epoch: Some(RegionEpoch {
+                    conf_ver: 1,
+                    version: 1,
+                }),
+                peers: stores
+                    .iter()
+                    .map(|s| Peer {
+                        id: i * 100 + s,
+                        store_id: *s,
+                        role: PeerRole::Voter as i32,
+                        is_witness: false,
+                    })
+                    .collect(),
+            };
+            self.regions.push(region);
+        }
+        for s in self.dirs.keys().copied().collect::<Vec<_>>() {
+            let engines = Engines::open(&self.store_config(s)).unwrap();
+            for r in &self.regions {
+                if r.peers.iter().any(|p| p.store_id == s) {
+                    bootstrap_region(&engines, r).unwrap();
+                }
+            }
+        }
+    }
+
+    pub fn start(&mut self) {
+        for s in self.dirs.keys().copied().collect::<Vec<_>>() {
+            self.start_store(s);
+        }
+    }
+
+    pub fn start_store(&mut self, s: StoreId) {
+        let engines = Engines::open(&self.store_config(s)).unwrap();
+        self.kv.insert(s, engines.kv.clone());
+        let trans: Arc<dyn Transport> = Arc::new(self.net.clone());
+        let handle = start_store(s, self.store_config(s), engines, trans).unwrap();
+        self.net.register(s, handle.router.clone());
+        self.stores.insert(s, handle);
+    }
+
+    /// Stops a store as a crash would: no flush, memtables lost.
+    pub fn stop_store(&mut self, s: StoreId) {
+        self.net.unregister(s);
+        self.kv.remove(&s);
+        if let Some(h) = self.stores.remove(&s) {
+            h.stop();
+        }
+    }
+
+    pub fn restart_store(&mut self, s: StoreId) {
+        self.stop_store(s);
+        self.start_store(s);
+    }
+
+    pub fn partition(&self, a: &[StoreId], b: &[StoreId]) {
+        self.net.partition(a, b);
+    }
+
+    pub fn isolate(&self, s: StoreId) {
+        self.net.isolate(s);
+    }
+
+    pub fn heal(&self) {
+        self.net.clear_filters();
+    }
+
+    pub fn region_for_key(&self, key: &[u8]) -> &Region {
+        self.regions
+            .iter()
+            .find(|r| {
+                key >= r.start_key.as_slice()
+                    && (r.end_key.is_empty() || key < r.end_key.as_slice())
+            })
+            .expect("bootstrapped Regions cover the key space")
+    }
+
+    pub fn status(&self, s: StoreId, region_id: u64) -> Option<RegionStatus> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let router = &self.stores.get(&s)?.router;
+        router
+            .try_send(StoreMsg::QueryRegion {
+                region_id,
+                cb: Box::new(move |st| drop(tx.send(st))),
+            })
+            .ok()?;
+        rx.recv_timeout(TIMEOUT).ok().flatten()
+    }
+
+    /// The store whose replica of `region_id` is leader, if one says so.
+    pub fn leader_store(&self, region_id: u64) -> Option<StoreId> {
+        self.stores.keys().copied().find(|s| {
+            self.status(*s, region_id)
+                .is_some_and(|st| st.leader_id == st.peer.id && st.leader_id != 0)
+        })
+    }
+
+    pub fn must_leader(&self, region_id: u64) -> StoreId {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(s) = self.leader_store(region_id) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Region {region_id} has no leader after {TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn epoch(&self, region_id: u64) -> RegionEpoch {
+        self.regions
+            .iter()
+            .find(|r| r.id == region_id)
+            .and_then(|r| r.region_epoch)
+            .unwrap_or_default()
+    }
+
+    /// Sends a write to store `s` and waits for its answer.
+    pub fn put_on(&self, s: StoreId, key: &[u8], value: &[u8]) -> Result<(), Error> {
+        let region = self.region_for_key(key);
+        let m = Mutation {
+            op: mutation::Op::Put as i32,
+            cf: "default".into(),
+            key: key.to_vec(),
+            value: value.to_vec(),
+        };
+        self.write_on(s, region.id, vec![m])
+    }
+
+    pub fn write_on(
+        &self,
+        s: StoreId,
+        region_id: u64,
+        mutations: Vec<Mutation>,
+    ) -> Result<(), Error> {
+        let rx = self.async_write(s, region_id, mutations)?;
+        rx.recv_timeout(Duration::from_secs(5))
+            .map_err(|_| Error::Timeout("write".into()))?
+    }
+
+    /// Sends a write without waiting; the answer arrives on the returned channel.
+    pub fn async_write(
+        &self,
+        s: StoreId,
+        region_id: u64,
+        mutations: Vec<Mutation>,
+    ) -> Result<std::sync::mpsc::Receiver<Result<(), Error>>, Error> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let router = &self.stores.get(&s).ok_or(Error::StoreStopped)?.router;
+        router.try_send(StoreMsg::Write {
+            region_id,
+            epoch: self.epoch(region_id),
+            mutations,
+            cb: Box::new(move |r| drop(tx.send(r))),
+        })?;
+        Ok(rx)
+    }
+
+    /// Puts through whichever store leads, retrying retryable errors until acknowledged.
+    pub fn must_put(&self, key: &[u8], value: &[u8]) {
+        let region_id = self.region_for_key(key).id;
+        let deadline = Instant::now() + TIMEOUT;
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Some(s) = self.leader_store(region_id) {
+                match self.put_on(s, key, value) {
+                    Ok(()) => return,
+                    Err(e) => last = Some(e),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("put {key:?} never acknowledged; last error {last:?}");
+    }
+
+    /// A linearizable read through store `s`.
+    pub fn get_on(&self, s: StoreId, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        let region_id = self.region_for_key(key).id;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let router = &self.stores.get(&s).ok_or(Error::StoreStopped)?.router;
+        let key2 = key.to_vec();
+        router.try_send(StoreMsg::Read {
+            region_id,
+            epoch: self.epoch(region_id),
+            cb: Box::new(move |r| {
+                let v = r.and_then(|snap| {
+                    snap.get(Cf::Default, &key2)
+                        .map_err(|e| Error::Storage(e.to_string()))
+                });
+                let _ = tx.send(v);
+            }),
+        })?;
+        rx.recv_timeout(Duration::from_secs(5))
+            .map_err(|_| Error::Timeout("read".into()))?
+    }
+
+    pub fn must_get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let region_id = self.region_for_key(key).id;
+        let deadline = Instant::now() + TIMEOUT;
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Some(s) = self.leader_store(region_id) {
+                match self.get_on(s, key) {
+                    Ok(v) => return v,
+                    Err(e) => last = Some(e),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("get {key:?} never answered; last error {last:?}");
+    }
+
+    /// Reads a replica's engine directly, bypassing Raft (to check what a replica holds).
+    pub fn local_get(&self, s: StoreId, key: &[u8]) -> Option<Vec<u8>> {
+        let region_id = self.region_for_key(key).id;
+        let engine = self.kv.get(&s)?.region(region_id)?;
+        engine.get(Cf::Default, key).unwrap()
+    }
+
+    /// Waits until store `s`'s replica holds `value` under `key`.
+    pub fn must_replicate(&self, s: StoreId, key: &[u8], value: &[u8]) {
+        let deadline = Instant::now() + TIMEOUT;
+        while self.local_get(s, key).as_deref() != Some(value) {
+            assert!(Instant::now() < deadline, "store {s} never got {key:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn must_transfer_leader(&self, region_id: u64, to_store: StoreId) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let leader = self.must_leader(region_id);
+            if leader == to_store {
+                return;
+            }
+            let st = self
+                .status(to_store, region_id)
+                .expect("target has a replica");
+            let _ = self.stores[&leader]
+                .router
+                .try_send(StoreMsg::TransferLeader {
+                    region_id,
+                    to: st.peer,
+                });
+            assert!(
+                Instant::now() < deadline,
+                "leader of {region_id} never moved to store {to_store}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn must_change(&self, region_id: u64, changes: Vec<ChangePeer>) {
+        let deadline = Instant::now() + TIMEOUT;
+        let mut last = None;
+        while Instant::now() < deadline {
+            let leader = self.must_leader(region_id);
+            let (tx, rx) = std::sync::mpsc::channel();
+            let sent = self.stores[&leader].router.try_send(StoreMsg::ChangePeers {
+                region_id,
+                changes: changes.clone(),
+                cb: Box::new(move |r| drop(tx.send(r))),
+            });
+            if sent.is_ok() {
+                match rx.recv_timeout(Duration::from_secs(5)) {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => last = Some(e),
+                    Err(_) => last = Some(Error::Timeout("conf change".into())),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("conf change {changes:?} on Region {region_id} failed: {last:?}");
+    }
+
+    pub fn add_peer(&self, region_id: u64, peer: Peer) {
+        self.must_change(region_id, vec![ChangePeer::AddVoter(peer)]);
+    }
+
+    pub fn add_learner(&self, region_id: u64, peer: Peer) {
+        self.must_change(region_id, vec![ChangePeer::AddLearner(peer)]);
+    }
+
+    pub fn remove_peer(&self, region_id: u64, peer: Peer) {
+        self.must_change(region_id, vec![ChangePeer::Remove(peer)]);
+    }
+
+    pub fn data_dir(&self, s: StoreId) -> &std::path::Path {
+        self.dirs[&s].path()
+    }
+}
+
+pub fn peer(id: u64, store_id: StoreId, role: PeerRole) -> Peer {
+    Peer {
+        id,
+        store_id,
+        role: role as i32,
+        is_witness: false,
+    }
+}

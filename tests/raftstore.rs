@@ -1,0 +1,249 @@
+//! Raftstore behaviour on the in-process cluster, each scenario for both engine kinds.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::cluster::{peer, region_key, Cluster};
+use prkv::config::EngineKind;
+use prkv::raftstore::Error;
+use prkv_proto::metapb::PeerRole;
+use prkv_proto::serverpb::{mutation, Mutation};
+
+fn key(i: usize) -> Vec<u8> {
+    format!("k{i:05}").into_bytes()
+}
+
+/// Isolate the leader: a new leader is elected and writes continue; heal: the old leader
+/// catches up; every acknowledged write is on every replica.
+fn failover(kind: EngineKind) {
+    let mut c = Cluster::new(3, kind);
+    c.bootstrap(1, &[1, 2, 3]);
+    c.start();
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        c.must_put(&key(i), b"v1");
+        acked.push(key(i));
+    }
+    let old = c.must_leader(1);
+    c.isolate(old);
+    for i in 20..40 {
+        c.must_put(&key(i), b"v1");
+        acked.push(key(i));
+    }
+    let new = c.must_leader(1);
+    assert_ne!(
+        new, old,
+        "the isolated store cannot stay the leader others follow"
+    );
+    c.heal();
+    for s in 1..=3 {
+        for k in &acked {
+            c.must_replicate(s, k, b"v1");
+        }
+    }
+}
+
+/// A read sent to an isolated old leader after the new leader committed a write returns the
+/// new value or an error, never the old value.
+fn no_stale_read_from_old_leader(kind: EngineKind) {
+    let mut c = Cluster::new(3, kind);
+    c.bootstrap(1, &[1, 2, 3]);
+    c.start();
+    c.must_put(b"k", b"old");
+    let old = c.must_leader(1);
+    // A fresh read on the old leader gives it a lease: the worst case for staleness.
+    assert_eq!(c.get_on(old, b"k").unwrap().as_deref(), Some(&b"old"[..]));
+    c.isolate(old);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let new = loop {
+        let others: Vec<_> = [1, 2, 3].into_iter().filter(|s| *s != old).collect();
+        if let Some(s) = others
+            .into_iter()
+            .find(|s| c.status(*s, 1).is_some_and(|st| st.leader_id == st.peer.id))
+        {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no new leader");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.put_on(new, b"k", b"new").is_err() {
+        assert!(Instant::now() < deadline, "new leader cannot write");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for _ in 0..5 {
+        match c.get_on(old, b"k") {
+            Ok(v) => assert_eq!(
+                v.as_deref(),
+                Some(&b"new"[..]),
+                "stale read from the old leader"
+            ),
+            Err(e) => assert!(
+                matches!(
+                    e,
+                    Error::NotLeader { .. } | Error::ReadIndexTimeout { .. } | Error::Timeout(_)
+                ),
+                "unexpected error {e:?}"
+            ),
+        }
+    }
+    c.heal();
+    assert_eq!(c.must_get(b"k").as_deref(), Some(&b"new"[..]));
+}
+
+/// 10,000 acknowledged writes across 100 Regions survive stopping every store without a flush.
+fn restart_all_keeps_acknowledged_writes(kind: EngineKind) {
+    let mut c = Cluster::new(3, kind);
+    c.bootstrap(100, &[1, 2, 3]);
+    c.start();
+    for r in 1..=100 {
+        c.must_leader(r);
+    }
+    let mut acked = Vec::new();
+    let mut pending = Vec::new();
+    for i in 0..10_000u64 {
+        let region = 1 + i % 100;
+        let mut k = region_key(region);
+        k.extend_from_slice(format!("-{i}").as_bytes());
+        let leader = c.must_leader(region);
+        let m = Mutation {
+            op: mutation::Op::Put as i32,
+            cf: "default".into(),
+            key: k.clone(),
+            value: i.to_be_bytes().to_vec(),
+        };
+        if let Ok(rx) = c.async_write(leader, region, vec![m]) {
+            pending.push((k, i, rx));
+        }
+        if pending.len() == 500 || i == 9_999 {
+            for (k, i, rx) in pending.drain(..) {
+                match rx.recv_timeout(Duration::from_secs(10)) {
+                    Ok(Ok(())) => acked.push((k, i)),
+                    _ => {
+                        c.must_put(&k, &i.to_be_bytes());
+                        acked.push((k, i));
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(acked.len(), 10_000);
+    for s in 1..=3 {
+        c.stop_store(s);
+    }
+    c.start();
+    for (k, i) in &acked {
+        assert_eq!(
+            c.must_get(k).as_deref(),
+            Some(&i.to_be_bytes()[..]),
+            "acknowledged write {k:?} lost"
+        );
+    }
+}
+
+/// Grow from 1 to 3 replicas, remove one, add a learner and promote it, move the leader.
+fn conf_change(kind: EngineKind) {
+    let mut c = Cluster::new(3, kind);
+    c.bootstrap(1, &[1]);
+    c.start();
+    c.must_put(b"a", b"1");
+    c.add_peer(1, peer(102, 2, PeerRole::Voter));
+    c.must_replicate(2, b"a", b"1");
+    c.add_peer(1, peer(103, 3, PeerRole::Voter));
+    c.must_replicate(3, b"a", b"1");
+    c.must_put(b"b", b"2");
+    for s in 1..=3 {
+        c.must_replicate(s, b"b", b"2");
+    }
+    // Remove store 2's replica: its data goes.
+    c.remove_peer(1, peer(102, 2, PeerRole::Voter));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.status(2, 1).is_some() {
+        assert!(Instant::now() < deadline, "removed replica still alive");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if kind == EngineKind::PartitionedRaftKv {
+        let tablets = std::fs::read_dir(c.data_dir(2).join("tablets"))
+            .unwrap()
+            .count();
+        assert_eq!(tablets, 0, "the removed replica's tablet directory is gone");
+    }
+    c.must_put(b"c", b"3");
+    // A learner on store 2 (a new peer id), then promoted to voter.
+    c.add_learner(1, peer(202, 2, PeerRole::Learner));
+    c.must_replicate(2, b"c", b"3");
+    assert_eq!(c.status(2, 1).unwrap().peer.role, PeerRole::Learner as i32);
+    c.add_peer(1, peer(202, 2, PeerRole::Voter));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.status(2, 1).unwrap().peer.role != PeerRole::Voter as i32 {
+        assert!(Instant::now() < deadline, "learner never promoted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.must_transfer_leader(1, 2);
+    c.must_put(b"d", b"4");
+    for s in 1..=3 {
+        c.must_replicate(s, b"d", b"4");
+    }
+}
+
+/// A flood of proposals to one Region that cannot commit gets `ServerIsBusy`, not unbounded
+/// memory.
+fn bounded_proposals(kind: EngineKind) {
+    let mut c = Cluster::new(3, kind);
+    c.bootstrap(1, &[1, 2, 3]);
+    c.start();
+    c.must_put(b"k", b"v");
+    let leader = c.must_leader(1);
+    // Appends are never acknowledged, heartbeats are: the leader stays leader but commits nothing.
+    c.net
+        .drop_type(raft::eraftpb::MessageType::MsgAppendResponse);
+    let mut busy = 0;
+    let mut receivers = Vec::new();
+    for i in 0..6000u64 {
+        let m = Mutation {
+            op: mutation::Op::Put as i32,
+            cf: "default".into(),
+            key: format!("f{i}").into_bytes(),
+            value: vec![1],
+        };
+        match c.async_write(leader, 1, vec![m]) {
+            Ok(rx) => receivers.push(rx),
+            Err(Error::ServerIsBusy { .. }) => busy += 1,
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    // Busy answers come at once; accepted proposals stay pending (nothing commits).
+    std::thread::sleep(Duration::from_millis(500));
+    let mut answered_busy = 0;
+    for rx in &receivers {
+        if let Ok(Err(Error::ServerIsBusy { .. })) = rx.try_recv() {
+            answered_busy += 1;
+        }
+    }
+    assert!(
+        busy + answered_busy >= 6000 - prkv::raftstore::peer::MAX_PENDING_PROPOSALS,
+        "busy={busy} answered_busy={answered_busy}"
+    );
+    c.heal();
+    c.must_put(b"after", b"flood");
+}
+
+macro_rules! both_kinds {
+    ($($name:ident),*) => {
+        mod partitioned {
+            $(#[test] fn $name() { super::$name(prkv::config::EngineKind::PartitionedRaftKv) })*
+        }
+        mod raft_kv {
+            $(#[test] fn $name() { super::$name(prkv::config::EngineKind::RaftKv) })*
+        }
+    };
+}
+
+both_kinds!(
+    failover,
+    no_stale_read_from_old_leader,
+    restart_all_keeps_acknowledged_writes,
+    conf_change,
+    bounded_proposals
+);
