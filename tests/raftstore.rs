@@ -247,3 +247,84 @@ both_kinds!(
     conf_change,
     bounded_proposals
 );
+
+/// 1,000 Regions x 3 replicas in one process. Once idle they hibernate: the store loops stop
+/// ticking them (counted), yet a write still wakes a Region and a hibernated Region still
+/// fails over when its leader's store goes away.
+fn many_regions_hibernate(kind: EngineKind) {
+    const REGIONS: u64 = 1000;
+    let mut c = Cluster::new(3, kind);
+    c.bootstrap(REGIONS, &[1, 2, 3]);
+    c.start();
+    for r in 1..=REGIONS {
+        c.must_leader(r);
+    }
+    let ticks = |c: &Cluster| -> u64 {
+        c.stores
+            .values()
+            .map(|h| {
+                h.stats
+                    .peer_ticks
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .sum()
+    };
+    // Idle: every Region should hibernate within a few election timeouts.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let quiet = loop {
+        let before = ticks(&c);
+        std::thread::sleep(Duration::from_millis(500));
+        let delta = ticks(&c) - before;
+        if delta == 0 {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+    };
+    assert!(quiet, "peers kept ticking: hibernation never settled");
+    // Over a full second of idleness, no peer is ticked at all.
+    let before = ticks(&c);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(ticks(&c) - before, 0, "hibernated Regions cost ticks");
+    // A write wakes its Region.
+    c.must_put(&region_key(500), b"awake");
+    assert_eq!(c.must_get(&region_key(500)).as_deref(), Some(&b"awake"[..]));
+    // A hibernated Region whose leader's store is cut off elects a new leader elsewhere.
+    let mut target = None;
+    for r in 1..=REGIONS {
+        if r != 500 && c.leader_store(r) == Some(1) {
+            target = Some(r);
+            break;
+        }
+    }
+    if let Some(r) = target {
+        c.isolate(1);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let led_elsewhere = [2, 3]
+                .into_iter()
+                .any(|s| c.status(s, r).is_some_and(|st| st.leader_id == st.peer.id));
+            if led_elsewhere {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hibernated Region {r} never failed over"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        c.heal();
+    }
+}
+
+mod scale {
+    #[test]
+    fn many_regions_hibernate_partitioned() {
+        super::many_regions_hibernate(prkv::config::EngineKind::PartitionedRaftKv)
+    }
+    #[test]
+    fn many_regions_hibernate_raft_kv() {
+        super::many_regions_hibernate(prkv::config::EngineKind::RaftKv)
+    }
+}

@@ -335,7 +335,11 @@ impl Store {
             }
             return;
         }
-        if p.hibernated {
+        // Heartbeat acknowledgements still in flight when a leader hibernated must not wake it:
+        // it would tick, heartbeat, wake its followers and never settle.
+        let quiet_ack = p.is_leader()
+            && m.message.get_msg_type() == raft::eraftpb::MessageType::MsgHeartbeatResponse;
+        if p.hibernated && !quiet_ack {
             p.wake();
         }
         if let Err(e) = p.raw.step(m.message) {
@@ -462,7 +466,9 @@ impl Store {
             }
             p.tick();
             ticked += 1;
-            if p.wants_hibernate() {
+            // Not while a Ready is pending: its heartbeats, sent after the hibernate message,
+            // would wake the followers right away.
+            if p.wants_hibernate() && !p.raw.has_ready() {
                 hibernating.push(p.region_id());
             }
         }
