@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use prkv::bench::engine::{self as engine_bench, EngineBenchOptions};
+use prkv::bench::raftstore::{self as raftstore_bench, RaftstoreBenchOptions};
 use prkv::config::{EngineKind, ReadableSize};
 
 #[derive(Parser)]
@@ -67,6 +68,28 @@ enum BenchCommand {
         #[arg(long, default_value_t = 300)]
         settle_secs: u64,
     },
+    /// The Raftstore in one process (3 stores, simulated network): proposals/s and fsyncs/s
+    /// at several concurrency levels, showing how Readies of many Regions share one fsync.
+    Raftstore {
+        #[arg(long, default_value = "partitioned-raft-kv")]
+        engine: EngineKind,
+        #[arg(long, default_value_t = 64)]
+        regions: u64,
+        /// Proposals kept in flight, one run per value.
+        #[arg(long, value_delimiter = ',', default_value = "1,64,512")]
+        concurrency: Vec<usize>,
+        /// Seconds per concurrency level.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        #[arg(long, default_value_t = 256)]
+        value_size: usize,
+        /// Scratch directory (removed afterwards).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 fn init_logging() {
@@ -118,14 +141,40 @@ fn main() -> ExitCode {
                 match engine_bench::run(&opts) {
                     Ok(results) => {
                         println!("{}", engine_bench::render_table(&results));
-                        if let Some(path) = json {
-                            let text = serde_json::to_string_pretty(&results).unwrap_or_default();
-                            if let Err(e) = std::fs::write(&path, text) {
-                                eprintln!("error: writing {}: {e}", path.display());
-                                return ExitCode::FAILURE;
-                            }
-                        }
-                        ExitCode::SUCCESS
+                        write_json(json.as_deref(), &results)
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            BenchCommand::Raftstore {
+                engine,
+                regions,
+                concurrency,
+                secs,
+                value_size,
+                data_dir,
+                json,
+            } => {
+                if regions == 0 || concurrency.contains(&0) || secs == 0 {
+                    eprintln!("error: --regions, --concurrency values and --secs must be > 0");
+                    return ExitCode::from(2);
+                }
+                let opts = RaftstoreBenchOptions {
+                    engine,
+                    regions,
+                    concurrency,
+                    secs,
+                    value_size,
+                    data_dir: data_dir
+                        .unwrap_or_else(|| PathBuf::from("./prkv-data/bench-raftstore")),
+                };
+                match raftstore_bench::run(&opts) {
+                    Ok(results) => {
+                        println!("{}", raftstore_bench::render_table(&results));
+                        write_json(json.as_deref(), &results)
                     }
                     Err(e) => {
                         eprintln!("error: {e}");
@@ -135,4 +184,15 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+fn write_json<T: serde::Serialize>(path: Option<&std::path::Path>, results: &T) -> ExitCode {
+    if let Some(path) = path {
+        let text = serde_json::to_string_pretty(results).unwrap_or_default();
+        if let Err(e) = std::fs::write(path, text) {
+            eprintln!("error: writing {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
 }

@@ -2,3 +2,4 @@
 //! results go to `BENCHMARKS.md` with the command that produced them.
 
 pub mod engine;
+pub mod raftstore;
