@@ -100,5 +100,7 @@ pub struct RegionStatus {
     pub leader_id: u64,
     pub term: u64,
     pub applied_index: u64,
+    /// Raft log entries up to here were compacted away.
+    pub truncated_index: u64,
     pub hibernated: bool,
 }

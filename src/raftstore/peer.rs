@@ -76,6 +76,8 @@ pub struct ApplyOutcome {
     pub region_changed: bool,
     /// This replica was removed from the Region and must be destroyed.
     pub removed: bool,
+    /// The leader asked to compact the log up to this index.
+    pub compact_to: Option<u64>,
 }
 
 pub struct Peer {
@@ -277,6 +279,7 @@ impl Peer {
             region_id: self.region.id,
             region_epoch: Some(*epoch),
             mutations,
+            compact_log_index: 0,
         };
         let data = cmd.encode_to_vec();
         if data.len() as u64 > self.cfg.raft_entry_max_size {
@@ -539,7 +542,12 @@ impl Peer {
                             )
                         });
                         let current = self.region.region_epoch.unwrap_or_default();
-                        if cmd.region_epoch.as_ref().map_or(0, |ep| ep.version) != current.version {
+                        if cmd.compact_log_index > 0 {
+                            let c = outcome.compact_to.get_or_insert(0);
+                            *c = (*c).max(cmd.compact_log_index);
+                        } else if cmd.region_epoch.as_ref().map_or(0, |ep| ep.version)
+                            != current.version
+                        {
                             err = Some(Error::EpochNotMatch {
                                 current_regions: vec![self.region.clone()],
                             });
@@ -718,6 +726,72 @@ impl Peer {
         self.applied_index = e.index;
         self.applied_term = e.term;
         Ok(removed)
+    }
+
+    /// Proposes Raft-log GC when enough applied entries piled up: up to the lowest index every
+    /// replica has, so that no follower needs entries that are gone (snapshots do not exist
+    /// yet). Each replica then compacts no further than its own durable apply index.
+    pub fn maybe_propose_compact(&mut self, threshold: u64) {
+        if !self.is_leader() || self.hibernated {
+            return;
+        }
+        let truncated = self.raw.store().truncated().0;
+        if self.applied_index < truncated + threshold {
+            return;
+        }
+        let min_matched = self
+            .raw
+            .raft
+            .prs()
+            .iter()
+            .map(|(_, pr)| pr.matched)
+            .min()
+            .unwrap_or(0);
+        let target = self.applied_index.min(min_matched);
+        if target <= truncated {
+            return;
+        }
+        let cmd = RaftCmdRequest {
+            region_id: self.region.id,
+            compact_log_index: target,
+            ..Default::default()
+        };
+        if self.raw.propose(vec![], cmd.encode_to_vec()).is_ok() {
+            tracing::debug!(region_id = self.region.id, target, "proposed raft log GC");
+        }
+    }
+
+    /// Compacts this replica's log up to `index`, but never above the engine's durable apply
+    /// index: entries above it are the only copy of data not yet flushed (the recovery
+    /// invariant). A tablet that holds GC back is flushed so that the next round can go on.
+    pub fn compact_log(&mut self, index: u64) -> Result<()> {
+        let durable = self
+            .engine
+            .persisted_apply_state()?
+            .map_or(0, |s| s.applied_index);
+        let target = index.min(durable);
+        if durable < index {
+            self.engine.flush(false)?;
+        }
+        let truncated = self.raw.store().truncated().0;
+        if target <= truncated {
+            return Ok(());
+        }
+        let term = match self.log.entry(self.region.id, target)? {
+            Some(e) => e.term,
+            None => return Ok(()),
+        };
+        // TigerBeetle-style boundary check: what we drop must be durable in the engine.
+        assert!(
+            target <= durable,
+            "Region {}: compacting to {target} above durable {durable}",
+            self.region.id
+        );
+        let mut wb = LogWriteBatch::new();
+        wb.compact_to(self.region.id, target, term)?;
+        self.log.write(&mut wb, false)?;
+        self.raw.store().set_truncated(target, term);
+        Ok(())
     }
 
     /// Fails everything pending (the peer is being destroyed or the store stops).

@@ -142,6 +142,7 @@ struct Store {
     /// Hibernated followers, by the store of their leader: woken when that store falls silent.
     sleeping_by_leader_store: HashMap<StoreId, HashSet<RegionId>>,
     ticks: u64,
+    next_gc: Instant,
 }
 
 /// Opens every Region replica found in the engines and starts the store loop.
@@ -166,6 +167,7 @@ pub fn start_store(
         last_heard: HashMap::new(),
         sleeping_by_leader_store: HashMap::new(),
         ticks: 0,
+        next_gc: Instant::now(),
     };
     store.recover()?;
     let thread = std::thread::Builder::new()
@@ -303,6 +305,7 @@ impl Store {
                     leader_id: p.leader_id(),
                     term: p.term(),
                     applied_index: p.applied_index,
+                    truncated_index: p.raw.store().truncated().0,
                     hibernated: p.hibernated,
                 }));
             }
@@ -458,6 +461,10 @@ impl Store {
                 }
             }
         }
+        if now >= self.next_gc {
+            self.next_gc = now + self.cfg.raftstore.raft_log_gc_tick_interval.0;
+            self.on_raft_log_gc_tick();
+        }
         let mut ticked = 0;
         let mut hibernating = Vec::new();
         for p in self.peers.values_mut() {
@@ -498,6 +505,28 @@ impl Store {
                     to_store: to.store_id,
                 });
             }
+        }
+    }
+
+    /// Raft-log GC: leaders propose compaction; then log files no Region needs are purged,
+    /// and the tablets of Regions that still pin old files are flushed so that their next
+    /// compaction can pass the old entries.
+    fn on_raft_log_gc_tick(&mut self) {
+        let threshold = self.cfg.raftstore.raft_log_gc_threshold;
+        for p in self.peers.values_mut() {
+            p.maybe_propose_compact(threshold);
+        }
+        match self.engines.raft.purge() {
+            Ok(holders) => {
+                for id in holders {
+                    if let Some(p) = self.peers.get(&id) {
+                        if let Err(e) = p.engine.flush(false) {
+                            tracing::warn!(region_id = id, error = %e, "flushing a tablet that holds raft-engine files failed");
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "purging raft-engine failed"),
         }
     }
 
@@ -604,7 +633,13 @@ impl Store {
             .fetch_add(entries.len() as u64, Ordering::Relaxed);
         let p = self.peers.get_mut(&id).expect("peer exists");
         let outcome = p.apply(entries)?;
-        Ok(outcome.removed)
+        if outcome.removed {
+            return Ok(true);
+        }
+        if let Some(index) = outcome.compact_to {
+            p.compact_log(index)?;
+        }
+        Ok(false)
     }
 
     /// Removes a replica that left its Region: its data and its log go; a tombstone stays so

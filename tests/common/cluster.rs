@@ -52,6 +52,8 @@ impl Cluster {
         cfg.raftstore.raft_heartbeat_ticks = 2;
         cfg.raftstore.raft_election_timeout_ticks = 10;
         cfg.raftstore.raft_store_max_leader_lease = ReadableDuration::millis(150);
+        cfg.raftstore.raft_log_gc_tick_interval = ReadableDuration::millis(100);
+        cfg.raftstore.raft_log_gc_threshold = 20;
         cfg.validate().unwrap();
         let dirs = (1..=stores)
             .map(|s| (s, tempfile::tempdir().unwrap()))
