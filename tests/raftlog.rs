@@ -74,6 +74,7 @@ fn append_states_and_reopen() {
             region: Some(region(2, &[(1, PeerRole::Voter)])),
             tablet_index: 0,
             destroyed_peer_id: 0,
+            conf_index: 0,
         };
         wb.put_region_state(2, &rs).unwrap();
         store.write(&mut wb, true).unwrap();

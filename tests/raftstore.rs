@@ -185,6 +185,24 @@ fn conf_change(kind: EngineKind) {
     for s in 1..=3 {
         c.must_replicate(s, b"d", b"4");
     }
+    // Every replica, including those created mid-history, agrees on the Region.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let views: Vec<_> = (1..=3)
+            .map(|s| {
+                c.status(s, 1)
+                    .map(|st| (st.region.region_epoch, st.region.peers))
+            })
+            .collect();
+        if views.iter().all(|v| v.is_some() && *v == views[0]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicas disagree on the Region: {views:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A flood of proposals to one Region that cannot commit gets `ServerIsBusy`, not unbounded
@@ -270,6 +288,104 @@ fn log_gc_respects_durable_apply_index(kind: EngineKind) {
     c.must_put(b"after", b"restart");
 }
 
+/// Every way a command can be wrong gets its typed error, and changes nothing.
+fn typed_errors(kind: EngineKind) {
+    let mut c = Cluster::new(3, kind);
+    c.bootstrap(2, &[1, 2, 3]);
+    c.start();
+    c.must_put(b"a", b"1");
+    let leader = c.must_leader(1);
+    let follower = [1, 2, 3].into_iter().find(|s| *s != leader).unwrap();
+    // NotLeader, with the leader as hint.
+    match c.put_on(follower, b"a", b"2") {
+        Err(Error::NotLeader {
+            region_id: 1,
+            leader: Some(l),
+        }) => assert_eq!(l.store_id, leader),
+        other => panic!("expected NotLeader with a hint, got {other:?}"),
+    }
+    // RegionNotFound.
+    let m = |k: &[u8], v: Vec<u8>| Mutation {
+        op: mutation::Op::Put as i32,
+        cf: "default".into(),
+        key: k.to_vec(),
+        value: v,
+    };
+    assert!(matches!(
+        c.write_on(leader, 99, vec![m(b"a", vec![1])]),
+        Err(Error::RegionNotFound(99))
+    ));
+    // KeyNotInRegion: Region 1 is [, r000002).
+    match c.write_on(leader, 1, vec![m(&region_key(2), vec![1])]) {
+        Err(Error::KeyNotInRegion { region, .. }) => assert_eq!(region.id, 1),
+        other => panic!("expected KeyNotInRegion, got {other:?}"),
+    }
+    // RaftEntryTooLarge (raftstore.raft-entry-max-size is 8MiB).
+    assert!(matches!(
+        c.write_on(leader, 1, vec![m(b"big", vec![0; 9 << 20])]),
+        Err(Error::RaftEntryTooLarge { region_id: 1, .. })
+    ));
+    // EpochNotMatch: a request from a client with a newer (or older) Region version.
+    let (tx, rx) = std::sync::mpsc::channel();
+    c.stores[&leader]
+        .router
+        .try_send(prkv::raftstore::StoreMsg::Write {
+            region_id: 1,
+            epoch: prkv_proto::metapb::RegionEpoch {
+                conf_ver: 1,
+                version: 7,
+            },
+            mutations: vec![m(b"a", vec![3])],
+            cb: Box::new(move |r| drop(tx.send(r))),
+        })
+        .unwrap();
+    match rx.recv_timeout(Duration::from_secs(5)).unwrap() {
+        Err(Error::EpochNotMatch { current_regions }) => assert_eq!(current_regions[0].id, 1),
+        other => panic!("expected EpochNotMatch, got {other:?}"),
+    }
+    assert_eq!(
+        c.must_get(b"a").as_deref(),
+        Some(&b"1"[..]),
+        "refused commands changed nothing"
+    );
+    assert_eq!(c.must_get(b"big"), None);
+}
+
+/// Two changes at once go through joint consensus (enter, then automatic leave): replace the
+/// replica on store 2 by one on store 3 in a single step.
+fn joint_consensus_replace(kind: EngineKind) {
+    let mut c = Cluster::new(3, kind);
+    c.bootstrap(1, &[1, 2]);
+    c.start();
+    c.must_put(b"x", b"1");
+    c.must_transfer_leader(1, 1);
+    c.change_peers(
+        1,
+        vec![
+            prkv::raftstore::ChangePeer::AddVoter(peer(103, 3, PeerRole::Voter)),
+            prkv::raftstore::ChangePeer::Remove(peer(102, 2, PeerRole::Voter)),
+        ],
+    );
+    c.must_replicate(3, b"x", b"1");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = c.status(1, 1).unwrap();
+        let roles: Vec<_> = st.region.peers.iter().map(|p| (p.id, p.role)).collect();
+        let left_joint =
+            roles == vec![(101, PeerRole::Voter as i32), (103, PeerRole::Voter as i32)];
+        if left_joint && c.status(2, 1).is_none() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "joint change never completed: {roles:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.must_put(b"y", b"2");
+    c.must_replicate(3, b"y", b"2");
+}
+
 macro_rules! both_kinds {
     ($($name:ident),*) => {
         mod partitioned {
@@ -287,7 +403,9 @@ both_kinds!(
     restart_all_keeps_acknowledged_writes,
     conf_change,
     bounded_proposals,
-    log_gc_respects_durable_apply_index
+    log_gc_respects_durable_apply_index,
+    typed_errors,
+    joint_consensus_replace
 );
 
 /// 1,000 Regions x 3 replicas in one process. Once idle they hibernate: the store loops stop

@@ -20,6 +20,9 @@ pub struct RaftMessage {
     /// The sender's view of the Region, so that a store that has no replica yet can create one
     /// (a peer being added).
     pub region: Option<Region>,
+    /// The log index through which `region` reflects membership changes (the sender's applied
+    /// index).
+    pub region_conf_index: u64,
     /// The leader tells followers that the Region goes idle: they stop ticking until the next
     /// message (see hibernation in `peer.rs`).
     pub hibernate: bool,
@@ -37,6 +40,7 @@ impl RaftMessage {
             region_epoch: RegionEpoch::default(),
             message: raft::eraftpb::Message::default(),
             region: None,
+            region_conf_index: 0,
             hibernate: false,
             from_store,
             to_store,

@@ -98,6 +98,8 @@ pub struct Peer {
     pub hibernated: bool,
     idle_ticks: usize,
     last_term: u64,
+    /// `region` reflects membership changes through this log index (see `RegionLocalState`).
+    conf_index: u64,
 }
 
 fn discard_logger() -> slog::Logger {
@@ -114,6 +116,7 @@ impl Peer {
         log: RaftLogStore,
         engine: Arc<dyn RegionEngine>,
         cfg: PeerConfig,
+        conf_index: u64,
     ) -> Result<Peer> {
         let storage = RegionLog::load(log.clone(), region.id, &region)?;
         let apply = engine.apply_state()?.unwrap_or_default();
@@ -168,6 +171,7 @@ impl Peer {
             hibernated: false,
             idle_ticks: 0,
             last_term: 0,
+            conf_index,
         })
     }
 
@@ -622,6 +626,12 @@ impl Peer {
     /// Applies a membership change to Raft and to the Region, and persists the Region.
     /// Returns whether this replica was removed.
     fn apply_conf_change(&mut self, e: &Entry) -> Result<bool> {
+        if e.index <= self.conf_index {
+            // Our Region (taken from the leader that created this replica) already has it.
+            self.applied_index = e.index;
+            self.applied_term = e.term;
+            return Ok(false);
+        }
         let cc = if e.get_entry_type() == EntryType::EntryConfChangeV2 {
             let mut cc = ConfChangeV2::default();
             cc.merge_from_bytes(e.data.as_ref()).unwrap_or_else(|err| {
@@ -719,7 +729,9 @@ impl Peer {
             region: Some(self.region.clone()),
             tablet_index: self.engine.tablet_index(),
             destroyed_peer_id: 0,
+            conf_index: e.index,
         };
+        self.conf_index = e.index;
         let mut lb = LogWriteBatch::new();
         lb.put_region_state(self.region.id, &state)?;
         self.log.write(&mut lb, true)?;

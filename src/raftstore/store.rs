@@ -100,10 +100,17 @@ impl Drop for StoreHandle {
 /// Writes the initial state of a Region replica: its Region in raft-engine and an empty log.
 /// Used to bootstrap a cluster's first Regions (PD does this in the full system).
 pub fn bootstrap_region(engines: &Engines, region: &Region) -> Result<()> {
+    init_replica(engines, region, 0)
+}
+
+/// Writes the initial state of a replica whose Region reflects membership changes through
+/// `conf_index`.
+fn init_replica(engines: &Engines, region: &Region, conf_index: u64) -> Result<()> {
     let state = RegionLocalState {
         state: PeerState::Normal as i32,
         region: Some(region.clone()),
         tablet_index: 0,
+        conf_index,
         ..Default::default()
     };
     let mut wb = LogWriteBatch::new();
@@ -205,6 +212,7 @@ impl Store {
                 self.engines.raft.clone(),
                 engine,
                 peer_config(&self.cfg),
+                state.conf_index,
             )?;
             self.peers.insert(region_id, peer);
         }
@@ -385,7 +393,7 @@ impl Store {
                 return false;
             }
         }
-        let created = bootstrap_region(&self.engines, &region).and_then(|_| {
+        let created = init_replica(&self.engines, &region, m.region_conf_index).and_then(|_| {
             let engine = self
                 .engines
                 .kv
@@ -396,6 +404,7 @@ impl Store {
                 self.engines.raft.clone(),
                 engine,
                 peer_config(&self.cfg),
+                m.region_conf_index,
             )
         });
         match created {
@@ -500,6 +509,7 @@ impl Store {
                     region_epoch: p.region.region_epoch.unwrap_or_default(),
                     message: msg,
                     region: None,
+                    region_conf_index: 0,
                     hibernate: true,
                     from_store: self.id,
                     to_store: to.store_id,
@@ -545,6 +555,7 @@ impl Store {
                 region_epoch: p.region.region_epoch.unwrap_or_default(),
                 message: msg,
                 region: Some(p.region.clone()),
+                region_conf_index: p.applied_index,
                 hibernate: false,
                 from_store: self.id,
                 to_store: to.store_id,
@@ -660,6 +671,7 @@ impl Store {
             region: Some(region),
             tablet_index: 0,
             destroyed_peer_id,
+            conf_index: 0,
         };
         wb.put_region_state(id, &tomb)?;
         self.engines.raft.write(&mut wb, true)?;

@@ -336,6 +336,10 @@ impl Cluster {
         }
     }
 
+    pub fn change_peers(&self, region_id: u64, changes: Vec<ChangePeer>) {
+        self.must_change(region_id, changes);
+    }
+
     fn must_change(&self, region_id: u64, changes: Vec<ChangePeer>) {
         let deadline = Instant::now() + TIMEOUT;
         let mut last = None;
