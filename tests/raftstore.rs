@@ -386,6 +386,33 @@ fn joint_consensus_replace(kind: EngineKind) {
     c.must_replicate(3, b"y", b"2");
 }
 
+/// Lossy, duplicating, reordering network: every acknowledged write is on every replica once the
+/// network heals.
+fn chaos_network(kind: EngineKind) {
+    let mut c = Cluster::new(3, kind);
+    c.bootstrap(4, &[1, 2, 3]);
+    c.start();
+    c.net.chaos(0.1, 0.05, Duration::from_millis(5));
+    let keys: Vec<Vec<u8>> = (1..=4u64)
+        .flat_map(|r| {
+            (0..25).map(move |i| {
+                let mut k = region_key(r);
+                k.extend_from_slice(format!("-{i}").as_bytes());
+                k
+            })
+        })
+        .collect();
+    for k in &keys {
+        c.must_put(k, b"chaos");
+    }
+    c.heal();
+    for s in 1..=3 {
+        for k in &keys {
+            c.must_replicate(s, k, b"chaos");
+        }
+    }
+}
+
 macro_rules! both_kinds {
     ($($name:ident),*) => {
         mod partitioned {
@@ -405,7 +432,8 @@ both_kinds!(
     bounded_proposals,
     log_gc_respects_durable_apply_index,
     typed_errors,
-    joint_consensus_replace
+    joint_consensus_replace,
+    chaos_network
 );
 
 /// 1,000 Regions x 3 replicas in one process. Once idle they hibernate: the store loops stop
