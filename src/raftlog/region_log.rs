@@ -94,6 +94,11 @@ impl RegionLog {
         self.region_id
     }
 
+    /// The hard state last handed to [`RegionLog::set_hard_state`].
+    pub fn hard_state(&self) -> HardState {
+        self.state.read().hard_state.clone()
+    }
+
     /// Updates the cached hard state after it was persisted.
     pub fn set_hard_state(&self, hs: HardState) {
         self.state.write().hard_state = hs;

@@ -594,9 +594,16 @@ impl Store {
                 need_sync = true;
             }
             if let Some(hs) = rd.hs() {
+                // Term and vote must be durable before anyone hears of them (a vote given twice
+                // in one term breaks election safety). A commit index alone need not be: after
+                // a crash it is recovered from the quorum, and from the apply index (see
+                // `Peer::new`).
+                let old = p.raw.store().hard_state();
+                if hs.term != old.term || hs.vote != old.vote {
+                    need_sync = true;
+                }
                 wb.put_hard_state(id, hs)?;
                 p.raw.store().set_hard_state(hs.clone());
-                need_sync = true;
             }
             let persisted = rd.take_persisted_messages();
             self.send_raft_messages(id, msgs);
@@ -606,6 +613,8 @@ impl Store {
             // Durability boundary: one write, one fsync, for every Region of this round.
             self.engines.raft.write(&mut wb, true)?;
             self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+        } else if !wb.is_empty() {
+            self.engines.raft.write(&mut wb, false)?;
         }
         let mut removed = Vec::new();
         for (id, rd, committed, persisted) in pending {
