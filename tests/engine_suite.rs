@@ -471,62 +471,47 @@ fn concurrent_writers_on_many_regions(kind: EngineKind) {
     }
 }
 
+/// Instantiates every scenario above once per engine kind.
 macro_rules! suite {
-    ($module:ident, $kind:expr) => {
+    ($module:ident, $kind:expr, [$($name:ident),* $(,)?]) => {
         mod $module {
             use super::*;
-            #[test]
-            fn get_put_delete_and_column_families() {
-                super::get_put_delete_and_column_families($kind)
-            }
-            #[test]
-            fn scans_both_directions_with_bounds() {
-                super::scans_both_directions_with_bounds($kind)
-            }
-            #[test]
-            fn region_ranges_are_enforced() {
-                super::region_ranges_are_enforced($kind)
-            }
-            #[test]
-            fn delete_range_stays_inside() {
-                super::delete_range_stays_inside($kind)
-            }
-            #[test]
-            fn snapshots_are_stable() {
-                super::snapshots_are_stable($kind)
-            }
-            #[test]
-            fn apply_state_round_trips_and_survives_reopen() {
-                super::apply_state_round_trips_and_survives_reopen($kind)
-            }
-            #[test]
-            #[should_panic(expected = "apply state goes backwards")]
-            fn apply_state_never_regresses() {
-                super::apply_state_never_regresses($kind)
-            }
-            #[test]
-            fn approximate_size_and_keys() {
-                super::approximate_size_and_keys($kind)
-            }
-            #[test]
-            fn checkpoint_is_openable() {
-                super::checkpoint_is_openable($kind)
-            }
-            #[test]
-            fn destroy_removes_region() {
-                super::destroy_removes_region($kind)
-            }
-            #[test]
-            fn memtable_accounting() {
-                super::memtable_accounting($kind)
-            }
-            #[test]
-            fn concurrent_writers_on_many_regions() {
-                super::concurrent_writers_on_many_regions($kind)
-            }
+            $(#[test] fn $name() { super::$name($kind) })*
         }
     };
 }
 
-suite!(partitioned, EngineKind::PartitionedRaftKv);
-suite!(raft_kv, EngineKind::RaftKv);
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {
+        suite!(partitioned, EngineKind::PartitionedRaftKv, [$($name),*]);
+        suite!(raft_kv, EngineKind::RaftKv, [$($name),*]);
+    };
+}
+
+both!(
+    get_put_delete_and_column_families,
+    scans_both_directions_with_bounds,
+    region_ranges_are_enforced,
+    delete_range_stays_inside,
+    snapshots_are_stable,
+    apply_state_round_trips_and_survives_reopen,
+    approximate_size_and_keys,
+    checkpoint_is_openable,
+    destroy_removes_region,
+    memtable_accounting,
+    concurrent_writers_on_many_regions
+);
+
+mod regressions {
+    use super::*;
+    #[test]
+    #[should_panic(expected = "apply state goes backwards")]
+    fn apply_state_never_regresses_partitioned() {
+        super::apply_state_never_regresses(EngineKind::PartitionedRaftKv)
+    }
+    #[test]
+    #[should_panic(expected = "apply state goes backwards")]
+    fn apply_state_never_regresses_raft_kv() {
+        super::apply_state_never_regresses(EngineKind::RaftKv)
+    }
+}

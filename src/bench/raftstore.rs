@@ -15,13 +15,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::unbounded;
-use prkv_proto::metapb::{Peer, PeerRole, Region, RegionEpoch};
+use prkv_proto::metapb::RegionEpoch;
 use prkv_proto::serverpb::{mutation, Mutation};
 use serde::Serialize;
 
 use crate::config::{Config, EngineKind, ReadableDuration, ReadableSize};
 use crate::raftstore::{
-    bootstrap_region, start_store, Error, SimNetwork, StoreHandle, StoreMsg, Transport,
+    bootstrap_region, even_region_key, even_regions, start_store, Error, SimNetwork, StoreHandle,
+    StoreMsg, Transport,
 };
 use crate::storage::Engines;
 
@@ -59,30 +60,7 @@ pub fn run(opts: &RaftstoreBenchOptions) -> Result<Vec<RaftstoreBenchResult>, St
     cfg.raftstore.raft_store_max_leader_lease = ReadableDuration::millis(900);
     cfg.validate().map_err(|e| e.to_string())?;
     let stores: Vec<u64> = vec![1, 2, 3];
-    let regions: Vec<Region> = (1..=opts.regions)
-        .map(|i| Region {
-            id: i,
-            start_key: if i == 1 { vec![] } else { region_key(i) },
-            end_key: if i == opts.regions {
-                vec![]
-            } else {
-                region_key(i + 1)
-            },
-            region_epoch: Some(RegionEpoch {
-                conf_ver: 1,
-                version: 1,
-            }),
-            peers: stores
-                .iter()
-                .map(|s| Peer {
-                    id: i * 100 + s,
-                    store_id: *s,
-                    role: PeerRole::Voter as i32,
-                    is_witness: false,
-                })
-                .collect(),
-        })
-        .collect();
+    let regions = even_regions(opts.regions, &stores);
     let net = SimNetwork::new();
     let mut handles: HashMap<u64, StoreHandle> = HashMap::new();
     for s in &stores {
@@ -140,7 +118,7 @@ pub fn run(opts: &RaftstoreBenchOptions) -> Result<Vec<RaftstoreBenchResult>, St
     for &n in &opts.concurrency {
         let (done_tx, done_rx) = unbounded::<(u64, Result<(), Error>)>();
         let send = |region_id: u64, seq: u64, leaders: &HashMap<u64, u64>| {
-            let mut key = region_key(region_id);
+            let mut key = even_region_key(region_id);
             key.extend_from_slice(&seq.to_be_bytes());
             let m = Mutation {
                 op: mutation::Op::Put as i32,
@@ -218,10 +196,6 @@ pub fn run(opts: &RaftstoreBenchOptions) -> Result<Vec<RaftstoreBenchResult>, St
     }
     let _ = std::fs::remove_dir_all(&opts.data_dir);
     Ok(results)
-}
-
-fn region_key(i: u64) -> Vec<u8> {
-    format!("r{i:06}").into_bytes()
 }
 
 pub fn render_table(results: &[RaftstoreBenchResult]) -> String {

@@ -25,5 +25,8 @@ pub mod transport;
 
 pub use error::{Error, Result};
 pub use msg::{ChangePeer, RaftMessage, RegionStatus, StoreId, StoreMsg};
-pub use store::{bootstrap_region, start_store, StoreHandle, StoreRouter, StoreStats};
+pub use store::{
+    bootstrap_region, even_region_key, even_regions, start_store, StoreHandle, StoreRouter,
+    StoreStats,
+};
 pub use transport::{SimNetwork, Transport, Verdict};

@@ -97,6 +97,41 @@ impl Drop for StoreHandle {
     }
 }
 
+/// `n` Regions cutting the key space at `r000002`, `r000003`, ..., with ids `1..=n`, replicated
+/// on `stores` with peer id `region * 100 + store`: the stand-in for PD's bootstrap and
+/// splits that the in-process cluster and `prkv bench raftstore` start from.
+pub fn even_regions(n: u64, stores: &[StoreId]) -> Vec<Region> {
+    (1..=n)
+        .map(|i| Region {
+            id: i,
+            start_key: if i == 1 { vec![] } else { even_region_key(i) },
+            end_key: if i == n {
+                vec![]
+            } else {
+                even_region_key(i + 1)
+            },
+            region_epoch: Some(prkv_proto::metapb::RegionEpoch {
+                conf_ver: 1,
+                version: 1,
+            }),
+            peers: stores
+                .iter()
+                .map(|s| PeerMeta {
+                    id: i * 100 + s,
+                    store_id: *s,
+                    role: prkv_proto::metapb::PeerRole::Voter as i32,
+                    is_witness: false,
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// The first key of Region `i` of [`even_regions`].
+pub fn even_region_key(i: u64) -> Vec<u8> {
+    format!("r{i:06}").into_bytes()
+}
+
 /// Writes the initial state of a Region replica: its Region in raft-engine and an empty log.
 /// Used to bootstrap a cluster's first Regions (PD does this in the full system).
 pub fn bootstrap_region(engines: &Engines, region: &Region) -> Result<()> {

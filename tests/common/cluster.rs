@@ -32,9 +32,8 @@ pub struct Cluster {
     pub cfg: Config,
 }
 
-pub fn region_key(i: u64) -> Vec<u8> {
-    format!("r{i:06}").into_bytes()
-}
+#[allow(unused_imports)]
+pub use prkv::raftstore::even_region_key as region_key;
 
 impl Cluster {
     pub fn new(stores: u64, kind: EngineKind) -> Cluster {
@@ -77,27 +76,7 @@ impl Cluster {
 
     /// Creates `n` Regions covering the key space, replicated on `stores`.
     pub fn bootstrap(&mut self, n: u64, stores: &[StoreId]) {
-        for i in 1..=n {
-            let region = Region {
-                id: i,
-                start_key: if i == 1 { vec![] } else { region_key(i) },
-                end_key: if i == n { vec![] } else { region_key(i + 1) },
-                region_epoch: Some(RegionEpoch {
-                    conf_ver: 1,
-                    version: 1,
-                }),
-                peers: stores
-                    .iter()
-                    .map(|s| Peer {
-                        id: i * 100 + s,
-                        store_id: *s,
-                        role: PeerRole::Voter as i32,
-                        is_witness: false,
-                    })
-                    .collect(),
-            };
-            self.regions.push(region);
-        }
+        self.regions = prkv::raftstore::even_regions(n, stores);
         for s in self.dirs.keys().copied().collect::<Vec<_>>() {
             let engines = Engines::open(&self.store_config(s)).unwrap();
             for r in &self.regions {
