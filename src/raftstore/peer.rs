@@ -298,13 +298,7 @@ impl Peer {
         if self.raw.propose(vec![], data).is_err() {
             return Err((self.not_leader(), cb));
         }
-        let index = self.raw.raft.raft_log.last_index();
-        self.proposals.push_back(Proposal {
-            index,
-            term: self.term(),
-            cb,
-            proposed_at: Instant::now(),
-        });
+        self.track_proposal(cb);
         Ok(())
     }
 
@@ -344,14 +338,18 @@ impl Peer {
                 cb,
             ));
         }
-        let index = self.raw.raft.raft_log.last_index();
+        self.track_proposal(cb);
+        Ok(())
+    }
+
+    /// Remembers the entry just proposed, so its callback runs when it is applied.
+    fn track_proposal(&mut self, cb: WriteCallback) {
         self.proposals.push_back(Proposal {
-            index,
+            index: self.raw.raft.raft_log.last_index(),
             term: self.term(),
             cb,
             proposed_at: Instant::now(),
         });
-        Ok(())
     }
 
     fn lease_valid(&self, now: Instant) -> bool {
@@ -487,16 +485,16 @@ impl Peer {
                 }));
             }
         }
-        self.maybe_hibernate();
+        self.count_idle_tick();
     }
 
     /// A leader with nothing in flight for two election timeouts tells its followers to
     /// hibernate and stops ticking itself; followers hibernate when told. Any message, write
     /// or read wakes the peer. A follower whose leader's store falls silent is woken by the
     /// store (see `store.rs`), so a hibernated Region still fails over.
-    fn maybe_hibernate(&mut self) -> bool {
+    fn count_idle_tick(&mut self) {
         if !self.cfg.hibernate || !self.is_leader() {
-            return false;
+            return;
         }
         let r = &self.raw.raft;
         let last = r.raft_log.last_index();
@@ -509,13 +507,12 @@ impl Peer {
                 .any(|(id, pr)| *id != self.meta.id && pr.matched != last);
         if busy {
             self.idle_ticks = 0;
-            return false;
+        } else {
+            self.idle_ticks += 1;
         }
-        self.idle_ticks += 1;
-        self.idle_ticks >= self.cfg.election_tick * 2
     }
 
-    /// Whether the leader decided to hibernate on its last tick.
+    /// Whether the leader has been idle long enough to hibernate (see `count_idle_tick`).
     pub fn wants_hibernate(&self) -> bool {
         self.cfg.hibernate
             && self.is_leader()

@@ -185,6 +185,10 @@ struct Store {
     sleeping_by_leader_store: HashMap<StoreId, HashSet<RegionId>>,
     ticks: u64,
     next_gc: Instant,
+    /// The other stores holding replicas of our Regions: the targets of store heartbeats.
+    /// Recomputed only when membership changes, so an idle tick does not walk every Region.
+    neighbours: HashSet<StoreId>,
+    neighbours_stale: bool,
 }
 
 /// Opens every Region replica found in the engines and starts the store loop.
@@ -210,6 +214,8 @@ pub fn start_store(
         sleeping_by_leader_store: HashMap::new(),
         ticks: 0,
         next_gc: Instant::now(),
+        neighbours: HashSet::new(),
+        neighbours_stale: true,
     };
     store.recover()?;
     let thread = std::thread::Builder::new()
@@ -451,6 +457,7 @@ impl Store {
                     "replica created"
                 );
                 self.peers.insert(region.id, p);
+                self.neighbours_stale = true;
                 true
             }
             Err(e) => {
@@ -465,20 +472,15 @@ impl Store {
         let election_timeout =
             self.tick_interval * self.cfg.raftstore.raft_election_timeout_ticks as u32;
         // Store heartbeats: one message per other store, however many Regions we share.
-        let mut others: HashSet<StoreId> = HashSet::new();
-        for p in self.peers.values() {
-            for peer in &p.region.peers {
-                if peer.store_id != self.id {
-                    others.insert(peer.store_id);
-                }
-            }
+        if self.neighbours_stale {
+            self.refresh_neighbours();
         }
         self.ticks += 1;
         if self
             .ticks
             .is_multiple_of(self.cfg.raftstore.raft_heartbeat_ticks as u64)
         {
-            for s in &others {
+            for s in &self.neighbours {
                 self.trans.send(RaftMessage::store_heartbeat(self.id, *s));
             }
         }
@@ -551,6 +553,16 @@ impl Store {
                 });
             }
         }
+    }
+
+    fn refresh_neighbours(&mut self) {
+        self.neighbours = self
+            .peers
+            .values()
+            .flat_map(|p| p.region.peers.iter().map(|peer| peer.store_id))
+            .filter(|s| *s != self.id)
+            .collect();
+        self.neighbours_stale = false;
     }
 
     /// Raft-log GC: leaders propose compaction; then log files no Region needs are purged,
@@ -688,6 +700,9 @@ impl Store {
             .fetch_add(entries.len() as u64, Ordering::Relaxed);
         let p = self.peers.get_mut(&id).expect("peer exists");
         let outcome = p.apply(entries)?;
+        if outcome.region_changed {
+            self.neighbours_stale = true;
+        }
         if outcome.removed {
             return Ok(true);
         }
@@ -700,6 +715,7 @@ impl Store {
     /// Removes a replica that left its Region: its data and its log go; a tombstone stays so
     /// that late messages cannot recreate it.
     fn destroy_peer(&mut self, id: RegionId) -> Result<()> {
+        self.neighbours_stale = true;
         let Some(mut p) = self.peers.remove(&id) else {
             return Ok(());
         };
@@ -723,13 +739,4 @@ impl Store {
         tracing::info!(store_id = self.id, region_id = id, "replica destroyed");
         Ok(())
     }
-}
-
-/// The peer of `region` on `store_id`, if any.
-pub fn peer_on_store(region: &Region, store_id: StoreId) -> Option<PeerMeta> {
-    region
-        .peers
-        .iter()
-        .find(|p| p.store_id == store_id)
-        .cloned()
 }
