@@ -13,6 +13,9 @@
 pub mod bench;
 pub mod config;
 pub mod metrics;
+pub mod pd;
+pub mod playground;
 pub mod raftlog;
 pub mod raftstore;
+pub mod server;
 pub mod storage;

@@ -22,6 +22,51 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// A whole cluster on this machine: 1 PD and N stores as child processes.
+    Playground {
+        /// Where PD and the stores keep their data, configs and logs.
+        #[arg(long, default_value = "./prkv-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        stores: usize,
+        /// Engine kind of every store (default: the config's, partitioned-raft-kv).
+        #[arg(long)]
+        engine: Option<EngineKind>,
+        /// A store config file applied to every store (addresses and data dirs are set by the
+        /// playground).
+        #[arg(long)]
+        store_config: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1:2379")]
+        pd_addr: std::net::SocketAddr,
+        /// gRPC port of store 1; store N uses this + N - 1.
+        #[arg(long, default_value_t = 20160)]
+        store_port: u16,
+        /// Status port of store 1; store N uses this + N - 1.
+        #[arg(long, default_value_t = 20180)]
+        status_port: u16,
+        /// Seconds to wait for every store to register and every Region to have a leader.
+        #[arg(long, default_value_t = 60)]
+        ready_timeout_secs: u64,
+    },
+    /// The placement driver.
+    Pd {
+        #[arg(long, default_value = "127.0.0.1:2379")]
+        addr: std::net::SocketAddr,
+        /// Address announced to clients (default: --addr).
+        #[arg(long)]
+        advertise_addr: Option<String>,
+        #[arg(long, default_value = "./prkv-data/pd")]
+        data_dir: PathBuf,
+        /// Replicas per Region.
+        #[arg(long, default_value_t = 3)]
+        max_replicas: usize,
+    },
+    /// A store: serves TiKV's gRPC API for its Region replicas.
+    Store {
+        /// TOML config (see etc/config-template.toml); without it, all defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Benchmarks (results belong in BENCHMARKS.md, with the command).
     Bench {
         #[command(subcommand)]
@@ -92,9 +137,9 @@ enum BenchCommand {
     },
 }
 
-fn init_logging() {
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PRKV_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -102,9 +147,41 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
-    init_logging();
     let cli = Cli::parse();
+    let server = matches!(cli.command, Command::Pd { .. } | Command::Store { .. });
+    init_logging(if server { "info" } else { "warn" });
     match cli.command {
+        Command::Playground {
+            data_dir,
+            stores,
+            engine,
+            store_config,
+            pd_addr,
+            store_port,
+            status_port,
+            ready_timeout_secs,
+        } => run_playground(prkv::playground::PlaygroundOptions {
+            data_dir,
+            stores,
+            engine,
+            store_config,
+            pd_addr,
+            store_port,
+            status_port,
+            ready_timeout: Duration::from_secs(ready_timeout_secs),
+        }),
+        Command::Pd {
+            addr,
+            advertise_addr,
+            data_dir,
+            max_replicas,
+        } => run_pd(prkv::pd::PdOptions {
+            addr,
+            advertise_addr,
+            data_dir,
+            max_replicas,
+        }),
+        Command::Store { config } => run_store(config),
         Command::Bench { what } => match what {
             BenchCommand::Engine {
                 engine,
@@ -183,6 +260,101 @@ fn main() -> ExitCode {
                 }
             }
         },
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops this process");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutdown signal received");
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    // Two workers: gRPC handlers only hand work to the store loop and wait.
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("prkv-grpc")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))
+}
+
+fn run_pd(opts: prkv::pd::PdOptions) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(prkv::pd::serve(opts, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_store(config: Option<PathBuf>) -> ExitCode {
+    let cfg = match config {
+        None => prkv::config::Config::default(),
+        Some(p) => match prkv::config::Config::from_file(&p) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: {}: {e}", p.display());
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(prkv::server::run(cfg, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_playground(opts: prkv::playground::PlaygroundOptions) -> ExitCode {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(_) => return,
+        };
+        rt.block_on(shutdown_signal());
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    match prkv::playground::run(&opts, stop) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

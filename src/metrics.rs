@@ -2,7 +2,7 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{IntCounter, IntGauge, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
 
 pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
 
@@ -41,6 +41,66 @@ pub static MEMORY_FLUSHES: LazyLock<IntCounter> = LazyLock::new(|| {
         "Tablet flushes scheduled to keep memtables under rocksdb.write-buffer-limit",
     )
 });
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(prometheus::Opts::new(name, help), labels).expect("valid metric");
+    REGISTRY
+        .register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+/// Timestamp requests PD answered (one per TSO batch, whatever its count).
+pub static PD_TSO_REQUESTS: LazyLock<IntCounter> =
+    LazyLock::new(|| counter("prkv_pd_tso_requests_total", "TSO batches PD answered"));
+
+/// Region heartbeats PD received.
+pub static PD_REGION_HEARTBEATS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "prkv_pd_region_heartbeats_total",
+        "Region heartbeats PD received",
+    )
+});
+
+/// gRPC requests a store served, by method.
+pub static GRPC_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "prkv_grpc_requests_total",
+        "KV requests served, by method",
+        &["method"],
+    )
+});
+
+/// Region errors returned to clients, by kind (not_leader, epoch_not_match, ...).
+pub static REGION_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "prkv_region_errors_total",
+        "Region errors answered to clients, by kind",
+        &["kind"],
+    )
+});
+
+/// Raft messages sent to other stores over gRPC, and those dropped (queue full, no
+/// connection): Raft retransmits, so drops cost latency, not correctness.
+pub static RAFT_MESSAGES_SENT: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "prkv_raft_messages_sent_total",
+        "Raft messages sent to other stores",
+    )
+});
+pub static RAFT_MESSAGES_DROPPED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "prkv_raft_messages_dropped_total",
+        "Raft messages dropped before reaching another store, by reason",
+        &["reason"],
+    )
+});
+
+/// Regions and leaders on this store (updated with each store heartbeat).
+pub static STORE_REGIONS: LazyLock<IntGauge> =
+    LazyLock::new(|| gauge("prkv_store_regions", "Region replicas on this store"));
+pub static STORE_LEADERS: LazyLock<IntGauge> =
+    LazyLock::new(|| gauge("prkv_store_leaders", "Region leaders on this store"));
 
 /// Renders every metric in the Prometheus text format.
 pub fn render() -> String {

@@ -336,6 +336,7 @@ fn typed_errors(kind: EngineKind) {
                 version: 7,
             },
             mutations: vec![m(b"a", vec![3])],
+            term_fence: 0,
             cb: Box::new(move |r| drop(tx.send(r))),
         })
         .unwrap();

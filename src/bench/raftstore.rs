@@ -21,8 +21,8 @@ use serde::Serialize;
 
 use crate::config::{Config, EngineKind, ReadableDuration, ReadableSize};
 use crate::raftstore::{
-    bootstrap_region, even_region_key, even_regions, start_store, Error, SimNetwork, StoreHandle,
-    StoreMsg, Transport,
+    bootstrap_region, even_region_key, even_regions, start_store, Error, NoPd, SimNetwork,
+    StoreHandle, StoreMsg, Transport,
 };
 use crate::storage::Engines;
 
@@ -71,7 +71,7 @@ pub fn run(opts: &RaftstoreBenchOptions) -> Result<Vec<RaftstoreBenchResult>, St
             bootstrap_region(&engines, r).map_err(|e| e.to_string())?;
         }
         let trans: Arc<dyn Transport> = Arc::new(net.clone());
-        let h = start_store(*s, c, engines, trans).map_err(|e| e.to_string())?;
+        let h = start_store(*s, c, engines, trans, Arc::new(NoPd)).map_err(|e| e.to_string())?;
         net.register(*s, h.router.clone());
         handles.insert(*s, h);
     }
@@ -135,6 +135,7 @@ pub fn run(opts: &RaftstoreBenchOptions) -> Result<Vec<RaftstoreBenchResult>, St
                     version: 1,
                 },
                 mutations: vec![m],
+                term_fence: 0,
                 cb: Box::new(move |r| drop(tx.send((region_id, r)))),
             });
             if let Err(e) = sent {

@@ -110,6 +110,14 @@ pub struct StorageConfig {
     pub data_dir: PathBuf,
     /// Engine kind; fixed when the data dir is bootstrapped.
     pub engine: EngineKind,
+    /// 1: raw keys as given; 2: keys carry a keyspace prefix (`r` + 3-byte keyspace id for
+    /// RawKV). Fixed when the data dir is bootstrapped.
+    pub api_version: u8,
+    /// RawKV puts may carry a time to live (always on with API v2). Fixed at bootstrap: it
+    /// changes how values are stored.
+    pub enable_ttl: bool,
+    /// Largest key a request may write; bigger keys are rejected before they reach Raft.
+    pub max_key_size: ReadableSize,
 }
 
 impl Default for StorageConfig {
@@ -117,6 +125,10 @@ impl Default for StorageConfig {
         StorageConfig {
             data_dir: PathBuf::from("./prkv-data"),
             engine: EngineKind::default(),
+            api_version: 1,
+            enable_ttl: false,
+            // TiKV's default: keys are index entries and row ids, not payloads.
+            max_key_size: ReadableSize::kib(8),
         }
     }
 }
@@ -204,6 +216,11 @@ pub struct RaftstoreConfig {
     pub split_region_check_tick_interval: ReadableDuration,
     /// Check a Region for split only after it grew by this much.
     pub region_split_check_diff: ReadableSize,
+    /// How often every leader reports its Region to PD (also on each leadership and
+    /// membership change, and every tick while a replica catches up).
+    pub pd_heartbeat_tick_interval: ReadableDuration,
+    /// How often the store reports its own state to PD.
+    pub pd_store_heartbeat_tick_interval: ReadableDuration,
 }
 
 impl Default for RaftstoreConfig {
@@ -221,6 +238,8 @@ impl Default for RaftstoreConfig {
             hibernate_regions: true,
             split_region_check_tick_interval: ReadableDuration::millis(10_000),
             region_split_check_diff: ReadableSize::mib(16),
+            pd_heartbeat_tick_interval: ReadableDuration::millis(10_000),
+            pd_store_heartbeat_tick_interval: ReadableDuration::millis(10_000),
         }
     }
 }
@@ -250,15 +269,24 @@ impl Default for CoprocessorConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ServerConfig {
+    /// Where the store listens for gRPC (clients and other stores).
     pub addr: String,
+    /// The gRPC address other stores and clients are told (default: `addr`).
+    pub advertise_addr: String,
+    /// Where the store serves HTTP `/metrics` and `/status`.
     pub status_addr: String,
+    /// Largest gRPC message the store accepts or sends.
+    pub max_grpc_msg_len: ReadableSize,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             addr: "127.0.0.1:20160".into(),
+            advertise_addr: String::new(),
             status_addr: "127.0.0.1:20180".into(),
+            // Above raftstore.raft-entry-max-size (8MiB) with room for a batch's framing.
+            max_grpc_msg_len: ReadableSize::mib(16),
         }
     }
 }
@@ -374,6 +402,58 @@ impl Config {
             return Err(ConfigError::invalid(
                 "raftstore.raft-entry-max-size",
                 "must be in (0, 1GiB]",
+            ));
+        }
+        if rs.pd_heartbeat_tick_interval.0.is_zero() {
+            return Err(ConfigError::invalid(
+                "raftstore.pd-heartbeat-tick-interval",
+                "must be > 0",
+            ));
+        }
+        if rs.pd_store_heartbeat_tick_interval.0.is_zero() {
+            return Err(ConfigError::invalid(
+                "raftstore.pd-store-heartbeat-tick-interval",
+                "must be > 0",
+            ));
+        }
+        let st = &self.storage;
+        if st.api_version != 1 && st.api_version != 2 {
+            return Err(ConfigError::invalid(
+                "storage.api-version",
+                format!("{} is neither 1 nor 2", st.api_version),
+            ));
+        }
+        if st.max_key_size.0 == 0 || st.max_key_size.0 > ReadableSize::mib(1).0 {
+            return Err(ConfigError::invalid(
+                "storage.max-key-size",
+                "must be in (0, 1MiB]",
+            ));
+        }
+        let sv = &self.server;
+        for (key, addr) in [
+            ("server.addr", &sv.addr),
+            ("server.status-addr", &sv.status_addr),
+        ] {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("{addr:?} is not an ip:port address"),
+                ));
+            }
+        }
+        if sv.max_grpc_msg_len.0 <= rs.raft_entry_max_size.0 {
+            return Err(ConfigError::invalid(
+                "server.max-grpc-msg-len",
+                format!(
+                    "{} must exceed raftstore.raft-entry-max-size ({})",
+                    sv.max_grpc_msg_len, rs.raft_entry_max_size
+                ),
+            ));
+        }
+        if self.pd.endpoints.is_empty() {
+            return Err(ConfigError::invalid(
+                "pd.endpoints",
+                "must list at least one PD",
             ));
         }
         let c = &self.coprocessor;

@@ -24,9 +24,12 @@ pub mod store;
 pub mod transport;
 
 pub use error::{Error, Result};
-pub use msg::{ChangePeer, RaftMessage, RegionStatus, StoreId, StoreMsg};
+pub use msg::{
+    ChangePeer, NoPd, PdReporter, RaftMessage, RegionHeartbeat, RegionSnapshot, RegionStatus,
+    StoreId, StoreMsg,
+};
 pub use store::{
-    bootstrap_region, even_region_key, even_regions, start_store, StoreHandle, StoreRouter,
-    StoreStats,
+    bootstrap_region, discard_bootstrap_region, even_region_key, even_regions, start_store,
+    StoreHandle, StoreRouter, StoreStats,
 };
 pub use transport::{SimNetwork, Transport, Verdict};

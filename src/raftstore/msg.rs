@@ -53,7 +53,41 @@ impl RaftMessage {
 }
 
 pub type WriteCallback = Box<dyn FnOnce(Result<()>) + Send>;
-pub type ReadCallback = Box<dyn FnOnce(Result<Box<dyn Snapshot>>) + Send>;
+pub type ReadCallback = Box<dyn FnOnce(Result<RegionSnapshot>) + Send>;
+
+/// The answer to a read: a snapshot of the Region's data, and the Region and leader term it was
+/// taken under (callers check keys against the range; read-modify-writes fence on the term).
+pub struct RegionSnapshot {
+    pub snap: Box<dyn Snapshot>,
+    pub region: Region,
+    pub term: u64,
+}
+
+/// A Region leader's report to PD (sent on leadership and membership changes, and
+/// periodically).
+#[derive(Clone, Debug)]
+pub struct RegionHeartbeat {
+    pub region: Region,
+    pub leader: Peer,
+    pub term: u64,
+    /// Replicas still catching up with the leader's log.
+    pub pending_peers: Vec<Peer>,
+    pub approximate_size: u64,
+    pub approximate_keys: u64,
+}
+
+/// Where a store's reports to PD go. Implementations must not block (the store loop calls
+/// them): queue and drop when full.
+pub trait PdReporter: Send + Sync {
+    fn region_heartbeat(&self, hb: RegionHeartbeat);
+}
+
+/// For stores that run without PD (tests, in-process benchmarks).
+pub struct NoPd;
+
+impl PdReporter for NoPd {
+    fn region_heartbeat(&self, _hb: RegionHeartbeat) {}
+}
 
 /// A membership change.
 #[derive(Clone, Debug)]
@@ -70,6 +104,9 @@ pub enum StoreMsg {
         region_id: RegionId,
         epoch: RegionEpoch,
         mutations: Vec<Mutation>,
+        /// Apply only if committed in this term (0 = unconditionally); see `term_fence` in
+        /// `serverpb.proto`.
+        term_fence: u64,
         cb: WriteCallback,
     },
     /// A linearizable read: answered with an engine snapshot that reflects every write

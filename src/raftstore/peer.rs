@@ -33,7 +33,7 @@ use raft::eraftpb::{ConfChangeType, ConfChangeV2, Entry, EntryType};
 use raft::{RawNode, StateRole};
 
 use super::error::{Error, Result};
-use super::msg::{ChangePeer, ReadCallback, WriteCallback};
+use super::msg::{ChangePeer, ReadCallback, RegionHeartbeat, RegionSnapshot, WriteCallback};
 use crate::raftlog::{LogWriteBatch, RaftLogStore, RegionLog};
 use crate::storage::{Cf, RegionEngine, WriteBatch};
 
@@ -100,7 +100,15 @@ pub struct Peer {
     last_term: u64,
     /// `region` reflects membership changes through this log index (see `RegionLocalState`).
     conf_index: u64,
+    /// PD should hear from this leader soon: it just became leader or its membership changed.
+    pub pd_dirty: bool,
 }
+
+/// A replica whose log trails the leader's commit index by more than this is reported to PD as
+/// pending (still catching up), and PD does not promote it yet. Small enough that a promoted
+/// learner catches up within a round trip, large enough that a busy Region's healthy followers
+/// (a few entries behind at any instant) are not pending.
+const PENDING_LAG: u64 = 64;
 
 fn discard_logger() -> slog::Logger {
     slog::Logger::root(slog::Discard, slog::o!())
@@ -172,6 +180,7 @@ impl Peer {
             idle_ticks: 0,
             last_term: 0,
             conf_index,
+            pd_dirty: false,
         })
     }
 
@@ -241,6 +250,7 @@ impl Peer {
         &mut self,
         epoch: &RegionEpoch,
         mutations: Vec<Mutation>,
+        term_fence: u64,
         cb: WriteCallback,
     ) -> std::result::Result<(), (Error, WriteCallback)> {
         self.wake();
@@ -284,6 +294,7 @@ impl Peer {
             region_epoch: Some(*epoch),
             mutations,
             compact_log_index: 0,
+            term_fence,
         };
         let data = cmd.encode_to_vec();
         if data.len() as u64 > self.cfg.raft_entry_max_size {
@@ -359,6 +370,14 @@ impl Peer {
             && self.lease_until.is_some_and(|t| now < t)
     }
 
+    fn snapshot(&self) -> RegionSnapshot {
+        RegionSnapshot {
+            snap: self.engine.snapshot(),
+            region: self.region.clone(),
+            term: self.term(),
+        }
+    }
+
     /// Starts a linearizable read.
     pub fn read(&mut self, epoch: &RegionEpoch, cb: ReadCallback) {
         self.wake();
@@ -369,7 +388,7 @@ impl Peer {
             return cb(Err(e));
         }
         if self.lease_valid(Instant::now()) {
-            return cb(Ok(self.engine.snapshot()));
+            return cb(Ok(self.snapshot()));
         }
         if self.reads.len() >= MAX_PENDING_READS {
             return cb(Err(Error::ServerIsBusy {
@@ -443,7 +462,7 @@ impl Peer {
             match r.read_index {
                 Some(idx) if idx <= self.applied_index => {
                     let r = self.reads.pop_front().expect("front exists");
-                    (r.cb)(Ok(self.engine.snapshot()));
+                    (r.cb)(Ok(self.snapshot()));
                 }
                 _ => break,
             }
@@ -453,6 +472,9 @@ impl Peer {
     /// Called after each Ready round: notices leadership changes.
     pub fn on_role_maybe_changed(&mut self) {
         if self.term() != self.last_term || !self.is_leader() {
+            if self.term() != self.last_term && self.is_leader() {
+                self.pd_dirty = true;
+            }
             self.last_term = self.term();
             if !self.is_leader() {
                 self.lease_until = None;
@@ -465,6 +487,36 @@ impl Peer {
             }
         }
         self.maybe_issue_reads();
+    }
+
+    /// This leader's report to PD; `None` on followers.
+    pub fn heartbeat(&self) -> Option<RegionHeartbeat> {
+        if !self.is_leader() {
+            return None;
+        }
+        let committed = self.raw.raft.raft_log.committed;
+        let pending_peers = self
+            .region
+            .peers
+            .iter()
+            .filter(|p| p.id != self.meta.id)
+            .filter(|p| {
+                self.raw
+                    .raft
+                    .prs()
+                    .get(p.id)
+                    .is_none_or(|pr| pr.matched == 0 || pr.matched + PENDING_LAG < committed)
+            })
+            .copied()
+            .collect();
+        Some(RegionHeartbeat {
+            region: self.region.clone(),
+            leader: self.meta,
+            term: self.term(),
+            pending_peers,
+            approximate_size: self.engine.approximate_size().unwrap_or(0),
+            approximate_keys: self.engine.approximate_keys().unwrap_or(0),
+        })
     }
 
     /// Drives Raft's clock. Returns whether the peer did anything beyond ticking.
@@ -546,6 +598,11 @@ impl Peer {
                         if cmd.compact_log_index > 0 {
                             let c = outcome.compact_to.get_or_insert(0);
                             *c = (*c).max(cmd.compact_log_index);
+                        } else if cmd.term_fence != 0 && cmd.term_fence != e.term {
+                            err = Some(Error::StaleCommand {
+                                region_id: self.region.id,
+                                term: cmd.term_fence,
+                            });
                         } else if cmd.region_epoch.as_ref().map_or(0, |ep| ep.version)
                             != current.version
                         {
@@ -563,6 +620,7 @@ impl Peer {
                     self.flush_apply(&mut wb, e.index - 1, self.applied_term)?;
                     let removed = self.apply_conf_change(&e)?;
                     outcome.region_changed = true;
+                    self.pd_dirty = true;
                     results.push((e.index, e.term, None));
                     if removed {
                         // Nothing after our own removal concerns this replica.

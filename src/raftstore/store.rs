@@ -26,7 +26,7 @@ use prkv_proto::metapb::{Peer as PeerMeta, Region};
 use prkv_proto::serverpb::{PeerState, RegionLocalState};
 
 use super::error::{Error, Result};
-use super::msg::{RaftMessage, RegionStatus, StoreId, StoreMsg};
+use super::msg::{PdReporter, RaftMessage, RegionStatus, StoreId, StoreMsg};
 use super::peer::{Peer, PeerConfig};
 use super::transport::Transport;
 use crate::config::Config;
@@ -49,6 +49,9 @@ pub struct StoreStats {
     /// Peer ticks performed; hibernated peers add nothing.
     pub peer_ticks: AtomicU64,
     pub applied_entries: AtomicU64,
+    /// Replicas on this store, and how many of them lead (refreshed every tick).
+    pub regions: AtomicU64,
+    pub leaders: AtomicU64,
 }
 
 /// A handle for sending messages to a store's loop.
@@ -176,8 +179,10 @@ struct Store {
     peers: HashMap<RegionId, Peer>,
     rx: Receiver<StoreMsg>,
     trans: Arc<dyn Transport>,
+    pd: Arc<dyn PdReporter>,
     stats: Arc<StoreStats>,
     tick_interval: Duration,
+    next_pd_heartbeat: Instant,
     next_tick: Instant,
     /// When each other store was last heard from (any message).
     last_heard: HashMap<StoreId, Instant>,
@@ -197,6 +202,7 @@ pub fn start_store(
     cfg: Config,
     engines: Engines,
     trans: Arc<dyn Transport>,
+    pd: Arc<dyn PdReporter>,
 ) -> Result<StoreHandle> {
     let (tx, rx) = bounded(STORE_INBOX_CAPACITY);
     let stats = Arc::new(StoreStats::default());
@@ -209,6 +215,8 @@ pub fn start_store(
         peers: HashMap::new(),
         rx,
         trans,
+        pd,
+        next_pd_heartbeat: Instant::now(),
         stats: stats.clone(),
         last_heard: HashMap::new(),
         sleeping_by_leader_store: HashMap::new(),
@@ -247,7 +255,8 @@ impl Store {
                 self.engines
                     .kv
                     .open_region(region.id, range_of(&region), state.tablet_index)?;
-            let peer = Peer::new(
+            let single = region.peers.len() == 1 && region.peers[0].id == meta.id;
+            let mut peer = Peer::new(
                 region,
                 meta,
                 self.engines.raft.clone(),
@@ -255,6 +264,11 @@ impl Store {
                 peer_config(&self.cfg),
                 state.conf_index,
             )?;
+            if single {
+                // The only voter (a freshly bootstrapped Region): no one else can win an
+                // election, so do not wait an election timeout to hold one.
+                let _ = peer.raw.campaign();
+            }
             self.peers.insert(region_id, peer);
         }
         tracing::info!(
@@ -309,13 +323,14 @@ impl Store {
                 region_id,
                 epoch,
                 mutations,
+                term_fence,
                 cb,
             } => {
                 self.stats.proposals.fetch_add(1, Ordering::Relaxed);
                 match self.peers.get_mut(&region_id) {
                     None => cb(Err(Error::RegionNotFound(region_id))),
                     Some(p) => {
-                        if let Err((e, cb)) = p.propose_write(&epoch, mutations, cb) {
+                        if let Err((e, cb)) = p.propose_write(&epoch, mutations, term_fence, cb) {
                             cb(Err(e));
                         }
                     }
@@ -511,6 +526,7 @@ impl Store {
             self.next_gc = now + self.cfg.raftstore.raft_log_gc_tick_interval.0;
             self.on_raft_log_gc_tick();
         }
+        self.report_to_pd(now);
         let mut ticked = 0;
         let mut hibernating = Vec::new();
         for p in self.peers.values_mut() {
@@ -551,6 +567,50 @@ impl Store {
                     from_store: self.id,
                     to_store: to.store_id,
                 });
+            }
+        }
+    }
+
+    /// Region heartbeats to PD: every leader each `raftstore.pd-heartbeat-tick-interval`, and
+    /// on every tick the leaders whose replicas are still catching up (learners PD waits to
+    /// promote). Also refreshes the store's Region and leader counts.
+    fn report_to_pd(&mut self, now: Instant) {
+        let all = now >= self.next_pd_heartbeat;
+        if all {
+            self.next_pd_heartbeat = now + self.cfg.raftstore.pd_heartbeat_tick_interval.0;
+        }
+        let mut leaders = 0;
+        for p in self.peers.values_mut() {
+            if !p.is_leader() {
+                continue;
+            }
+            leaders += 1;
+            let catching_up = p
+                .region
+                .peers
+                .iter()
+                .any(|x| x.role == prkv_proto::metapb::PeerRole::Learner as i32);
+            if all || catching_up || p.pd_dirty {
+                if let Some(hb) = p.heartbeat() {
+                    p.pd_dirty = false;
+                    self.pd.region_heartbeat(hb);
+                }
+            }
+        }
+        self.stats
+            .regions
+            .store(self.peers.len() as u64, Ordering::Relaxed);
+        self.stats.leaders.store(leaders, Ordering::Relaxed);
+    }
+
+    /// Leaders that just took over or changed membership report at once, not at the next tick.
+    fn report_dirty_to_pd(&mut self) {
+        for p in self.peers.values_mut() {
+            if p.pd_dirty {
+                if let Some(hb) = p.heartbeat() {
+                    self.pd.region_heartbeat(hb);
+                }
+                p.pd_dirty = false;
             }
         }
     }
@@ -687,6 +747,7 @@ impl Store {
         for id in removed {
             self.destroy_peer(id)?;
         }
+        self.report_dirty_to_pd();
         Ok(())
     }
 
@@ -739,4 +800,14 @@ impl Store {
         tracing::info!(store_id = self.id, region_id = id, "replica destroyed");
         Ok(())
     }
+}
+
+/// Removes a Region replica written by [`bootstrap_region`] that never became part of a
+/// cluster (another store bootstrapped first).
+pub fn discard_bootstrap_region(engines: &Engines, region_id: RegionId) -> Result<()> {
+    let mut wb = LogWriteBatch::new();
+    wb.clean(region_id);
+    engines.raft.write(&mut wb, true)?;
+    engines.kv.destroy_region(region_id)?;
+    Ok(())
 }

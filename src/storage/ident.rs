@@ -23,6 +23,12 @@ pub struct StoreIdent {
     pub cluster_id: u64,
     #[serde(default)]
     pub store_id: u64,
+    /// `storage.api-version` and `storage.enable-ttl` the data was written with (set when the
+    /// store first joins a cluster; they decide how keys and values are stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enable_ttl: Option<bool>,
 }
 
 /// Reads the data dir's identity, if it has one.
@@ -86,6 +92,8 @@ pub fn check_or_bootstrap(data_dir: &Path, engine: EngineKind) -> Result<StoreId
         engine,
         cluster_id: 0,
         store_id: 0,
+        api_version: None,
+        enable_ttl: None,
     };
     store(data_dir, &ident)?;
     Ok(ident)

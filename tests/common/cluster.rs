@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use prkv::config::{Config, EngineKind, ReadableDuration, ReadableSize};
 use prkv::raftstore::{
-    bootstrap_region, start_store, ChangePeer, Error, RegionStatus, SimNetwork, StoreHandle,
+    bootstrap_region, start_store, ChangePeer, Error, NoPd, RegionStatus, SimNetwork, StoreHandle,
     StoreId, StoreMsg, Transport,
 };
 use prkv::storage::{Cf, Engines, StoreEngine};
@@ -97,7 +97,7 @@ impl Cluster {
         let engines = Engines::open(&self.store_config(s)).unwrap();
         self.kv.insert(s, engines.kv.clone());
         let trans: Arc<dyn Transport> = Arc::new(self.net.clone());
-        let handle = start_store(s, self.store_config(s), engines, trans).unwrap();
+        let handle = start_store(s, self.store_config(s), engines, trans, Arc::new(NoPd)).unwrap();
         self.net.register(s, handle.router.clone());
         self.stores.insert(s, handle);
     }
@@ -216,6 +216,7 @@ impl Cluster {
             region_id,
             epoch: self.epoch(region_id),
             mutations,
+            term_fence: 0,
             cb: Box::new(move |r| drop(tx.send(r))),
         })?;
         Ok(rx)
@@ -249,7 +250,8 @@ impl Cluster {
             epoch: self.epoch(region_id),
             cb: Box::new(move |r| {
                 let v = r.and_then(|snap| {
-                    snap.get(Cf::Default, &key2)
+                    snap.snap
+                        .get(Cf::Default, &key2)
                         .map_err(|e| Error::Storage(e.to_string()))
                 });
                 let _ = tx.send(v);

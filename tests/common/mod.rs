@@ -71,3 +71,4 @@ pub fn child_stdout(child: &mut Child) -> BufReader<std::process::ChildStdout> {
     BufReader::new(child.stdout.take().expect("piped stdout"))
 }
 pub mod cluster;
+pub mod procs;

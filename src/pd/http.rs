@@ -1,0 +1,195 @@
+//! PD's JSON HTTP API, served on the gRPC port (as PD does: tools read
+//! `http://<pd>/pd/api/v1/...` from the same address clients use for gRPC).
+//!
+//! tonic routes requests by their first path segment, `/<service>/...`; this service names
+//! itself `pd`, so every `/pd/...` request (HTTP/1.1 or HTTP/2) lands here.
+//!
+//! | path | answer |
+//! |---|---|
+//! | `GET /pd/api/v1/health` | `[{"name", "member_id", "client_urls", "health": true}]` |
+//! | `GET /pd/api/v1/stores` | `{"count", "stores": [{"store": {...}, "status": {...}}]}` |
+//! | `GET /pd/api/v1/regions` | `{"count", "regions": [region]}` in key order |
+//! | `GET /pd/api/v1/region/id/{id}` | one `region`, or 404 |
+//!
+//! Keys are hex-encoded raw keys (uppercase). A `region` is
+//! `{"id", "start_key", "end_key", "epoch": {"conf_ver", "version"}, "peers": [{"id",
+//! "store_id", "role_name"}], "leader": peer|null, "pending_peers", "down_peers",
+//! "approximate_size", "approximate_keys"}`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use prkv_proto::metapb::{Peer, PeerRole, StoreState};
+use serde_json::{json, Value};
+use tonic::codegen::{http, Body as _, BoxFuture, Service};
+
+use super::cluster::{RegionInfo, StoreInfo};
+use super::service::PdState;
+
+#[derive(Clone)]
+pub struct PdHttp {
+    pub state: Arc<PdState>,
+}
+
+impl tonic::server::NamedService for PdHttp {
+    const NAME: &'static str = "pd";
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02X}")).collect()
+}
+
+fn peer_json(p: &Peer) -> Value {
+    let role = if p.role == PeerRole::Learner as i32 {
+        "Learner"
+    } else {
+        "Voter"
+    };
+    json!({"id": p.id, "store_id": p.store_id, "role_name": role})
+}
+
+pub fn region_json(i: &RegionInfo) -> Value {
+    let e = i.region.region_epoch.unwrap_or_default();
+    json!({
+        "id": i.region.id,
+        "start_key": hex(&i.region.start_key),
+        "end_key": hex(&i.region.end_key),
+        "epoch": {"conf_ver": e.conf_ver, "version": e.version},
+        "peers": i.region.peers.iter().map(peer_json).collect::<Vec<_>>(),
+        "leader": i.leader.as_ref().map(peer_json),
+        "pending_peers": i.pending_peers.iter().map(peer_json).collect::<Vec<_>>(),
+        "down_peers": i.down_peers.iter().map(|d| json!({
+            "peer": d.peer.as_ref().map(peer_json),
+            "down_seconds": d.down_seconds,
+        })).collect::<Vec<_>>(),
+        "approximate_size": i.approximate_size,
+        "approximate_keys": i.approximate_keys,
+    })
+}
+
+fn store_json(s: &StoreInfo, leaders: usize) -> Value {
+    let state = match StoreState::try_from(s.meta.state) {
+        Ok(StoreState::Up) => "Up",
+        Ok(StoreState::Offline) => "Offline",
+        Ok(StoreState::Tombstone) => "Tombstone",
+        Err(_) => "Unknown",
+    };
+    let st = s.stats.clone().unwrap_or_default();
+    json!({
+        "store": {
+            "id": s.meta.id,
+            "address": s.meta.address,
+            "status_address": s.meta.status_address,
+            "version": s.meta.version,
+            "state_name": state,
+        },
+        "status": {
+            "alive": s.alive(),
+            "capacity": st.capacity,
+            "available": st.available,
+            "used_size": st.used_size,
+            "region_count": st.region_count,
+            "leader_count": leaders,
+            "last_heartbeat": s.meta.last_heartbeat,
+        },
+    })
+}
+
+fn respond(status: http::StatusCode, body: Value) -> http::Response<tonic::body::BoxBody> {
+    let text = serde_json::to_string_pretty(&body).unwrap_or_else(|_| "null".into());
+    http::Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(
+            hyper::Body::from(text)
+                .map_err(|e| tonic::Status::internal(e.to_string()))
+                .boxed_unsync(),
+        )
+        .unwrap_or_else(|_| http::Response::new(tonic::body::empty_body()))
+}
+
+fn not_found(what: String) -> http::Response<tonic::body::BoxBody> {
+    respond(http::StatusCode::NOT_FOUND, json!({ "error": what }))
+}
+
+impl PdHttp {
+    fn handle(&self, method: &http::Method, path: &str) -> http::Response<tonic::body::BoxBody> {
+        if method != http::Method::GET {
+            return respond(
+                http::StatusCode::METHOD_NOT_ALLOWED,
+                json!({"error": "only GET is served"}),
+            );
+        }
+        let path = path.trim_end_matches('/');
+        match path {
+            "/pd/api/v1/health" => {
+                let m = &self.state.member;
+                respond(
+                    http::StatusCode::OK,
+                    json!([{
+                        "name": m.name,
+                        "member_id": m.member_id,
+                        "client_urls": m.client_urls,
+                        "health": true,
+                    }]),
+                )
+            }
+            "/pd/api/v1/stores" => {
+                let c = self.state.cluster.lock();
+                let mut leaders: std::collections::HashMap<u64, usize> = Default::default();
+                for r in c.regions_in_order() {
+                    if let Some(l) = r.leader {
+                        *leaders.entry(l.store_id).or_default() += 1;
+                    }
+                }
+                let stores: Vec<Value> = c
+                    .stores()
+                    .map(|s| store_json(s, leaders.get(&s.meta.id).copied().unwrap_or(0)))
+                    .collect();
+                respond(
+                    http::StatusCode::OK,
+                    json!({"count": stores.len(), "stores": stores}),
+                )
+            }
+            "/pd/api/v1/regions" => {
+                let c = self.state.cluster.lock();
+                let regions: Vec<Value> = c.regions_in_order().map(region_json).collect();
+                respond(
+                    http::StatusCode::OK,
+                    json!({"count": regions.len(), "regions": regions}),
+                )
+            }
+            p if p.starts_with("/pd/api/v1/region/id/") => {
+                let id = &p["/pd/api/v1/region/id/".len()..];
+                let Ok(id) = id.parse::<u64>() else {
+                    return respond(
+                        http::StatusCode::BAD_REQUEST,
+                        json!({"error": format!("{id:?} is not a Region id")}),
+                    );
+                };
+                let c = self.state.cluster.lock();
+                match c.region_by_id(id) {
+                    Some(r) => respond(http::StatusCode::OK, region_json(r)),
+                    None => not_found(format!("Region {id} not found")),
+                }
+            }
+            _ => not_found(format!("no such endpoint: {path}")),
+        }
+    }
+}
+
+impl<B: Send + 'static> Service<http::Request<B>> for PdHttp {
+    type Response = http::Response<tonic::body::BoxBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let resp = self.handle(req.method(), req.uri().path());
+        Box::pin(async move { Ok(resp) })
+    }
+}

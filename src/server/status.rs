@@ -1,0 +1,90 @@
+//! The store's status port: `GET /metrics` (Prometheus text) and `GET /status` (JSON).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use hyper::service::{make_service_fn, service_fn};
+use hyper::{Body, Method, Request, Response, StatusCode};
+use serde_json::json;
+
+use crate::raftstore::StoreStats;
+
+/// What `/status` reports.
+pub struct StatusInfo {
+    pub store_id: u64,
+    pub cluster_id: u64,
+    pub address: String,
+    pub engine: &'static str,
+    pub api_version: u8,
+    pub started: Instant,
+    pub stats: Arc<StoreStats>,
+}
+
+fn handle(req: &Request<Body>, info: &StatusInfo) -> Response<Body> {
+    if req.method() != Method::GET {
+        return Response::builder()
+            .status(StatusCode::METHOD_NOT_ALLOWED)
+            .body(Body::from("only GET is served\n"))
+            .unwrap_or_default();
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            crate::metrics::STORE_REGIONS.set(info.stats.regions.load(Ordering::Relaxed) as i64);
+            crate::metrics::STORE_LEADERS.set(info.stats.leaders.load(Ordering::Relaxed) as i64);
+            Response::builder()
+                .header("content-type", "text/plain; version=0.0.4")
+                .body(Body::from(crate::metrics::render()))
+                .unwrap_or_default()
+        }
+        "/status" => {
+            let body = json!({
+                "store_id": info.store_id,
+                "cluster_id": info.cluster_id,
+                "address": info.address,
+                "engine": info.engine,
+                "api_version": info.api_version,
+                "version": env!("CARGO_PKG_VERSION"),
+                "uptime_secs": info.started.elapsed().as_secs(),
+                "regions": info.stats.regions.load(Ordering::Relaxed),
+                "leaders": info.stats.leaders.load(Ordering::Relaxed),
+                "proposals": info.stats.proposals.load(Ordering::Relaxed),
+                "applied_entries": info.stats.applied_entries.load(Ordering::Relaxed),
+                "fsyncs": info.stats.fsyncs.load(Ordering::Relaxed),
+            });
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap_or_default()
+        }
+        other => Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .body(Body::from(format!("no such endpoint: {other}\n")))
+            .unwrap_or_default(),
+    }
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    addr: SocketAddr,
+    info: Arc<StatusInfo>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
+    let make = make_service_fn(move |_| {
+        let info = info.clone();
+        async move {
+            Ok::<_, Infallible>(service_fn(move |req| {
+                let resp = handle(&req, &info);
+                async move { Ok::<_, Infallible>(resp) }
+            }))
+        }
+    });
+    hyper::Server::try_bind(&addr)
+        .map_err(|e| format!("status address {addr}: {e}"))?
+        .serve(make)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| format!("status server: {e}"))
+}

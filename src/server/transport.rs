@@ -1,0 +1,239 @@
+//! Raft messages between stores over gRPC: the production [`Transport`].
+//!
+//! Each destination store gets a bounded queue and one task. The task resolves the store's
+//! address through PD, opens a long-lived client stream (`serverpb.StoreTransport/Raft`) and
+//! sends whatever is queued in batches. If the stream breaks, it reconnects with backoff and
+//! re-resolves the address. Raft tolerates loss, so the rules are simple:
+//!
+//! * **Backpressure**: when a peer store is slow, HTTP/2 flow control stalls the stream, the
+//!   queue fills, and new messages are dropped (counted in `prkv_raft_messages_dropped_total`).
+//!   The store loop never blocks on the network.
+//! * **Disconnected**: queued messages are discarded before reconnecting: they are stale by
+//!   then, and Raft resends what matters.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use parking_lot::Mutex;
+use prkv_proto::serverpb::store_transport_client::StoreTransportClient;
+use prkv_proto::serverpb::store_transport_server::StoreTransport;
+use prkv_proto::serverpb::{StoreRaftBatch, StoreRaftDone, StoreRaftMessage};
+use protobuf::Message as _;
+use tokio::sync::mpsc;
+use tonic::transport::Endpoint;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::pd_client::PdClient;
+use crate::metrics::{RAFT_MESSAGES_DROPPED, RAFT_MESSAGES_SENT};
+use crate::raftstore::{RaftMessage, StoreId, StoreMsg, StoreRouter, Transport};
+
+/// Messages queued per destination store. Raft messages are small except appends, which
+/// raft-rs caps at 1 MiB (`max_size_per_msg`); a full queue means the peer is not keeping up,
+/// and dropping is the right answer.
+const QUEUE_PER_STORE: usize = 1024;
+/// Messages per gRPC batch: amortises framing without delaying a heartbeat behind many appends.
+const MAX_BATCH: usize = 128;
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub fn encode(m: &RaftMessage) -> StoreRaftMessage {
+    StoreRaftMessage {
+        region_id: m.region_id,
+        from_peer: Some(m.from_peer),
+        to_peer: Some(m.to_peer),
+        region_epoch: Some(m.region_epoch),
+        message: m.message.write_to_bytes().unwrap_or_default(),
+        region: m.region.clone(),
+        region_conf_index: m.region_conf_index,
+        hibernate: m.hibernate,
+        from_store: m.from_store,
+        to_store: m.to_store,
+    }
+}
+
+pub fn decode(m: StoreRaftMessage) -> Result<RaftMessage, String> {
+    let message = raft::eraftpb::Message::parse_from_bytes(&m.message)
+        .map_err(|e| format!("bad raft message: {e}"))?;
+    Ok(RaftMessage {
+        region_id: m.region_id,
+        from_peer: m.from_peer.unwrap_or_default(),
+        to_peer: m.to_peer.unwrap_or_default(),
+        region_epoch: m.region_epoch.unwrap_or_default(),
+        message,
+        region: m.region,
+        region_conf_index: m.region_conf_index,
+        hibernate: m.hibernate,
+        from_store: m.from_store,
+        to_store: m.to_store,
+    })
+}
+
+pub struct GrpcTransport {
+    pd: PdClient,
+    queues: Mutex<HashMap<StoreId, mpsc::Sender<RaftMessage>>>,
+    rt: tokio::runtime::Handle,
+    max_msg: usize,
+}
+
+impl GrpcTransport {
+    pub fn new(pd: PdClient, rt: tokio::runtime::Handle, max_msg: usize) -> Self {
+        GrpcTransport {
+            pd,
+            queues: Mutex::new(HashMap::new()),
+            rt,
+            max_msg,
+        }
+    }
+}
+
+impl Transport for GrpcTransport {
+    fn send(&self, msg: RaftMessage) {
+        let to = msg.to_store;
+        let tx = {
+            let mut q = self.queues.lock();
+            q.entry(to)
+                .or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel(QUEUE_PER_STORE);
+                    self.rt
+                        .spawn(connection(to, self.pd.clone(), rx, self.max_msg));
+                    tx
+                })
+                .clone()
+        };
+        match tx.try_send(msg) {
+            Ok(()) => RAFT_MESSAGES_SENT.inc(),
+            Err(mpsc::error::TrySendError::Full(_)) => RAFT_MESSAGES_DROPPED
+                .with_label_values(&["queue_full"])
+                .inc(),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                RAFT_MESSAGES_DROPPED.with_label_values(&["closed"]).inc();
+                self.queues.lock().remove(&to);
+            }
+        }
+    }
+}
+
+fn drain(rx: &mut mpsc::Receiver<RaftMessage>) {
+    while rx.try_recv().is_ok() {
+        RAFT_MESSAGES_DROPPED
+            .with_label_values(&["disconnected"])
+            .inc();
+    }
+}
+
+/// One destination store: resolve, connect, stream batches; on failure back off and redo.
+async fn connection(
+    to: StoreId,
+    pd: PdClient,
+    mut rx: mpsc::Receiver<RaftMessage>,
+    max_msg: usize,
+) {
+    let mut backoff = BACKOFF_MIN;
+    // The last address PD gave: used while PD is unreachable, so that stores keep talking.
+    let mut known: Option<String> = None;
+    loop {
+        let attempt: Result<(), String> = async {
+            let address = match pd.get_store(to).await {
+                Ok(store) => {
+                    known = Some(store.address.clone());
+                    store.address
+                }
+                Err(e) => match &known {
+                    Some(a) => a.clone(),
+                    None => return Err(e.to_string()),
+                },
+            };
+            let channel = Endpoint::from_shared(format!("http://{address}"))
+                .map_err(|e| format!("store {to} address {address:?}: {e}"))?
+                .connect_timeout(CONNECT_TIMEOUT)
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .map_err(|e| format!("connecting to store {to} at {address}: {e}"))?;
+            let mut client = StoreTransportClient::new(channel)
+                .max_encoding_message_size(max_msg)
+                .max_decoding_message_size(max_msg);
+            let (btx, brx) = mpsc::channel::<StoreRaftBatch>(4);
+            let call = client.raft(tokio_stream::wrappers::ReceiverStream::new(brx));
+            tokio::pin!(call);
+            tracing::info!(to_store = to, %address, "raft stream connected");
+            backoff = BACKOFF_MIN;
+            loop {
+                tokio::select! {
+                    m = rx.recv() => {
+                        let Some(m) = m else { return Ok(()) };
+                        let mut msgs = vec![encode(&m)];
+                        while msgs.len() < MAX_BATCH {
+                            match rx.try_recv() {
+                                Ok(m) => msgs.push(encode(&m)),
+                                Err(_) => break,
+                            }
+                        }
+                        if btx.send(StoreRaftBatch { msgs }).await.is_err() {
+                            return Err(format!("stream to store {to} closed"));
+                        }
+                    }
+                    r = &mut call => {
+                        return Err(format!("stream to store {to} ended: {:?}", r.err()));
+                    }
+                }
+            }
+        }
+        .await;
+        match attempt {
+            Ok(()) => return, // the store is shutting down
+            Err(e) => {
+                tracing::debug!(to_store = to, error = %e, retry_in = ?backoff, "raft connection failed");
+                drain(&mut rx);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                if rx.is_closed() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The receiving side: hands every message to the store loop (dropping it if the loop's inbox
+/// is full: Raft retransmits).
+#[derive(Clone)]
+pub struct RaftService {
+    pub router: StoreRouter,
+}
+
+#[tonic::async_trait]
+impl StoreTransport for RaftService {
+    async fn raft(
+        &self,
+        req: Request<Streaming<StoreRaftBatch>>,
+    ) -> Result<Response<StoreRaftDone>, Status> {
+        let mut input = req.into_inner();
+        while let Some(batch) = input.next().await {
+            let batch = batch?;
+            for m in batch.msgs {
+                if m.to_store != self.router.store_id {
+                    RAFT_MESSAGES_DROPPED
+                        .with_label_values(&["wrong_store"])
+                        .inc();
+                    continue;
+                }
+                match decode(m) {
+                    Ok(m) => {
+                        if self.router.try_send(StoreMsg::Raft(Box::new(m))).is_err() {
+                            RAFT_MESSAGES_DROPPED
+                                .with_label_values(&["inbox_full"])
+                                .inc();
+                        }
+                    }
+                    Err(e) => {
+                        return Err(Status::invalid_argument(e));
+                    }
+                }
+            }
+        }
+        Ok(Response::new(StoreRaftDone {}))
+    }
+}

@@ -1,0 +1,281 @@
+//! Real `prkv` processes on loopback ports: a PD and stores started as the binary a user runs,
+//! killed with SIGKILL or stopped with SIGTERM, for process-level tests.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const PRKV: &str = env!("CARGO_BIN_EXE_prkv");
+
+/// Store settings that make failover quick in tests: 100 ms ticks (1 s election timeout), PD
+/// heartbeats every second, small memtables.
+pub const FAST_STORE_CONFIG: &str = r#"
+[raftstore]
+raft-base-tick-interval = "100ms"
+raft-heartbeat-ticks = 2
+raft-election-timeout-ticks = 10
+raft-store-max-leader-lease = "800ms"
+pd-heartbeat-tick-interval = "1s"
+pd-store-heartbeat-tick-interval = "1s"
+
+[rocksdb]
+write-buffer-limit = "64MiB"
+write-buffer-size = "8MiB"
+block-cache-size = "32MiB"
+"#;
+
+/// `n` consecutive free loopback ports (checked by binding them all).
+pub fn free_ports(n: u16) -> u16 {
+    for _ in 0..200 {
+        let base: u16 = 20_000 + rand::random::<u16>() % 40_000;
+        let ok = (0..n).all(|i| {
+            base.checked_add(i)
+                .is_some_and(|p| TcpListener::bind(("127.0.0.1", p)).is_ok())
+        });
+        if ok {
+            return base;
+        }
+    }
+    panic!("no {n} consecutive free ports");
+}
+
+pub fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A plain HTTP GET (reusing the playground's client).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
+    prkv::playground::http_get(addr, path)
+}
+
+pub fn http_json(addr: SocketAddr, path: &str) -> serde_json::Value {
+    let body = http_get(addr, path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+}
+
+/// Waits until PD reports `stores` live stores and every Region has a leader and `replicas`
+/// voters.
+pub fn wait_cluster(pd: SocketAddr, stores: usize, replicas: usize, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        if let (Ok(s), Ok(r)) = (
+            http_get(pd, "/pd/api/v1/stores"),
+            http_get(pd, "/pd/api/v1/regions"),
+        ) {
+            let s: serde_json::Value = serde_json::from_str(&s).unwrap_or_default();
+            let r: serde_json::Value = serde_json::from_str(&r).unwrap_or_default();
+            let alive = s["stores"].as_array().map_or(0, |a| {
+                a.iter().filter(|x| x["status"]["alive"] == true).count()
+            });
+            let regions = r["regions"].as_array().cloned().unwrap_or_default();
+            let ok = alive >= stores
+                && !regions.is_empty()
+                && regions.iter().all(|x| {
+                    !x["leader"].is_null()
+                        && x["peers"].as_array().map_or(0, |p| {
+                            p.iter().filter(|p| p["role_name"] == "Voter").count()
+                        }) == replicas
+                        && x["pending_peers"].as_array().is_none_or(|p| p.is_empty())
+                });
+            if ok {
+                return;
+            }
+            last = format!("{alive} stores alive, regions: {r}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("cluster not ready after {timeout:?}: {last}");
+}
+
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn spawn(args: &[&str], log: &Path) -> Proc {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let err = out.try_clone().unwrap();
+        let child = Command::new(PRKV)
+            .args(args)
+            .env("PRKV_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        Proc { child }
+    }
+
+    pub fn sigkill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait (SIGKILL after `grace`); returns whether it exited by itself.
+    pub fn sigterm(&mut self, grace: Duration) -> bool {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.sigkill();
+        false
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.sigkill();
+        }
+    }
+}
+
+/// A PD and `n` stores as separate processes.
+pub struct ProcCluster {
+    pub dir: PathBuf,
+    pub pd_addr: SocketAddr,
+    pub store_base: u16,
+    pub pd: Option<Proc>,
+    pub stores: Vec<Option<Proc>>,
+    pub extra_config: String,
+}
+
+impl ProcCluster {
+    pub fn start(dir: &Path, n: usize, extra_config: &str) -> ProcCluster {
+        let base = free_ports(1 + 2 * n as u16);
+        let mut c = ProcCluster {
+            dir: dir.to_path_buf(),
+            pd_addr: addr(base),
+            store_base: base + 1,
+            pd: None,
+            stores: (0..n).map(|_| None).collect(),
+            extra_config: extra_config.to_string(),
+        };
+        c.start_pd();
+        for i in 1..=n {
+            c.start_store(i);
+        }
+        c
+    }
+
+    pub fn start_pd(&mut self) {
+        let data = self.dir.join("pd");
+        self.pd = Some(Proc::spawn(
+            &[
+                "pd",
+                "--addr",
+                &self.pd_addr.to_string(),
+                "--data-dir",
+                data.to_str().unwrap(),
+            ],
+            &self.dir.join("pd.log"),
+        ));
+    }
+
+    pub fn store_addr(&self, i: usize) -> SocketAddr {
+        addr(self.store_base + 2 * (i as u16 - 1))
+    }
+
+    pub fn status_addr(&self, i: usize) -> SocketAddr {
+        addr(self.store_base + 2 * (i as u16 - 1) + 1)
+    }
+
+    pub fn start_store(&mut self, i: usize) {
+        let cfg = format!(
+            "{}\n{}\n[storage]\ndata-dir = {:?}\n[server]\naddr = \"{}\"\nstatus-addr = \"{}\"\n[pd]\nendpoints = [\"{}\"]\n",
+            FAST_STORE_CONFIG,
+            self.extra_config,
+            self.dir.join(format!("store-{i}")),
+            self.store_addr(i),
+            self.status_addr(i),
+            self.pd_addr
+        );
+        let path = self.dir.join(format!("store-{i}.toml"));
+        std::fs::write(&path, cfg).unwrap();
+        self.stores[i - 1] = Some(Proc::spawn(
+            &["store", "--config", path.to_str().unwrap()],
+            &self.dir.join(format!("store-{i}.log")),
+        ));
+    }
+
+    pub fn kill_store(&mut self, i: usize) {
+        if let Some(mut p) = self.stores[i - 1].take() {
+            p.sigkill();
+        }
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        vec![self.pd_addr.to_string()]
+    }
+}
+
+/// `prkv playground` as a child process, waiting for its "ready" line.
+pub struct Playground {
+    pub proc: Proc,
+    pub pd_addr: SocketAddr,
+    pub store_port: u16,
+    pub status_port: u16,
+}
+
+impl Playground {
+    pub fn start(dir: &Path, ports: u16, store_config: &Path, stores: usize) -> Playground {
+        let pd_addr = addr(ports);
+        let (store_port, status_port) = (ports + 1, ports + 1 + stores as u16);
+        let mut child = Command::new(PRKV)
+            .args([
+                "playground",
+                "--data-dir",
+                dir.to_str().unwrap(),
+                "--stores",
+                &stores.to_string(),
+                "--pd-addr",
+                &pd_addr.to_string(),
+                "--store-port",
+                &store_port.to_string(),
+                "--status-port",
+                &status_port.to_string(),
+                "--store-config",
+                store_config.to_str().unwrap(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                println!("playground: {line}");
+                if line.starts_with("ready") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        let proc = Proc { child };
+        rx.recv_timeout(Duration::from_secs(120))
+            .expect("playground did not print its ready line");
+        Playground {
+            proc,
+            pd_addr,
+            store_port,
+            status_port,
+        }
+    }
+}
