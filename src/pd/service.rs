@@ -29,6 +29,9 @@ const HEARTBEAT_RESPONSE_QUEUE: usize = 1024;
 
 /// Everything PD's handlers share.
 pub struct PdState {
+    /// Fixed when PD first starts; kept outside the cluster lock so that building a response
+    /// header never takes it (handlers build headers while holding it).
+    cluster_id: u64,
     pub cluster: Mutex<Cluster>,
     pub tso: Mutex<Tso>,
     pub meta: Arc<MetaStore>,
@@ -41,6 +44,7 @@ pub struct PdState {
 impl PdState {
     pub fn new(cluster: Cluster, tso: Tso, meta: Arc<MetaStore>, member: pdpb::Member) -> Self {
         PdState {
+            cluster_id: cluster.id,
             cluster: Mutex::new(cluster),
             tso: Mutex::new(tso),
             meta,
@@ -50,7 +54,7 @@ impl PdState {
     }
 
     pub fn cluster_id(&self) -> u64 {
-        self.cluster.lock().id
+        self.cluster_id
     }
 
     fn header(&self) -> Option<pdpb::ResponseHeader> {

@@ -86,7 +86,14 @@ impl SharedResources {
         // would flood the log; stalls are visible in the memtable metrics instead.
         db.set_info_logger(InfoLogger::new_callback_logger(
             LogLevel::Error,
-            |_, msg| tracing::error!(target: "rocksdb", "{}", msg.trim_end()),
+            // RocksDB prints its option dump at "header" level whatever the threshold: keep
+            // that out of the error log.
+            |level, msg| match level {
+                LogLevel::Error | LogLevel::Fatal => {
+                    tracing::error!(target: "rocksdb", "{}", msg.trim_end())
+                }
+                _ => tracing::debug!(target: "rocksdb", "{}", msg.trim_end()),
+            },
         ));
         db.set_skip_stats_update_on_db_open(true);
         // SAFETY: `db` is a live Options object; the setter only stores a flag in it.

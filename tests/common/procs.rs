@@ -196,15 +196,35 @@ impl ProcCluster {
     }
 
     pub fn start_store(&mut self, i: usize) {
-        let cfg = format!(
-            "{}\n{}\n[storage]\ndata-dir = {:?}\n[server]\naddr = \"{}\"\nstatus-addr = \"{}\"\n[pd]\nendpoints = [\"{}\"]\n",
-            FAST_STORE_CONFIG,
-            self.extra_config,
+        // The test's settings, then this store's own (merged: one table per section).
+        let mut doc: toml::Table = FAST_STORE_CONFIG.parse().unwrap();
+        let extra: toml::Table = self.extra_config.parse().unwrap();
+        for (section, values) in extra {
+            let t = doc
+                .entry(section)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let (toml::Value::Table(t), toml::Value::Table(v)) = (t, values) {
+                t.extend(v);
+            }
+        }
+        let own: toml::Table = format!(
+            "[storage]\ndata-dir = {:?}\n[server]\naddr = \"{}\"\nstatus-addr = \"{}\"\n[pd]\nendpoints = [\"{}\"]\n",
             self.dir.join(format!("store-{i}")),
             self.store_addr(i),
             self.status_addr(i),
             self.pd_addr
-        );
+        )
+        .parse()
+        .unwrap();
+        for (section, values) in own {
+            let t = doc
+                .entry(section)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let (toml::Value::Table(t), toml::Value::Table(v)) = (t, values) {
+                t.extend(v);
+            }
+        }
+        let cfg = toml::to_string(&doc).unwrap();
         let path = self.dir.join(format!("store-{i}.toml"));
         std::fs::write(&path, cfg).unwrap();
         self.stores[i - 1] = Some(Proc::spawn(
