@@ -238,8 +238,15 @@ async fn playground_raw_api_v1_and_restart() {
     // The stores' status ports.
     let status = http_json(procs::addr(pg.status_port), "/status");
     assert_eq!(status["regions"], 1);
-    let metrics = procs::http_get(procs::addr(pg.status_port), "/metrics").unwrap();
-    assert!(metrics.contains("prkv_grpc_requests_total"), "{metrics}");
+    let metrics: String = (0..3)
+        .map(|i| procs::http_get(procs::addr(pg.status_port + i), "/metrics").unwrap())
+        .collect();
+    assert!(metrics.contains("prkv_store_regions 1"), "{metrics}");
+    // The leader's store counted the client's requests.
+    assert!(
+        metrics.contains("prkv_grpc_requests_total{method=\"raw_put\"}"),
+        "{metrics}"
+    );
 
     let before = tso(pg.pd_addr).await;
     drop(client);
@@ -280,6 +287,52 @@ async fn raw_api_v2_with_keyspace() {
             .await
             .unwrap();
     exercise_raw_api(&client, true).await;
+    // Raw gRPC, below the client: malformed requests and wrong Regions get typed answers.
+    let mut raw =
+        prkv_proto::tikvpb::tikv_client::TikvClient::connect(format!("http://{}", c.store_addr(1)))
+            .await
+            .unwrap();
+    let st = raw
+        .raw_get(prkv_proto::kvrpcpb::RawGetRequest {
+            context: None,
+            key: b"r\0\0\0k".to_vec(),
+            cf: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
+    let resp = raw
+        .raw_put(prkv_proto::kvrpcpb::RawPutRequest {
+            context: Some(prkv_proto::kvrpcpb::Context {
+                region_id: 987_654,
+                api_version: prkv_proto::kvrpcpb::ApiVersion::V2 as i32,
+                ..Default::default()
+            }),
+            key: b"r\0\0\0k".to_vec(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let re = resp.region_error.expect("a region error");
+    assert_eq!(re.region_not_found.unwrap().region_id, 987_654);
+    let resp = raw
+        .raw_put(prkv_proto::kvrpcpb::RawPutRequest {
+            context: Some(prkv_proto::kvrpcpb::Context {
+                region_id: 1,
+                api_version: prkv_proto::kvrpcpb::ApiVersion::V2 as i32,
+                ..Default::default()
+            }),
+            key: b"no-keyspace-prefix".to_vec(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(resp.error.contains("RawKV key space"), "{resp:?}");
+
     // Plain API v1 clients are refused by an API v2 store.
     let v1 = RawClient::new(c.endpoints()).await.unwrap();
     let e = v1.get("k".to_owned()).await.unwrap_err();
