@@ -373,12 +373,13 @@ async fn sigkill_store_during_writes() {
         })
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
-    // Store 1 bootstrapped the cluster and most likely leads the Region.
-    c.kill_store(1);
+    // Kill the leader's store: writes must wait for a new election.
+    let victim = leader_store(&c);
+    c.kill_store(victim);
     let killed_at = Instant::now();
     let acked_at_kill = progress.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(6)).await;
-    c.start_store(1);
+    c.start_store(victim);
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, Ordering::Relaxed);
     let (acked, failed) = writer.await.unwrap();
@@ -404,15 +405,13 @@ async fn sigkill_store_during_writes() {
     // The restarted store is a working replica again: with another store gone, the Region
     // still has a quorum (the restarted store and the third one) and serves every write.
     procs::wait_cluster(c.pd_addr, 3, 3, Duration::from_secs(60));
-    c.kill_store(2);
+    let other = (1..=3).find(|i| *i != victim).unwrap();
+    c.kill_store(other);
     for i in acked.iter().rev().take(50) {
-        let v = client.get(format!("w{i:06}")).await.unwrap();
+        let v = retry(|| client.get(format!("w{i:06}"))).await;
         assert_eq!(v, Some(format!("value-{i}").into_bytes()));
     }
-    client
-        .put("after".to_owned(), "ok".to_owned())
-        .await
-        .unwrap();
+    retry(|| client.put("after".to_owned(), "ok".to_owned())).await;
 
     // Without PD, the stores keep serving the Regions they lead to clients that know them.
     if let Some(mut pd) = c.pd.take() {
@@ -426,4 +425,49 @@ async fn sigkill_store_during_writes() {
         client.get("no-pd".to_owned()).await.unwrap(),
         Some(b"still".to_vec())
     );
+}
+
+/// The index (1-based) of the store process that leads the (first) Region, per PD.
+fn leader_store(c: &ProcCluster) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let regions = http_json(c.pd_addr, "/pd/api/v1/regions");
+        let stores = http_json(c.pd_addr, "/pd/api/v1/stores");
+        if let Some(id) = regions["regions"][0]["leader"]["store_id"].as_u64() {
+            let addr = stores["stores"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["store"]["id"].as_u64() == Some(id))
+                .and_then(|s| s["store"]["address"].as_str().map(str::to_owned));
+            if let Some(i) =
+                (1..=c.stores.len()).find(|i| Some(c.store_addr(*i).to_string()) == addr)
+            {
+                return i;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("no leader known to PD");
+}
+
+/// Retries a client call for up to 20 s, as an application does while a Region fails over:
+/// tikv-client 0.4 gives up on a dead leader's store after a short backoff, before PD has
+/// heard of the new leader.
+async fn retry<T, F, Fut>(mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = tikv_client::Result<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) if Instant::now() < deadline => {
+                println!("retrying after: {e:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("still failing after 20 s: {e:?}"),
+        }
+    }
 }

@@ -145,6 +145,18 @@ impl Drop for Proc {
     }
 }
 
+/// Adds `extra`'s keys to `doc`, section by section (a TOML file may name a section once).
+fn merge(doc: &mut toml::Table, extra: toml::Table) {
+    for (section, values) in extra {
+        let t = doc
+            .entry(section)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let (toml::Value::Table(t), toml::Value::Table(v)) = (t, values) {
+            t.extend(v);
+        }
+    }
+}
+
 /// A PD and `n` stores as separate processes.
 pub struct ProcCluster {
     pub dir: PathBuf,
@@ -198,15 +210,7 @@ impl ProcCluster {
     pub fn start_store(&mut self, i: usize) {
         // The test's settings, then this store's own (merged: one table per section).
         let mut doc: toml::Table = FAST_STORE_CONFIG.parse().unwrap();
-        let extra: toml::Table = self.extra_config.parse().unwrap();
-        for (section, values) in extra {
-            let t = doc
-                .entry(section)
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            if let (toml::Value::Table(t), toml::Value::Table(v)) = (t, values) {
-                t.extend(v);
-            }
-        }
+        merge(&mut doc, self.extra_config.parse().unwrap());
         let own: toml::Table = format!(
             "[storage]\ndata-dir = {:?}\n[server]\naddr = \"{}\"\nstatus-addr = \"{}\"\n[pd]\nendpoints = [\"{}\"]\n",
             self.dir.join(format!("store-{i}")),
@@ -216,14 +220,7 @@ impl ProcCluster {
         )
         .parse()
         .unwrap();
-        for (section, values) in own {
-            let t = doc
-                .entry(section)
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            if let (toml::Value::Table(t), toml::Value::Table(v)) = (t, values) {
-                t.extend(v);
-            }
-        }
+        merge(&mut doc, own);
         let cfg = toml::to_string(&doc).unwrap();
         let path = self.dir.join(format!("store-{i}.toml"));
         std::fs::write(&path, cfg).unwrap();
