@@ -176,6 +176,18 @@ fn spawn(exe: &Path, args: &[String], log: &Path) -> Result<Child, String> {
     if std::env::var_os("PRKV_LOG").is_none() {
         cmd.env("PRKV_LOG", "info");
     }
+    // If the playground dies without stopping its children (SIGKILL, a crash), the kernel
+    // sends them SIGTERM: no orphaned cluster keeps the ports and the data dir.
+    // SAFETY: prctl is async-signal-safe and touches only the child's own state.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     cmd.spawn()
         .map_err(|e| format!("starting {}: {e}", exe.display()))
 }

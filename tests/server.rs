@@ -274,6 +274,15 @@ async fn playground_raw_api_v1_and_restart() {
         Some(b"c".to_vec())
     );
     assert_eq!(client.get(key(5)).await.unwrap(), None);
+    drop(client);
+    // A playground killed outright takes its PD and stores with it (no orphans on the ports).
+    let mut pg = pg;
+    pg.proc.sigkill();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(pg.pd_addr).is_ok() {
+        assert!(Instant::now() < deadline, "PD outlived its playground");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// API v2: the client with the DEFAULT keyspace, against stores with `storage.api-version = 2`.
