@@ -292,6 +292,16 @@ impl KvService {
         }
     }
 
+    /// Writes `ms` under their keys' latches (see the module doc).
+    async fn latched_write(&self, ctx: &Context, ms: Vec<Mutation>) -> Result<(), Fail> {
+        let _latch = self
+            .inner
+            .latches
+            .acquire(ms.iter().map(|m| m.key.as_slice()))
+            .await;
+        self.write(ctx, ms, 0).await
+    }
+
     /// The live value of `key` (storage form) in `snap`, TTL applied.
     fn get_live(
         &self,
@@ -514,12 +524,7 @@ impl Tikv for KvService {
                 .encode_value(&r.value, r.ttl)
                 .map_err(Fail::Other)?;
             let m = self.put(&r.key, v);
-            let _latch = self
-                .inner
-                .latches
-                .acquire(std::iter::once(m.key.as_slice()))
-                .await;
-            self.write(ctx, vec![m], 0).await
+            self.latched_write(ctx, vec![m]).await
         }
         .await;
         let mut resp = kvrpcpb::RawPutResponse::default();
@@ -557,12 +562,7 @@ impl Tikv for KvService {
                     .map_err(Fail::Other)?;
                 ms.push(self.put(&p.key, v));
             }
-            let _latch = self
-                .inner
-                .latches
-                .acquire(ms.iter().map(|m| m.key.as_slice()))
-                .await;
-            self.write(ctx, ms, 0).await
+            self.latched_write(ctx, ms).await
         }
         .await;
         let mut resp = kvrpcpb::RawBatchPutResponse::default();
@@ -583,12 +583,7 @@ impl Tikv for KvService {
             self.check(ctx, &[&r.key], true)?;
             cf_of(&r.cf)?;
             let m = self.delete(&r.key);
-            let _latch = self
-                .inner
-                .latches
-                .acquire(std::iter::once(m.key.as_slice()))
-                .await;
-            self.write(ctx, vec![m], 0).await
+            self.latched_write(ctx, vec![m]).await
         }
         .await;
         let mut resp = kvrpcpb::RawDeleteResponse::default();
@@ -610,12 +605,7 @@ impl Tikv for KvService {
             self.check(ctx, &keys, true)?;
             cf_of(&r.cf)?;
             let ms: Vec<Mutation> = r.keys.iter().map(|k| self.delete(k)).collect();
-            let _latch = self
-                .inner
-                .latches
-                .acquire(ms.iter().map(|m| m.key.as_slice()))
-                .await;
-            self.write(ctx, ms, 0).await
+            self.latched_write(ctx, ms).await
         }
         .await;
         let mut resp = kvrpcpb::RawBatchDeleteResponse::default();
