@@ -113,6 +113,28 @@ pub fn render() -> String {
     String::from_utf8(buf).unwrap_or_default()
 }
 
+/// Region snapshots by event: generated (leader), sent / send_failed (transfer), installed
+/// (receiver).
+pub static SNAPSHOTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "prkv_snapshots_total",
+        "Region snapshots generated, sent, failed to send and installed",
+        &["event"],
+    )
+});
+
+/// Bytes of snapshot files streamed to other stores.
+pub static SNAPSHOT_BYTES_SENT: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "prkv_snapshot_sent_bytes_total",
+        "Bytes of snapshot files sent to other stores",
+    )
+});
+
+/// Region splits applied on this store (one per parent Region, whatever the pieces).
+pub static SPLITS: LazyLock<IntCounter> =
+    LazyLock::new(|| counter("prkv_splits_total", "Region splits applied on this store"));
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -277,6 +277,9 @@ pub struct ServerConfig {
     pub status_addr: String,
     /// Largest gRPC message the store accepts or sends.
     pub max_grpc_msg_len: ReadableSize,
+    /// Bandwidth all outgoing snapshot transfers of the store share, so that moving Regions
+    /// never starves foreground traffic (TiKV's `server.snap-io-max-bytes-per-sec`).
+    pub snap_io_max_bytes_per_sec: ReadableSize,
 }
 
 impl Default for ServerConfig {
@@ -287,6 +290,7 @@ impl Default for ServerConfig {
             status_addr: "127.0.0.1:20180".into(),
             // Above raftstore.raft-entry-max-size (8MiB) with room for a batch's framing.
             max_grpc_msg_len: ReadableSize::mib(16),
+            snap_io_max_bytes_per_sec: ReadableSize::mib(100),
         }
     }
 }
@@ -448,6 +452,12 @@ impl Config {
                     "{} must exceed raftstore.raft-entry-max-size ({})",
                     sv.max_grpc_msg_len, rs.raft_entry_max_size
                 ),
+            ));
+        }
+        if sv.snap_io_max_bytes_per_sec.0 < 1 << 20 {
+            return Err(ConfigError::invalid(
+                "server.snap-io-max-bytes-per-sec",
+                "must be at least 1MiB: below that a Region snapshot takes hours",
             ));
         }
         if self.pd.endpoints.is_empty() {

@@ -32,7 +32,7 @@ use protobuf::Message as _;
 use raft::eraftpb::{Entry, HardState};
 use raft_engine::{Command, Engine, LogBatch, MessageExt};
 
-pub use region_log::{conf_state_from_region, RegionLog};
+pub use region_log::{conf_state_from_region, RegionLog, SnapGen};
 
 use crate::config::RaftEngineConfig;
 use crate::storage::{Error, Index, RegionId, Result};

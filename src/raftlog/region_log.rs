@@ -27,6 +27,19 @@ pub struct RegionLog {
     region_id: RegionId,
     store: RaftLogStore,
     state: RwLock<State>,
+    snap: std::sync::Arc<parking_lot::Mutex<SnapGen>>,
+}
+
+/// The leader's snapshot of this Region for followers that need one: Raft asks through
+/// [`raft::Storage::snapshot`], the store generates it (see `raftstore/snap.rs`), and Raft's next
+/// ask gets it.
+#[derive(Default)]
+pub struct SnapGen {
+    /// Raft asked and no usable snapshot was ready.
+    pub requested: bool,
+    /// Being generated in the background (`raft-kv`): do not start another.
+    pub generating: bool,
+    pub ready: Option<Snapshot>,
 }
 
 /// The Raft configuration described by a Region's peers. Joint-consensus roles map to the
@@ -78,6 +91,7 @@ impl RegionLog {
             region_id,
             store,
             state: RwLock::new(state),
+            snap: Default::default(),
         };
         // Recovery assertion: the log must continue right after the truncated index.
         if let Some(first) = log.store.first_index(region_id) {
@@ -112,6 +126,24 @@ impl RegionLog {
     /// Updates the cached truncated state after a compaction was persisted.
     pub fn set_truncated(&self, index: Index, term: u64) {
         self.state.write().truncated = RaftTruncatedState { index, term };
+    }
+
+    /// The snapshot slot shared with whoever generates snapshots.
+    pub fn snap_gen(&self) -> std::sync::Arc<parking_lot::Mutex<SnapGen>> {
+        self.snap.clone()
+    }
+
+    /// Whether Raft asked for a snapshot that is not there yet (and clears the request).
+    pub fn take_snap_request(&self) -> bool {
+        let mut g = self.snap.lock();
+        std::mem::take(&mut g.requested) && !g.generating
+    }
+
+    /// After a snapshot was installed: the log restarts after `index`.
+    pub fn restore(&self, index: Index, term: u64, cs: ConfState) {
+        let mut s = self.state.write();
+        s.truncated = RaftTruncatedState { index, term };
+        s.conf_state = cs;
     }
 
     pub fn truncated(&self) -> (Index, u64) {
@@ -176,9 +208,18 @@ impl raft::Storage for RegionLog {
         Ok(self.last())
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // Snapshots (tablet files streamed to the follower) arrive with the split/snapshot work;
-        // until then a follower behind the truncated index waits, it is never sent bad data.
+    /// The ready snapshot if it is recent enough: at or after `request_index` and the log's
+    /// truncated index (else the follower could not continue from it with log entries).
+    /// Otherwise a request for the store, and "try again later" for Raft.
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let truncated = self.state.read().truncated.index;
+        let mut g = self.snap.lock();
+        if let Some(s) = &g.ready {
+            if s.get_metadata().index >= request_index.max(truncated) {
+                return Ok(s.clone());
+            }
+        }
+        g.requested = true;
         Err(raft::Error::Store(
             StorageError::SnapshotTemporarilyUnavailable,
         ))

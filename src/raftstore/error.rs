@@ -43,6 +43,12 @@ pub enum Error {
     Timeout(String),
     #[error("storage: {0}")]
     Storage(String),
+    /// Split keys that cannot cut the Region (outside it, unordered, or at its start).
+    #[error("invalid split: {0}")]
+    InvalidSplit(String),
+    /// PD could not be asked (for split ids); retry later.
+    #[error("PD: {0}")]
+    Pd(String),
 }
 
 impl From<crate::storage::Error> for Error {
@@ -56,7 +62,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         !matches!(
             self,
-            Error::RaftEntryTooLarge { .. } | Error::KeyNotInRegion { .. }
+            Error::RaftEntryTooLarge { .. } | Error::KeyNotInRegion { .. } | Error::InvalidSplit(_)
         )
     }
 }

@@ -12,21 +12,27 @@
 //!
 //! Read in this order: [`msg`] (what goes in and out), [`store`] (the loop and its Ready
 //! round), [`peer`] (one replica: proposals, reads and leases, apply, hibernation),
-//! [`transport`] (the network, real or simulated), [`error`] (what callers are told).
+//! [`split`] (the split checker and what a split produces), [`worker`] (background split
+//! checks and tablet trims), [`transport`] (the network, real or simulated), [`error`] (what
+//! callers are told).
 //!
-//! Not here yet: Raft-log GC, snapshots (a replica added to a Region replays the log from the
-//! start, which works while no log is compacted), split and merge.
+//! [`snap`] (snapshots: generation, transfer, install) completes the picture.
+//!
+//! Not here yet: merge.
 
 pub mod error;
 pub mod msg;
 pub mod peer;
+pub mod snap;
+pub mod split;
 pub mod store;
 pub mod transport;
+pub mod worker;
 
 pub use error::{Error, Result};
 pub use msg::{
     ChangePeer, NoPd, PdReporter, RaftMessage, RegionHeartbeat, RegionSnapshot, RegionStatus,
-    StoreId, StoreMsg,
+    SplitCallback, SplitIds, StoreId, StoreMsg,
 };
 pub use store::{
     bootstrap_region, discard_bootstrap_region, even_region_key, even_regions, start_store,

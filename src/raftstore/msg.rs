@@ -53,6 +53,8 @@ impl RaftMessage {
 }
 
 pub type WriteCallback = Box<dyn FnOnce(Result<()>) + Send>;
+/// Answered with every Region the split produced (the shrunk original first), in key order.
+pub type SplitCallback = Box<dyn FnOnce(Result<Vec<Region>>) + Send>;
 pub type ReadCallback = Box<dyn FnOnce(Result<RegionSnapshot>) + Send>;
 
 /// The answer to a read: a snapshot of the Region's data, and the Region and leader term it was
@@ -76,17 +78,49 @@ pub struct RegionHeartbeat {
     pub approximate_keys: u64,
 }
 
-/// Where a store's reports to PD go. Implementations must not block (the store loop calls
-/// them): queue and drop when full.
-pub trait PdReporter: Send + Sync {
-    fn region_heartbeat(&self, hb: RegionHeartbeat);
+/// The ids PD allocated for one new Region of a split: the Region's, and one peer id per peer
+/// of the Region being split, in its peer order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SplitIds {
+    pub new_region_id: u64,
+    pub new_peer_ids: Vec<u64>,
 }
 
-/// For stores that run without PD (tests, in-process benchmarks).
+pub type SplitIdsCallback = Box<dyn FnOnce(Result<Vec<SplitIds>>) + Send>;
+
+/// Where a store's reports to PD go, and how it asks PD for split ids. Implementations must not
+/// block (the store loop calls them): queue and drop when full, answer through callbacks.
+pub trait PdReporter: Send + Sync {
+    fn region_heartbeat(&self, hb: RegionHeartbeat);
+
+    /// Allocates ids for `count` new Regions split off `region` (PD's AskBatchSplit).
+    fn ask_batch_split(&self, region: Region, count: usize, cb: SplitIdsCallback);
+
+    /// Tells PD the Regions a split produced (ReportBatchSplit), ahead of their heartbeats.
+    fn report_batch_split(&self, regions: Vec<Region>);
+}
+
+/// For stores that run without PD (tests, in-process benchmarks). Split ids come from a
+/// process-wide counter, far above the ids tests give their bootstrapped Regions.
 pub struct NoPd;
+
+static NO_PD_NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1 << 32);
 
 impl PdReporter for NoPd {
     fn region_heartbeat(&self, _hb: RegionHeartbeat) {}
+
+    fn ask_batch_split(&self, region: Region, count: usize, cb: SplitIdsCallback) {
+        let next = || NO_PD_NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ids = (0..count)
+            .map(|_| SplitIds {
+                new_region_id: next(),
+                new_peer_ids: region.peers.iter().map(|_| next()).collect(),
+            })
+            .collect();
+        cb(Ok(ids))
+    }
+
+    fn report_batch_split(&self, _regions: Vec<Region>) {}
 }
 
 /// A membership change.
@@ -125,10 +159,37 @@ pub enum StoreMsg {
         region_id: RegionId,
         to: Peer,
     },
+    /// Splits a Region at `split_keys` (user keys as stored): the leader checks the request,
+    /// asks PD for ids, then proposes the split. Sent by the split checker, by PD and by the
+    /// `SplitRegion` RPC.
+    SplitRegion {
+        region_id: RegionId,
+        epoch: RegionEpoch,
+        split_keys: Vec<Vec<u8>>,
+        cb: SplitCallback,
+    },
+    /// Second half of `SplitRegion`, once PD answered with ids.
+    ProposeSplit {
+        region_id: RegionId,
+        epoch: RegionEpoch,
+        split_keys: Vec<Vec<u8>>,
+        ids: Vec<SplitIds>,
+        cb: SplitCallback,
+    },
+    /// How the transfer of a snapshot to `to_peer_id` ended (Raft retries a failed one).
+    SnapshotStatus {
+        region_id: RegionId,
+        to_peer_id: u64,
+        ok: bool,
+    },
     /// Asks for the store's view of a Region (for tests and tools).
     QueryRegion {
         region_id: RegionId,
         cb: Box<dyn FnOnce(Option<RegionStatus>) + Send>,
+    },
+    /// Asks for the store's view of every Region replica it holds (for tests and tools).
+    QueryRegions {
+        cb: Box<dyn FnOnce(Vec<RegionStatus>) + Send>,
     },
     Stop,
 }

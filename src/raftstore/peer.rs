@@ -33,9 +33,13 @@ use raft::eraftpb::{ConfChangeType, ConfChangeV2, Entry, EntryType};
 use raft::{RawNode, StateRole};
 
 use super::error::{Error, Result};
-use super::msg::{ChangePeer, ReadCallback, RegionHeartbeat, RegionSnapshot, WriteCallback};
+use super::msg::{
+    ChangePeer, ReadCallback, RegionHeartbeat, RegionSnapshot, SplitCallback, SplitIds,
+    WriteCallback,
+};
+use super::split::{self, RAFT_INIT_LOG_INDEX, RAFT_INIT_LOG_TERM};
 use crate::raftlog::{LogWriteBatch, RaftLogStore, RegionLog};
-use crate::storage::{Cf, RegionEngine, WriteBatch};
+use crate::storage::{Cf, KeyRange, RegionEngine, StoreEngine, WriteBatch};
 
 /// Proposals waiting for apply, per Region. A leader that cannot commit (lost quorum) must not
 /// buffer unboundedly; 4096 in-flight writes per Region is far beyond what a healthy Region
@@ -78,6 +82,9 @@ pub struct ApplyOutcome {
     pub removed: bool,
     /// The leader asked to compact the log up to this index.
     pub compact_to: Option<u64>,
+    /// New Regions split off this one, with their engines (already durable, with their Raft
+    /// state in raft-engine): the store creates their peers.
+    pub split: Vec<(Region, Arc<dyn RegionEngine>)>,
 }
 
 pub struct Peer {
@@ -85,6 +92,7 @@ pub struct Peer {
     pub meta: PeerMeta,
     pub raw: RawNode<RegionLog>,
     pub engine: Arc<dyn RegionEngine>,
+    kv: Arc<dyn StoreEngine>,
     log: RaftLogStore,
     cfg: PeerConfig,
     proposals: VecDeque<Proposal>,
@@ -102,6 +110,9 @@ pub struct Peer {
     conf_index: u64,
     /// PD should hear from this leader soon: it just became leader or its membership changed.
     pub pd_dirty: bool,
+    /// Bytes and keys written since the last split check (the split checker's trigger).
+    pub split_check_bytes: u64,
+    pub split_check_keys: u64,
 }
 
 /// A replica whose log trails the leader's commit index by more than this is reported to PD as
@@ -123,6 +134,7 @@ impl Peer {
         meta: PeerMeta,
         log: RaftLogStore,
         engine: Arc<dyn RegionEngine>,
+        kv: Arc<dyn StoreEngine>,
         cfg: PeerConfig,
         conf_index: u64,
     ) -> Result<Peer> {
@@ -167,6 +179,7 @@ impl Peer {
             meta,
             raw,
             engine,
+            kv,
             log,
             cfg,
             proposals: VecDeque::new(),
@@ -181,6 +194,9 @@ impl Peer {
             last_term: 0,
             conf_index,
             pd_dirty: false,
+            // A Region new to this store (bootstrapped, split off, restarted) is checked once.
+            split_check_bytes: u64::MAX / 2,
+            split_check_keys: u64::MAX / 2,
         })
     }
 
@@ -295,6 +311,7 @@ impl Peer {
             mutations,
             compact_log_index: 0,
             term_fence,
+            split: None,
         };
         let data = cmd.encode_to_vec();
         if data.len() as u64 > self.cfg.raft_entry_max_size {
@@ -351,6 +368,65 @@ impl Peer {
         }
         self.track_proposal(cb);
         Ok(())
+    }
+
+    /// Checks a split request on the leader (before asking PD for ids).
+    pub fn check_split(&self, epoch: &RegionEpoch, keys: &[Vec<u8>]) -> Result<()> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        self.check_epoch(epoch)?;
+        split::check_split_keys(&self.region, keys)
+    }
+
+    /// Proposes a batch split. The callback hears the resulting Regions once it is applied.
+    pub fn propose_split(
+        &mut self,
+        epoch: &RegionEpoch,
+        keys: &[Vec<u8>],
+        ids: &[SplitIds],
+        cb: SplitCallback,
+    ) {
+        self.wake();
+        if let Err(e) = self.check_split(epoch, keys) {
+            return cb(Err(e));
+        }
+        let batch = match split::batch_split(&self.region, keys, ids) {
+            Ok(b) => b,
+            Err(e) => return cb(Err(e)),
+        };
+        // The epoch is checked again at apply, so the Regions it produces are these.
+        let regions = match split::split_regions(&self.region, &batch) {
+            Ok(r) => r,
+            Err(e) => return cb(Err(e)),
+        };
+        let cmd = RaftCmdRequest {
+            region_id: self.region.id,
+            region_epoch: self.region.region_epoch,
+            split: Some(batch),
+            ..Default::default()
+        };
+        let data = cmd.encode_to_vec();
+        if data.len() as u64 > self.cfg.raft_entry_max_size {
+            return cb(Err(Error::RaftEntryTooLarge {
+                region_id: self.region.id,
+                entry_size: data.len() as u64,
+            }));
+        }
+        if self.proposals.len() >= MAX_PENDING_PROPOSALS {
+            return cb(Err(Error::ServerIsBusy {
+                reason: format!("Region {} has too many pending proposals", self.region.id),
+            }));
+        }
+        if self.raw.propose(vec![], data).is_err() {
+            return cb(Err(self.not_leader()));
+        }
+        tracing::info!(
+            region_id = self.region.id,
+            pieces = regions.len(),
+            "split proposed"
+        );
+        self.track_proposal(Box::new(move |res| cb(res.map(|()| regions))));
     }
 
     /// Remembers the entry just proposed, so its callback runs when it is applied.
@@ -595,7 +671,25 @@ impl Peer {
                             )
                         });
                         let current = self.region.region_epoch.unwrap_or_default();
-                        if cmd.compact_log_index > 0 {
+                        if let Some(batch) = &cmd.split {
+                            if e.index <= self.conf_index {
+                                // Replayed after a restart: the split was persisted with it.
+                                results.push((e.index, e.term, None));
+                                last = Some((e.index, e.term));
+                                continue;
+                            }
+                            // Data before the split must be in the parent's engine when the
+                            // children's engines are made from it.
+                            self.flush_apply(&mut wb, e.index - 1, self.applied_term)?;
+                            match self.apply_split(e.index, e.term, cmd.region_epoch, batch) {
+                                Ok(children) => {
+                                    outcome.split.extend(children);
+                                    outcome.region_changed = true;
+                                    self.pd_dirty = true;
+                                }
+                                Err(er) => err = Some(er),
+                            }
+                        } else if cmd.compact_log_index > 0 {
                             let c = outcome.compact_to.get_or_insert(0);
                             *c = (*c).max(cmd.compact_log_index);
                         } else if cmd.term_fence != 0 && cmd.term_fence != e.term {
@@ -610,6 +704,10 @@ impl Peer {
                                 current_regions: vec![self.region.clone()],
                             });
                         } else {
+                            for m in &cmd.mutations {
+                                self.split_check_bytes += (m.key.len() + m.value.len()) as u64;
+                                self.split_check_keys += 1;
+                            }
                             apply_mutations(&mut wb, &cmd.mutations);
                         }
                     }
@@ -658,6 +756,134 @@ impl Peer {
         }
         self.serve_reads();
         Ok(outcome)
+    }
+
+    /// Applies a batch split at log index `index`: creates the children's engines from this
+    /// Region's, records the new Regions and the children's initial Raft state in one synced
+    /// raft-engine write, and narrows this Region. A split whose epoch or keys no longer fit is
+    /// an error for the proposer and changes nothing (every replica decides the same way).
+    fn apply_split(
+        &mut self,
+        index: u64,
+        term: u64,
+        epoch: Option<RegionEpoch>,
+        batch: &prkv_proto::serverpb::BatchSplit,
+    ) -> Result<Vec<(Region, Arc<dyn RegionEngine>)>> {
+        let current = self.region.region_epoch.unwrap_or_default();
+        let epoch = epoch.unwrap_or_default();
+        if epoch.version != current.version || epoch.conf_ver != current.conf_ver {
+            return Err(Error::EpochNotMatch {
+                current_regions: vec![self.region.clone()],
+            });
+        }
+        let regions = split::split_regions(&self.region, batch)?;
+        let mut children = Vec::new();
+        for r in &regions[1..] {
+            // A child this store already knows (a replica of it was created here and later
+            // destroyed, recorded by a tombstone) must not come back from an old split.
+            if let Some(state) = self.log.region_state(r.id)? {
+                tracing::warn!(
+                    region_id = self.region.id,
+                    child = r.id,
+                    state = state.state,
+                    "split child already known on this store; not creating it"
+                );
+                continue;
+            }
+            children.push(r.clone());
+        }
+        let init = RaftApplyState {
+            applied_index: RAFT_INIT_LOG_INDEX,
+            applied_term: RAFT_INIT_LOG_TERM,
+            ..Default::default()
+        };
+        let specs: Vec<(u64, KeyRange)> = children
+            .iter()
+            .map(|r| (r.id, KeyRange::new(r.start_key.clone(), r.end_key.clone())))
+            .collect();
+        let engines = self.kv.split_region(self.region.id, &specs, &init)?;
+        let mut lb = LogWriteBatch::new();
+        for r in &children {
+            lb.put_region_state(
+                r.id,
+                &RegionLocalState {
+                    state: PeerState::Normal as i32,
+                    region: Some(r.clone()),
+                    tablet_index: RAFT_INIT_LOG_INDEX,
+                    destroyed_peer_id: 0,
+                    conf_index: RAFT_INIT_LOG_INDEX,
+                },
+            )?;
+            let hs = raft::eraftpb::HardState {
+                term: RAFT_INIT_LOG_TERM,
+                commit: RAFT_INIT_LOG_INDEX,
+                ..Default::default()
+            };
+            lb.put_hard_state(r.id, &hs)?;
+            lb.compact_to(r.id, RAFT_INIT_LOG_INDEX, RAFT_INIT_LOG_TERM)?;
+        }
+        let parent = regions[0].clone();
+        lb.put_region_state(
+            parent.id,
+            &RegionLocalState {
+                state: PeerState::Normal as i32,
+                region: Some(parent.clone()),
+                tablet_index: self.engine.tablet_index(),
+                destroyed_peer_id: 0,
+                conf_index: index,
+            },
+        )?;
+        // Durability boundary: the children exist and the parent is narrowed, or neither.
+        self.log.write(&mut lb, true)?;
+        self.engine = self.kv.open_region(
+            parent.id,
+            KeyRange::new(parent.start_key.clone(), parent.end_key.clone()),
+            self.engine.tablet_index(),
+        )?;
+        assert_eq!(
+            self.engine.range().end,
+            parent.end_key,
+            "Region {}: engine range not narrowed by the split",
+            parent.id
+        );
+        self.region = parent;
+        self.conf_index = index;
+        self.applied_index = index;
+        self.applied_term = term;
+        self.split_check_bytes = 0;
+        self.split_check_keys = 0;
+        crate::metrics::SPLITS.inc();
+        tracing::info!(
+            region_id = self.region.id,
+            index,
+            children = ?children.iter().map(|r| r.id).collect::<Vec<_>>(),
+            "split applied"
+        );
+        Ok(children.into_iter().zip(engines).collect())
+    }
+
+    /// Takes in a snapshot that the store installed: the Region, its engine and the applied
+    /// position all jump to the snapshot's.
+    pub fn on_snapshot_installed(
+        &mut self,
+        region: Region,
+        engine: Arc<dyn RegionEngine>,
+        index: u64,
+        term: u64,
+    ) {
+        self.raw
+            .store()
+            .restore(index, term, crate::raftlog::conf_state_from_region(&region));
+        if let Some(me) = region.peers.iter().find(|p| p.id == self.meta.id) {
+            self.meta = *me;
+        }
+        self.region = region;
+        self.engine = engine;
+        self.applied_index = index;
+        self.applied_term = term;
+        self.conf_index = index;
+        self.split_check_bytes = u64::MAX / 2;
+        self.split_check_keys = u64::MAX / 2;
     }
 
     /// Writes `wb` with the apply state `index`/`term`, if anything moved.
@@ -796,8 +1022,8 @@ impl Peer {
     }
 
     /// Proposes Raft-log GC when enough applied entries piled up: up to the lowest index every
-    /// replica has, so that no follower needs entries that are gone (snapshots do not exist
-    /// yet). Each replica then compacts no further than its own durable apply index.
+    /// live replica has, so that a healthy follower never needs a snapshot. Each replica then
+    /// compacts no further than its own durable apply index.
     pub fn maybe_propose_compact(&mut self, threshold: u64) {
         if !self.is_leader() || self.hibernated {
             return;
@@ -806,11 +1032,14 @@ impl Peer {
         if self.applied_index < truncated + threshold {
             return;
         }
+        // Followers that answer hold GC back to what they have; one that stopped answering
+        // (its store is down) does not, and will catch up from a snapshot.
         let min_matched = self
             .raw
             .raft
             .prs()
             .iter()
+            .filter(|(id, pr)| **id == self.meta.id || pr.recent_active)
             .map(|(_, pr)| pr.matched)
             .min()
             .unwrap_or(0);

@@ -23,13 +23,17 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 use prkv_proto::metapb::{Peer as PeerMeta, Region};
-use prkv_proto::serverpb::{PeerState, RegionLocalState};
+use prkv_proto::serverpb::{PeerState, RaftApplyState, RegionLocalState, SnapshotMeta};
+use prost::Message as _;
 
 use super::error::{Error, Result};
-use super::msg::{PdReporter, RaftMessage, RegionStatus, StoreId, StoreMsg};
+use super::msg::{PdReporter, RaftMessage, RegionStatus, SplitCallback, StoreId, StoreMsg};
 use super::peer::{Peer, PeerConfig};
+use super::snap::{self, SnapDirs};
+use super::split::{SplitCheckConfig, RAFT_INIT_LOG_INDEX};
 use super::transport::Transport;
-use crate::config::Config;
+use super::worker::{self, Job, WorkerHandle};
+use crate::config::{Config, EngineKind};
 use crate::raftlog::LogWriteBatch;
 use crate::storage::{Engines, KeyRange, RegionId};
 
@@ -39,6 +43,15 @@ pub const MAX_MSGS_PER_ROUND: usize = 4096;
 /// Capacity of a store's inbox. When it is full, writes get `ServerIsBusy` and Raft messages
 /// are dropped (Raft retransmits): memory stays bounded however fast clients push.
 pub const STORE_INBOX_CAPACITY: usize = 16 * 1024;
+/// Raft messages kept for Regions this store is about to create by applying a split (the new
+/// Region's leader, on a store that applied the split first, is already campaigning). Enough for
+/// a vote and an append per Region of a large batch split; older ones are dropped (Raft
+/// retransmits).
+const MAX_PENDING_SPLIT_MSGS: usize = 1024;
+const PENDING_SPLIT_MSG_TTL: Duration = Duration::from_secs(10);
+/// Below this estimated size a split check scans the Region rather than trusting estimates:
+/// reading 32 MiB takes milliseconds on the region worker.
+const CHEAP_SPLIT_SCAN_BYTES: u64 = 32 << 20;
 
 /// Counters of one store, for tests, benchmarks and metrics.
 #[derive(Default, Debug)]
@@ -194,6 +207,15 @@ struct Store {
     /// Recomputed only when membership changes, so an idle tick does not walk every Region.
     neighbours: HashSet<StoreId>,
     neighbours_stale: bool,
+    /// This store's own inbox, for answers that arrive from other threads (PD's split ids).
+    self_tx: Sender<StoreMsg>,
+    worker: WorkerHandle,
+    next_split_check: Instant,
+    /// Messages to Regions whose range a local, not yet split Region still covers.
+    pending_split_msgs: Vec<(Instant, RaftMessage)>,
+    snap_dirs: SnapDirs,
+    /// Regions whose Raft asked for a snapshot to send; generated after the round.
+    snap_requests: Vec<RegionId>,
 }
 
 /// Opens every Region replica found in the engines and starts the store loop.
@@ -206,6 +228,8 @@ pub fn start_store(
 ) -> Result<StoreHandle> {
     let (tx, rx) = bounded(STORE_INBOX_CAPACITY);
     let stats = Arc::new(StoreStats::default());
+    let worker = worker::start(id, tx.clone());
+    let cfg_data_dir = cfg.storage.data_dir.clone();
     let mut store = Store {
         id,
         tick_interval: cfg.raftstore.raft_base_tick_interval.0,
@@ -224,6 +248,12 @@ pub fn start_store(
         next_gc: Instant::now(),
         neighbours: HashSet::new(),
         neighbours_stale: true,
+        self_tx: tx.clone(),
+        worker,
+        next_split_check: Instant::now(),
+        pending_split_msgs: Vec::new(),
+        snap_dirs: SnapDirs::new(&cfg_data_dir),
+        snap_requests: Vec::new(),
     };
     store.recover()?;
     let thread = std::thread::Builder::new()
@@ -241,9 +271,12 @@ impl Store {
     /// Rebuilds every peer: Raft state from raft-engine, applied state from the engines.
     fn recover(&mut self) -> Result<()> {
         for region_id in self.engines.raft.regions() {
-            let Some(state) = self.engines.raft.region_state(region_id)? else {
+            let Some(mut state) = self.engines.raft.region_state(region_id)? else {
                 continue;
             };
+            if state.state == PeerState::Applying as i32 {
+                state = self.finish_interrupted_install(region_id, state)?;
+            }
             if state.state == PeerState::Tombstone as i32 {
                 continue;
             }
@@ -256,11 +289,14 @@ impl Store {
                     .kv
                     .open_region(region.id, range_of(&region), state.tablet_index)?;
             let single = region.peers.len() == 1 && region.peers[0].id == meta.id;
+            // A tablet born from a split may not have been trimmed before the restart.
+            self.worker.schedule(Job::Trim(engine.clone()));
             let mut peer = Peer::new(
                 region,
                 meta,
                 self.engines.raft.clone(),
                 engine,
+                self.engines.kv.clone(),
                 peer_config(&self.cfg),
                 state.conf_index,
             )?;
@@ -271,11 +307,207 @@ impl Store {
             }
             self.peers.insert(region_id, peer);
         }
+        // Generated snapshots are regenerated on demand; received ones were installed above
+        // or belong to transfers that must start over.
+        self.snap_dirs
+            .clean(&[])
+            .map_err(|e| Error::Storage(format!("cleaning snapshot directories: {e}")))?;
         tracing::info!(
             store_id = self.id,
             regions = self.peers.len(),
             "store recovered"
         );
+        Ok(())
+    }
+
+    /// A crash interrupted a snapshot install (Region state `Applying`): finish it from the
+    /// staged files, or, if the tablet was already renamed into place, make sure it records the
+    /// snapshot's apply state. Returns the Region's state, now `Normal`.
+    fn finish_interrupted_install(
+        &mut self,
+        region_id: RegionId,
+        mut state: RegionLocalState,
+    ) -> Result<RegionLocalState> {
+        let region = state.region.clone().ok_or_else(|| {
+            Error::Storage(format!("Region {region_id}: Applying without a Region"))
+        })?;
+        let t = self
+            .engines
+            .raft
+            .truncated_state(region_id)?
+            .unwrap_or_default();
+        let applied = RaftApplyState {
+            applied_index: t.index,
+            applied_term: t.term,
+            ..Default::default()
+        };
+        let dir = self
+            .snap_dirs
+            .recv_dir(&snap::snapshot_key(region_id, t.term, t.index));
+        if dir.exists() {
+            self.engines
+                .kv
+                .install_snapshot(region_id, range_of(&region), &applied, &dir)?;
+        } else {
+            let engine = self
+                .engines
+                .kv
+                .open_region(region_id, range_of(&region), t.index)?;
+            if engine.apply_state()?.map_or(0, |s| s.applied_index) < t.index {
+                let mut wb = crate::storage::WriteBatch::new();
+                wb.set_apply_state(applied);
+                engine.write(&wb)?;
+                engine.flush(true)?;
+            }
+        }
+        state.state = PeerState::Normal as i32;
+        let mut lb = LogWriteBatch::new();
+        lb.put_region_state(region_id, &state)?;
+        self.engines.raft.write(&mut lb, true)?;
+        tracing::info!(
+            region_id,
+            index = t.index,
+            "finished a snapshot install interrupted by a crash"
+        );
+        Ok(state)
+    }
+
+    /// Generates the snapshot Raft asked for, at the leader's applied index: a tablet
+    /// checkpoint here (a flush and hard links), or SSTs scanned on the region worker
+    /// (`raft-kv`). Raft picks it up at its next attempt to reach the follower.
+    fn gen_snapshot(&mut self, region_id: RegionId) {
+        let Some(p) = self.peers.get(&region_id) else {
+            return;
+        };
+        if !p.is_leader() {
+            return;
+        }
+        let (index, term) = (p.applied_index, p.applied_term);
+        let key = snap::snapshot_key(region_id, term, index);
+        let dir = self.snap_dirs.gen_dir(&key);
+        let gen = p.raw.store().snap_gen();
+        let mut md = raft::eraftpb::SnapshotMetadata {
+            index,
+            term,
+            ..Default::default()
+        };
+        md.set_conf_state(crate::raftlog::conf_state_from_region(&p.region));
+        let mut meta = SnapshotMeta {
+            region: Some(p.region.clone()),
+            key: key.clone(),
+            files: Vec::new(),
+            format: snap::FORMAT_TABLET,
+            dir: dir.to_string_lossy().into_owned(),
+        };
+        // One generated snapshot per Region: the previous one goes.
+        if let Some(old) = gen.lock().ready.take() {
+            if let Ok(m) = SnapshotMeta::decode(old.data.as_ref()) {
+                if m.key != key {
+                    let _ = std::fs::remove_dir_all(self.snap_dirs.gen_dir(&m.key));
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        match self.engines.kv.kind() {
+            EngineKind::PartitionedRaftKv => {
+                match p.engine.needs_trim() {
+                    Ok(false) => {}
+                    _ => {
+                        // Never ship a split's garbage: trim first, Raft asks again.
+                        self.worker.schedule(Job::Trim(p.engine.clone()));
+                        return;
+                    }
+                }
+                let started = Instant::now();
+                if let Err(e) = p.engine.checkpoint(&dir) {
+                    tracing::warn!(region_id, error = %e, "snapshot checkpoint failed");
+                    return;
+                }
+                match snap::list_files(&dir) {
+                    Ok(files) => meta.files = files,
+                    Err(e) => {
+                        tracing::warn!(region_id, error = %e, "listing snapshot files failed");
+                        return;
+                    }
+                }
+                let mut s = raft::eraftpb::Snapshot {
+                    data: meta.encode_to_vec().into(),
+                    ..Default::default()
+                };
+                s.set_metadata(md);
+                gen.lock().ready = Some(s);
+                crate::metrics::SNAPSHOTS
+                    .with_label_values(&["generated"])
+                    .inc();
+                tracing::info!(region_id, index, took = ?started.elapsed(), files = meta.files.len(), "snapshot generated (checkpoint)");
+            }
+            EngineKind::RaftKv => {
+                meta.format = snap::FORMAT_SST;
+                gen.lock().generating = true;
+                let job = Job::GenSnapshot {
+                    snap: p.engine.snapshot(),
+                    dir,
+                    meta,
+                    md,
+                    gen: gen.clone(),
+                };
+                if !self.worker.schedule(job) {
+                    gen.lock().generating = false;
+                }
+            }
+        }
+    }
+
+    /// Installs the snapshot a follower's Raft accepted (see `snap.rs` for the three steps).
+    fn install_snapshot(
+        engines: &Engines,
+        p: &mut Peer,
+        snapshot: &raft::eraftpb::Snapshot,
+    ) -> Result<()> {
+        let id = p.region_id();
+        let md = snapshot.get_metadata();
+        let (index, term) = (md.index, md.term);
+        // Checked when the message arrived (`stage`), so a failure here is local corruption.
+        let meta = SnapshotMeta::decode(snapshot.data.as_ref())
+            .map_err(|e| Error::Storage(format!("Region {id}: snapshot meta: {e}")))?;
+        let region = meta
+            .region
+            .clone()
+            .ok_or_else(|| Error::Storage(format!("Region {id}: snapshot without a Region")))?;
+        let started = Instant::now();
+        let mut lb = LogWriteBatch::new();
+        lb.clean(id);
+        engines.raft.write(&mut lb, false)?;
+        let mut state = RegionLocalState {
+            state: PeerState::Applying as i32,
+            region: Some(region.clone()),
+            tablet_index: index,
+            destroyed_peer_id: 0,
+            conf_index: index,
+        };
+        lb.put_region_state(id, &state)?;
+        lb.compact_to(id, index, term)?;
+        lb.put_hard_state(id, &p.raw.raft.hard_state())?;
+        engines.raft.write(&mut lb, true)?;
+        let applied = RaftApplyState {
+            applied_index: index,
+            applied_term: term,
+            ..Default::default()
+        };
+        let engine = engines.kv.install_snapshot(
+            id,
+            range_of(&region),
+            &applied,
+            std::path::Path::new(&meta.dir),
+        )?;
+        state.state = PeerState::Normal as i32;
+        lb.put_region_state(id, &state)?;
+        engines.raft.write(&mut lb, true)?;
+        p.on_snapshot_installed(region, engine, index, term);
+        crate::metrics::SNAPSHOTS
+            .with_label_values(&["installed"])
+            .inc();
+        tracing::info!(region_id = id, index, term, took = ?started.elapsed(), "snapshot installed");
         Ok(())
     }
 
@@ -308,6 +540,9 @@ impl Store {
                 // A failed raft-engine write or engine write leaves this store's state unknown:
                 // stop rather than diverge (the replica is rebuilt from its log on restart).
                 panic!("store {}: persisting Raft state failed: {e}", self.id);
+            }
+            for region_id in std::mem::take(&mut self.snap_requests) {
+                self.gen_snapshot(region_id);
             }
         }
         for p in self.peers.values_mut() {
@@ -356,29 +591,55 @@ impl Store {
                     }
                 }
             },
+            StoreMsg::SplitRegion {
+                region_id,
+                epoch,
+                split_keys,
+                cb,
+            } => self.on_split_region(region_id, epoch, split_keys, cb),
+            StoreMsg::ProposeSplit {
+                region_id,
+                epoch,
+                split_keys,
+                ids,
+                cb,
+            } => match self.peers.get_mut(&region_id) {
+                None => cb(Err(Error::RegionNotFound(region_id))),
+                Some(p) => p.propose_split(&epoch, &split_keys, &ids, cb),
+            },
             StoreMsg::TransferLeader { region_id, to } => {
                 if let Some(p) = self.peers.get_mut(&region_id) {
                     p.wake();
                     p.raw.transfer_leader(to.id);
                 }
             }
-            StoreMsg::QueryRegion { region_id, cb } => {
-                cb(self.peers.get(&region_id).map(|p| RegionStatus {
-                    region: p.region.clone(),
-                    peer: p.meta,
-                    leader_id: p.leader_id(),
-                    term: p.term(),
-                    applied_index: p.applied_index,
-                    truncated_index: p.raw.store().truncated().0,
-                    hibernated: p.hibernated,
-                }));
+            StoreMsg::SnapshotStatus {
+                region_id,
+                to_peer_id,
+                ok,
+            } => {
+                if let Some(p) = self.peers.get_mut(&region_id) {
+                    let status = if ok {
+                        raft::SnapshotStatus::Finish
+                    } else {
+                        raft::SnapshotStatus::Failure
+                    };
+                    p.raw.report_snapshot(to_peer_id, status);
+                    crate::metrics::SNAPSHOTS
+                        .with_label_values(&[if ok { "sent" } else { "send_failed" }])
+                        .inc();
+                }
             }
+            StoreMsg::QueryRegion { region_id, cb } => {
+                cb(self.peers.get(&region_id).map(status_of));
+            }
+            StoreMsg::QueryRegions { cb } => cb(self.peers.values().map(status_of).collect()),
             StoreMsg::Stop => return true,
         }
         false
     }
 
-    fn on_raft_message(&mut self, m: RaftMessage) {
+    fn on_raft_message(&mut self, mut m: RaftMessage) {
         self.last_heard.insert(m.from_store, Instant::now());
         if m.is_store_heartbeat() {
             return;
@@ -409,8 +670,31 @@ impl Store {
         if p.hibernated && !quiet_ack {
             p.wake();
         }
+        if m.message.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+            // The files must be this store's before Raft may accept the snapshot: once accepted
+            // it has to be installed.
+            let staged = SnapshotMeta::decode(m.message.get_snapshot().data.as_ref())
+                .map_err(|e| e.to_string())
+                .and_then(|mut meta| {
+                    if meta.region.as_ref().map(|r| r.id) != Some(m.region_id) {
+                        return Err("snapshot of another Region".to_string());
+                    }
+                    snap::stage(&self.snap_dirs, &mut meta)?;
+                    Ok(meta)
+                });
+            match staged {
+                Ok(meta) => m.message.mut_snapshot().data = meta.encode_to_vec().into(),
+                Err(e) => {
+                    tracing::warn!(region_id = m.region_id, error = %e, "dropping a snapshot");
+                    return;
+                }
+            }
+        }
         if let Err(e) = p.raw.step(m.message) {
             tracing::debug!(region_id = m.region_id, error = %e, "raft step failed");
+        }
+        if p.raw.store().take_snap_request() {
+            self.snap_requests.push(m.region_id);
         }
     }
 
@@ -418,13 +702,6 @@ impl Store {
     /// (append or heartbeat) may create one, and only if the sender's Region names it.
     fn maybe_create_peer(&mut self, m: &RaftMessage) -> bool {
         use raft::eraftpb::MessageType;
-        let t = m.message.get_msg_type();
-        if !matches!(
-            t,
-            MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
-        ) {
-            return false;
-        }
         let Some(region) = m.region.clone() else {
             return false;
         };
@@ -433,6 +710,30 @@ impl Store {
             .iter()
             .any(|p| p.id == m.to_peer.id && p.store_id == self.id)
         {
+            return false;
+        }
+        // A local Region still covering part of this range has not applied the split that
+        // creates this one (or this one is stale): the split will create it, with its data.
+        // Keep the message for then: it is likely the new leader's vote.
+        let version = |r: &Region| r.region_epoch.map_or(0, |e| e.version);
+        let overlapping = self.peers.values().find(|p| {
+            let r = &p.region;
+            (region.end_key.is_empty() || r.start_key < region.end_key)
+                && (r.end_key.is_empty() || region.start_key < r.end_key)
+        });
+        if let Some(p) = overlapping {
+            if version(&p.region) < version(&region)
+                && self.pending_split_msgs.len() < MAX_PENDING_SPLIT_MSGS
+            {
+                self.pending_split_msgs.push((Instant::now(), m.clone()));
+            }
+            return false;
+        }
+        let t = m.message.get_msg_type();
+        if !matches!(
+            t,
+            MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
+        ) {
             return false;
         }
         // After a replica was destroyed, only a newer replica (higher peer id, newer membership)
@@ -459,6 +760,7 @@ impl Store {
                 m.to_peer,
                 self.engines.raft.clone(),
                 engine,
+                self.engines.kv.clone(),
                 peer_config(&self.cfg),
                 m.region_conf_index,
             )
@@ -480,6 +782,155 @@ impl Store {
                 false
             }
         }
+    }
+
+    /// First half of a split: checks it on the leader and asks PD for ids; PD's answer comes
+    /// back as `ProposeSplit`.
+    fn on_split_region(
+        &mut self,
+        region_id: RegionId,
+        epoch: prkv_proto::metapb::RegionEpoch,
+        split_keys: Vec<Vec<u8>>,
+        cb: SplitCallback,
+    ) {
+        let Some(p) = self.peers.get(&region_id) else {
+            return cb(Err(Error::RegionNotFound(region_id)));
+        };
+        if let Err(e) = p.check_split(&epoch, &split_keys) {
+            return cb(Err(e));
+        }
+        let tx = self.self_tx.clone();
+        let count = split_keys.len();
+        self.pd.ask_batch_split(
+            p.region.clone(),
+            count,
+            Box::new(move |res| match res {
+                Err(e) => cb(Err(e)),
+                Ok(ids) => {
+                    let msg = StoreMsg::ProposeSplit {
+                        region_id,
+                        epoch,
+                        split_keys,
+                        ids,
+                        cb,
+                    };
+                    if let Err(e) = tx.try_send(msg) {
+                        let err = match &e {
+                            TrySendError::Full(_) => Error::ServerIsBusy {
+                                reason: "store inbox is full".into(),
+                            },
+                            TrySendError::Disconnected(_) => Error::StoreStopped,
+                        };
+                        if let StoreMsg::ProposeSplit { cb, .. } = e.into_inner() {
+                            cb(Err(err));
+                        }
+                    }
+                }
+            }),
+        );
+    }
+
+    /// Creates the peers of Regions that a split of `parent` just produced on this store.
+    fn create_split_peers(
+        &mut self,
+        parent: RegionId,
+        children: Vec<(Region, Arc<dyn crate::storage::RegionEngine>)>,
+    ) -> Result<()> {
+        let Some(p) = self.peers.get(&parent) else {
+            return Ok(());
+        };
+        let was_leader = p.is_leader();
+        let mut regions = vec![p.region.clone()];
+        self.worker.schedule(Job::Trim(p.engine.clone()));
+        for (region, engine) in children {
+            regions.push(region.clone());
+            let Some(meta) = region.peers.iter().find(|x| x.store_id == self.id).copied() else {
+                continue;
+            };
+            self.worker.schedule(Job::Trim(engine.clone()));
+            let mut peer = Peer::new(
+                region.clone(),
+                meta,
+                self.engines.raft.clone(),
+                engine,
+                self.engines.kv.clone(),
+                peer_config(&self.cfg),
+                RAFT_INIT_LOG_INDEX,
+            )?;
+            if was_leader && region.peers.len() > 1 {
+                // The parent's leader was elected by these same stores a moment ago: campaign
+                // at once instead of waiting an election timeout.
+                let _ = peer.raw.campaign();
+            } else if region.peers.len() == 1 {
+                let _ = peer.raw.campaign();
+            }
+            self.peers.insert(region.id, peer);
+        }
+        if was_leader {
+            self.pd.report_batch_split(regions);
+        }
+        // Messages that arrived for the new Regions before this store applied the split.
+        let pending = std::mem::take(&mut self.pending_split_msgs);
+        let now = Instant::now();
+        for (at, m) in pending {
+            if now.duration_since(at) > PENDING_SPLIT_MSG_TTL {
+                continue;
+            }
+            if self.peers.contains_key(&m.region_id) {
+                self.on_raft_message(m);
+            } else {
+                self.pending_split_msgs.push((at, m));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts split checks on leaders that were written enough since their last check and
+    /// look big enough (cheap estimates; the worker then counts exactly).
+    fn on_split_check_tick(&mut self) {
+        let cp = &self.cfg.coprocessor;
+        let check = SplitCheckConfig {
+            split_size: cp.region_split_size.0,
+            max_size: cp.region_max_size.0,
+            split_keys: cp.region_split_keys,
+            max_keys: cp.region_max_keys,
+        };
+        let diff_bytes = self.cfg.raftstore.region_split_check_diff.0;
+        // Keys have no configured diff: like the byte diff (1/16 of a Region by default), check
+        // after a sixteenth of `region-split-keys` new writes.
+        let diff_keys = (check.split_keys / 16).max(1);
+        for p in self.peers.values_mut() {
+            if !p.is_leader()
+                || (p.split_check_bytes < diff_bytes && p.split_check_keys < diff_keys)
+            {
+                continue;
+            }
+            // Estimates are cheap but coarse (the shared raft-kv DB only knows its totals, and
+            // nothing of unflushed data per Region): trust them to skip the scan of a big
+            // Region only; a small one is cheaper to count than to guess.
+            let size = p.engine.approximate_size().unwrap_or(0);
+            let keys = p.engine.approximate_keys().unwrap_or(0);
+            if size >= CHEAP_SPLIT_SCAN_BYTES && size < check.max_size && keys < check.max_keys {
+                // Not big enough yet; keep counting from here.
+                p.split_check_bytes = 0;
+                p.split_check_keys = 0;
+                continue;
+            }
+            let job = Job::SplitCheck {
+                region_id: p.region.id,
+                epoch: p.region.region_epoch.unwrap_or_default(),
+                engine: p.engine.clone(),
+                snap: p.engine.snapshot(),
+                cfg: check,
+            };
+            if self.worker.schedule(job) {
+                p.split_check_bytes = 0;
+                p.split_check_keys = 0;
+            }
+        }
+        let now = Instant::now();
+        self.pending_split_msgs
+            .retain(|(at, _)| now.duration_since(*at) <= PENDING_SPLIT_MSG_TTL);
     }
 
     fn on_tick(&mut self) {
@@ -526,6 +977,10 @@ impl Store {
             self.next_gc = now + self.cfg.raftstore.raft_log_gc_tick_interval.0;
             self.on_raft_log_gc_tick();
         }
+        if now >= self.next_split_check {
+            self.next_split_check = now + self.cfg.raftstore.split_region_check_tick_interval.0;
+            self.on_split_check_tick();
+        }
         self.report_to_pd(now);
         let mut ticked = 0;
         let mut hibernating = Vec::new();
@@ -535,6 +990,9 @@ impl Store {
             }
             p.tick();
             ticked += 1;
+            if p.raw.store().take_snap_request() {
+                self.snap_requests.push(p.region_id());
+            }
             // Not while a Ready is pending: its heartbeats, sent after the hibernate message,
             // would wake the followers right away.
             if p.wants_hibernate() && !p.raw.has_ready() {
@@ -655,7 +1113,8 @@ impl Store {
             let Some(to) = p.peer_by_id(msg.to) else {
                 continue;
             };
-            self.trans.send(RaftMessage {
+            let is_snapshot = msg.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot;
+            let m = RaftMessage {
                 region_id,
                 from_peer: p.meta,
                 to_peer: to,
@@ -666,7 +1125,23 @@ impl Store {
                 hibernate: false,
                 from_store: self.id,
                 to_store: to.store_id,
-            });
+            };
+            if is_snapshot {
+                let tx = self.self_tx.clone();
+                let to_peer_id = to.id;
+                self.trans.send_snapshot(
+                    m,
+                    Box::new(move |ok| {
+                        let _ = tx.try_send(StoreMsg::SnapshotStatus {
+                            region_id,
+                            to_peer_id,
+                            ok,
+                        });
+                    }),
+                );
+            } else {
+                self.trans.send(m);
+            }
         }
     }
 
@@ -689,10 +1164,10 @@ impl Store {
             let mut rd = p.raw.ready();
             let msgs = rd.take_messages();
             if !rd.snapshot().is_empty() {
-                tracing::error!(
-                    region_id = id,
-                    "snapshots are not supported yet; ignoring one"
-                );
+                let snapshot = rd.snapshot().clone();
+                Self::install_snapshot(&self.engines, p, &snapshot)?;
+                self.neighbours_stale = true;
+                p.pd_dirty = true;
             }
             p.on_read_states(rd.take_read_states());
             let committed = rd.take_committed_entries();
@@ -770,6 +1245,9 @@ impl Store {
         if let Some(index) = outcome.compact_to {
             p.compact_log(index)?;
         }
+        if !outcome.split.is_empty() {
+            self.create_split_peers(id, outcome.split)?;
+        }
         Ok(false)
     }
 
@@ -799,6 +1277,18 @@ impl Store {
         self.engines.kv.destroy_region(id)?;
         tracing::info!(store_id = self.id, region_id = id, "replica destroyed");
         Ok(())
+    }
+}
+
+fn status_of(p: &Peer) -> RegionStatus {
+    RegionStatus {
+        region: p.region.clone(),
+        peer: p.meta,
+        leader_id: p.leader_id(),
+        term: p.term(),
+        applied_index: p.applied_index,
+        truncated_index: p.raw.store().truncated().0,
+        hibernated: p.hibernated,
     }
 }
 

@@ -16,8 +16,19 @@ use rand::Rng;
 use super::msg::{RaftMessage, StoreId, StoreMsg};
 use super::store::StoreRouter;
 
+/// Told whether a snapshot reached its receiver (`true`) or the transfer failed.
+pub type SnapshotDone = Box<dyn FnOnce(bool) + Send>;
+
 pub trait Transport: Send + Sync {
     fn send(&self, msg: RaftMessage);
+
+    /// Sends a `MsgSnapshot` whose files are on this store in the directory its
+    /// `SnapshotMeta` names. The default hands the message over as is: the receiving store
+    /// links the files from that directory itself (stores sharing one machine, as in tests).
+    fn send_snapshot(&self, msg: RaftMessage, done: SnapshotDone) {
+        self.send(msg);
+        done(true);
+    }
 }
 
 /// What a filter decides for one message.

@@ -123,6 +123,14 @@ fn region_error(e: Error) -> Fail {
                 ..Default::default()
             });
         }
+        Error::Pd(what) => {
+            kind = "pd";
+            out.server_is_busy = Some(errorpb::ServerIsBusy {
+                reason: format!("PD: {what}"),
+                ..Default::default()
+            });
+        }
+        Error::InvalidSplit(msg) => return Fail::Other(format!("invalid split: {msg}")),
         Error::Storage(msg) => {
             crate::metrics::REGION_ERRORS
                 .with_label_values(&["storage"])
@@ -823,12 +831,57 @@ impl Tikv for KvService {
         Ok(Response::new(resp))
     }
 
+    /// Splits the context's Region at the given keys (client form; encoded like every key).
+    /// A bad key list is `INVALID_ARGUMENT`; Region trouble is a `region_error` to retry on.
     async fn split_region(
         &self,
-        _req: Request<kvrpcpb::SplitRegionRequest>,
+        req: Request<kvrpcpb::SplitRegionRequest>,
     ) -> Result<Response<kvrpcpb::SplitRegionResponse>, Status> {
-        Err(Status::unimplemented(
-            "SplitRegion is not built yet (Region split arrives with the split checker)",
-        ))
+        crate::metrics::GRPC_REQUESTS
+            .with_label_values(&["split_region"])
+            .inc();
+        let r = req.into_inner();
+        let ctx = self.check_ctx(&r.context)?;
+        let mut keys: Vec<Vec<u8>> = r.split_keys.clone();
+        if keys.is_empty() && !r.split_key.is_empty() {
+            keys.push(r.split_key.clone());
+        }
+        for k in &keys {
+            self.inner
+                .raw
+                .check_key(k, true)
+                .map_err(|e| Status::invalid_argument(format!("split key: {e}")))?;
+        }
+        let mut keys: Vec<Vec<u8>> = keys.iter().map(|k| self.encode_key(k)).collect();
+        keys.sort();
+        keys.dedup();
+        let (tx, rx) = oneshot::channel();
+        let sent = self.inner.router.try_send(StoreMsg::SplitRegion {
+            region_id: ctx.region_id,
+            epoch: ctx.region_epoch.unwrap_or_default(),
+            split_keys: keys,
+            cb: Box::new(move |r| drop(tx.send(r))),
+        });
+        let res: Result<Vec<prkv_proto::metapb::Region>, Error> = match sent {
+            Err(e) => Err(e),
+            Ok(()) => match tokio::time::timeout(STORE_TIMEOUT, rx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(Error::StoreStopped),
+                Err(_) => Err(Error::Timeout(format!("split of Region {}", ctx.region_id))),
+            },
+        };
+        let mut resp = kvrpcpb::SplitRegionResponse::default();
+        match res {
+            Ok(regions) => {
+                resp.left = regions.first().cloned();
+                resp.right = regions.get(1).cloned();
+                resp.regions = regions;
+            }
+            Err(e) => match region_error(e) {
+                Fail::Region(err) => resp.region_error = Some(*err),
+                Fail::Other(msg) => return Err(Status::invalid_argument(msg)),
+            },
+        }
+        Ok(Response::new(resp))
     }
 }

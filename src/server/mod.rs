@@ -18,6 +18,7 @@
 pub mod kv;
 pub mod pd_client;
 pub mod raw;
+pub mod snap_transfer;
 pub mod status;
 pub mod transport;
 
@@ -255,6 +256,7 @@ pub async fn run(
         pd.clone(),
         tokio::runtime::Handle::current(),
         max_msg,
+        cfg.server.snap_io_max_bytes_per_sec.0,
     ));
     let kind = engines.kv.kind();
     let store_cfg = cfg.clone();
@@ -319,6 +321,7 @@ pub async fn run(
     let kv = kv::KvService::new(router.clone(), raw_cfg);
     let raft = transport::RaftService {
         router: router.clone(),
+        snap: snap_transfer::Receiver::new(router.clone(), &cfg.storage.data_dir),
     };
     let listener = tokio::net::TcpListener::bind(addr)
         .await

@@ -16,7 +16,8 @@ use prkv_proto::pdpb::{self, pd_client::PdClient as GrpcPdClient};
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::raftstore::{ChangePeer, PdReporter, RegionHeartbeat, StoreMsg, StoreRouter};
+use crate::raftstore::msg::SplitIdsCallback;
+use crate::raftstore::{ChangePeer, PdReporter, RegionHeartbeat, SplitIds, StoreMsg, StoreRouter};
 
 /// Deadline of one PD call.
 const PD_TIMEOUT: Duration = Duration::from_secs(5);
@@ -236,6 +237,28 @@ impl PdClient {
         check("StoreHeartbeat", r.header)
     }
 
+    pub async fn ask_batch_split(&self, region: Region, count: usize) -> Result<Vec<SplitIds>> {
+        let r = self
+            .grpc
+            .clone()
+            .ask_batch_split(pdpb::AskBatchSplitRequest {
+                header: self.header(),
+                region: Some(region),
+                split_count: count as u32,
+            })
+            .await
+            .map_err(rpc_err("AskBatchSplit"))?
+            .into_inner();
+        check("AskBatchSplit", r.header)?;
+        Ok(r.ids
+            .into_iter()
+            .map(|i| SplitIds {
+                new_region_id: i.new_region_id,
+                new_peer_ids: i.new_peer_ids,
+            })
+            .collect())
+    }
+
     pub async fn report_batch_split(&self, regions: Vec<Region>) -> Result<()> {
         let r = self
             .grpc
@@ -256,7 +279,11 @@ impl PdClient {
     pub fn region_heartbeats(&self) -> (Arc<PdHeartbeats>, RegionHeartbeatTask) {
         let (tx, rx) = mpsc::channel(REGION_HEARTBEAT_QUEUE);
         (
-            Arc::new(PdHeartbeats { tx }),
+            Arc::new(PdHeartbeats {
+                tx,
+                client: self.clone(),
+                rt: tokio::runtime::Handle::current(),
+            }),
             RegionHeartbeatTask {
                 client: self.clone(),
                 rx,
@@ -374,14 +401,43 @@ fn on_operator(router: &StoreRouter, r: pdpb::RegionHeartbeatResponse) {
     }
 }
 
-/// The store loop's side of the Region heartbeat stream.
+/// The store loop's side of PD: the Region heartbeat stream, and split ids asked on the
+/// runtime so that the loop never waits for PD.
 pub struct PdHeartbeats {
     tx: mpsc::Sender<RegionHeartbeat>,
+    client: PdClient,
+    rt: tokio::runtime::Handle,
 }
 
 impl PdReporter for PdHeartbeats {
     fn region_heartbeat(&self, hb: RegionHeartbeat) {
         // Never block the store loop; a dropped report is superseded by the next one.
         let _ = self.tx.try_send(hb);
+    }
+
+    fn ask_batch_split(&self, region: Region, count: usize, cb: SplitIdsCallback) {
+        let client = self.client.clone();
+        self.rt.spawn(async move {
+            let res = tokio::time::timeout(PD_TIMEOUT, client.ask_batch_split(region, count)).await;
+            cb(match res {
+                Ok(Ok(ids)) => Ok(ids),
+                Ok(Err(e)) => Err(crate::raftstore::Error::Pd(e.to_string())),
+                Err(_) => Err(crate::raftstore::Error::Pd(
+                    "AskBatchSplit timed out".into(),
+                )),
+            });
+        });
+    }
+
+    fn report_batch_split(&self, regions: Vec<Region>) {
+        let client = self.client.clone();
+        self.rt.spawn(async move {
+            // Best effort: the new Regions' heartbeats tell PD the same a moment later.
+            match tokio::time::timeout(PD_TIMEOUT, client.report_batch_split(regions)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::info!(error = %e, "ReportBatchSplit failed"),
+                Err(_) => tracing::info!("ReportBatchSplit timed out"),
+            }
+        });
     }
 }

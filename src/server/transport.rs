@@ -18,14 +18,19 @@ use futures::StreamExt;
 use parking_lot::Mutex;
 use prkv_proto::serverpb::store_transport_client::StoreTransportClient;
 use prkv_proto::serverpb::store_transport_server::StoreTransport;
-use prkv_proto::serverpb::{StoreRaftBatch, StoreRaftDone, StoreRaftMessage};
+use prkv_proto::serverpb::{
+    SnapshotChunk, SnapshotDone, SnapshotHaveRequest, SnapshotHaveResponse, StoreRaftBatch,
+    StoreRaftDone, StoreRaftMessage,
+};
 use protobuf::Message as _;
 use tokio::sync::mpsc;
 use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::pd_client::PdClient;
+use super::snap_transfer::{self, RateLimiter};
 use crate::metrics::{RAFT_MESSAGES_DROPPED, RAFT_MESSAGES_SENT};
+use crate::raftstore::transport::SnapshotDone as SnapshotDoneCb;
 use crate::raftstore::{RaftMessage, StoreId, StoreMsg, StoreRouter, Transport};
 
 /// Messages queued per destination store. Raft messages are small except appends, which
@@ -75,15 +80,22 @@ pub struct GrpcTransport {
     queues: Mutex<HashMap<StoreId, mpsc::Sender<RaftMessage>>>,
     rt: tokio::runtime::Handle,
     max_msg: usize,
+    snap_limiter: std::sync::Arc<RateLimiter>,
 }
 
 impl GrpcTransport {
-    pub fn new(pd: PdClient, rt: tokio::runtime::Handle, max_msg: usize) -> Self {
+    pub fn new(
+        pd: PdClient,
+        rt: tokio::runtime::Handle,
+        max_msg: usize,
+        snap_bytes_per_sec: u64,
+    ) -> Self {
         GrpcTransport {
             pd,
             queues: Mutex::new(HashMap::new()),
             rt,
             max_msg,
+            snap_limiter: std::sync::Arc::new(RateLimiter::new(snap_bytes_per_sec)),
         }
     }
 }
@@ -112,6 +124,25 @@ impl Transport for GrpcTransport {
                 self.queues.lock().remove(&to);
             }
         }
+    }
+
+    /// Snapshots go on their own stream (see `snap_transfer.rs`), one task per transfer.
+    fn send_snapshot(&self, msg: RaftMessage, done: SnapshotDoneCb) {
+        let (pd, limiter, max_msg) = (self.pd.clone(), self.snap_limiter.clone(), self.max_msg);
+        self.rt.spawn(async move {
+            let (region_id, to_store) = (msg.region_id, msg.to_store);
+            let started = std::time::Instant::now();
+            match snap_transfer::send(pd, msg, limiter, max_msg).await {
+                Ok(bytes) => {
+                    tracing::info!(region_id, to_store, bytes, took = ?started.elapsed(), "snapshot sent");
+                    done(true);
+                }
+                Err(e) => {
+                    tracing::warn!(region_id, to_store, error = %e, "sending a snapshot failed");
+                    done(false);
+                }
+            }
+        });
     }
 }
 
@@ -202,6 +233,7 @@ async fn connection(
 #[derive(Clone)]
 pub struct RaftService {
     pub router: StoreRouter,
+    pub snap: snap_transfer::Receiver,
 }
 
 #[tonic::async_trait]
@@ -235,5 +267,19 @@ impl StoreTransport for RaftService {
             }
         }
         Ok(Response::new(StoreRaftDone {}))
+    }
+
+    async fn snapshot_have(
+        &self,
+        req: Request<SnapshotHaveRequest>,
+    ) -> Result<Response<SnapshotHaveResponse>, Status> {
+        Ok(Response::new(self.snap.have(req.into_inner())?))
+    }
+
+    async fn snapshot(
+        &self,
+        req: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<SnapshotDone>, Status> {
+        Ok(Response::new(self.snap.receive(req.into_inner()).await?))
     }
 }

@@ -148,6 +148,11 @@ pub trait Snapshot: Send + Sync {
         dir: ScanDir,
         f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<()>;
+
+    /// Writes the snapshot's data as SST files into `dir`, one per non-empty column family
+    /// (`<cf>.sst`): the scan-based Region snapshot of `raft-kv`, ingested by
+    /// [`StoreEngine::install_snapshot`] on the receiver.
+    fn export_ssts(&self, dir: &Path) -> Result<()>;
 }
 
 /// The data of one Region replica.
@@ -203,6 +208,16 @@ pub trait RegionEngine: Send + Sync {
 
     /// Whether flushes or compactions are running or pending in the underlying RocksDB.
     fn background_work_pending(&self) -> bool;
+
+    /// Whether the engine still holds data outside [`RegionEngine::range`]: a tablet that was
+    /// checkpointed from a split parent, until [`RegionEngine::trim`] ran. Reads are clipped to
+    /// the range either way; an untrimmed tablet is not split again or snapshotted, so garbage
+    /// never multiplies. Always false in `raft-kv` mode.
+    fn needs_trim(&self) -> Result<bool>;
+
+    /// Deletes the data outside the range and compacts it away (tablets only; idempotent, and
+    /// safe to run beside writes, which never touch keys outside the range).
+    fn trim(&self) -> Result<()>;
 }
 
 /// The data of every Region replica on one store.
@@ -236,4 +251,30 @@ pub trait StoreEngine: Send + Sync {
 
     /// Flushes every open Region.
     fn flush_all(&self) -> Result<()>;
+
+    /// Makes the snapshot files in `dir` (from [`RegionEngine::checkpoint`] of a tablet, or
+    /// [`Snapshot::export_ssts`] in `raft-kv`) the data of `region_id` with `range`, applied
+    /// through `applied` (index and term). Tablets: the directory becomes tablet generation
+    /// `applied.applied_index` (a rename) and replaces the open one; `raft-kv`: the range is
+    /// cleared and the files ingested. Durable when this returns; `dir` is consumed.
+    fn install_snapshot(
+        &self,
+        region_id: RegionId,
+        range: KeyRange,
+        applied: &RaftApplyState,
+        dir: &Path,
+    ) -> Result<Arc<dyn RegionEngine>>;
+
+    /// Creates the engines of the Regions split off the open Region `parent`: each child gets
+    /// the parent's data as of now (the caller has written everything applied before the split)
+    /// and the apply state `init`, durably, before this returns. Tablets: a flush, then a
+    /// checkpoint (hard links) per child, born at `init.applied_index`; `raft-kv`: only the
+    /// children's apply states. An engine left by an earlier, interrupted attempt is replaced.
+    /// The parent's own narrower range is opened separately with [`StoreEngine::open_region`].
+    fn split_region(
+        &self,
+        parent: RegionId,
+        children: &[(RegionId, KeyRange)],
+        init: &RaftApplyState,
+    ) -> Result<Vec<Arc<dyn RegionEngine>>>;
 }

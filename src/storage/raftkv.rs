@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+use prkv_proto::serverpb::RaftApplyState;
 
 use super::engine::{Cf, KeyRange, RegionEngine, StoreEngine};
 use super::rocks::{DbHandle, Layout, RocksRegion, SharedResources};
@@ -135,5 +136,56 @@ impl StoreEngine for RaftKvEngine {
 
     fn flush_all(&self) -> Result<()> {
         self.handle.flush(true)
+    }
+
+    /// The classic way: clear the Region's range, ingest the SSTs the leader scanned out.
+    fn install_snapshot(
+        &self,
+        region_id: RegionId,
+        range: KeyRange,
+        applied: &RaftApplyState,
+        dir: &Path,
+    ) -> Result<Arc<dyn RegionEngine>> {
+        let lo = keys::data_key(&range.start);
+        let hi = keys::data_end_key(&range.end);
+        super::rocks::ingest_snapshot(
+            &self.handle,
+            &lo,
+            &hi,
+            dir,
+            &keys::apply_state_key(region_id),
+            applied,
+        )?;
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "removing an installed snapshot failed");
+        }
+        // A fresh view: it reads the apply state just written.
+        self.regions.lock().remove(&region_id);
+        self.open_region(region_id, range, applied.applied_index)
+    }
+
+    /// Metadata only: the children's keys are already where they belong in the shared DB; each
+    /// child gets its apply state, synced before the split is recorded in raft-engine.
+    fn split_region(
+        &self,
+        _parent: RegionId,
+        children: &[(RegionId, KeyRange)],
+        init: &RaftApplyState,
+    ) -> Result<Vec<Arc<dyn RegionEngine>>> {
+        let db = self.handle.db();
+        let default = db.cf_handle(Cf::Default.name()).expect("column family");
+        let mut wb = rocksdb::WriteBatch::default();
+        for (id, _) in children {
+            wb.put_cf(
+                default,
+                keys::apply_state_key(*id),
+                prost::Message::encode_to_vec(init),
+            );
+        }
+        self.handle.write_durable(wb, false)?;
+        children
+            .iter()
+            .map(|(id, range)| self.open_region(*id, range.clone(), init.applied_index))
+            .collect()
     }
 }

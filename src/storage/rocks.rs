@@ -230,6 +230,31 @@ impl DbHandle {
             .map_err(|e| rocks_err(&self.path, e))
     }
 
+    /// Writes a raw batch without WAL and flushes it: used for metadata that must be durable at
+    /// once in a tablet (a split child's first apply state).
+    pub(crate) fn write_durable(&self, wb: rocksdb::WriteBatch, tablet: bool) -> Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(tablet);
+        self.db()
+            .write_opt(wb, &wo)
+            .map_err(|e| rocks_err(&self.path, e))?;
+        if tablet {
+            self.flush(true)
+        } else {
+            self.sync_wal()
+        }
+    }
+
+    /// Writes a consistent copy of the DB into `dir`, hard-linking its SST files.
+    pub(crate) fn checkpoint(&self, dir: &Path) -> Result<()> {
+        let cp = Checkpoint::new(self.db()).map_err(|e| rocks_err(&self.path, e))?;
+        cp.create_checkpoint(dir).map_err(|e| rocks_err(dir, e))
+    }
+
+    pub(crate) fn cf_handle(&self, cf: Cf) -> &rocksdb::ColumnFamily {
+        self.cf(cf)
+    }
+
     pub(crate) fn sync_wal(&self) -> Result<()> {
         self.db()
             .flush_wal(true)
@@ -542,8 +567,7 @@ impl RegionEngine for RocksRegion {
     }
 
     fn checkpoint(&self, dir: &Path) -> Result<()> {
-        let cp = Checkpoint::new(self.handle.db()).map_err(|e| rocks_err(&self.handle.path, e))?;
-        cp.create_checkpoint(dir).map_err(|e| rocks_err(dir, e))
+        self.handle.checkpoint(dir)
     }
 
     fn flush(&self, wait: bool) -> Result<()> {
@@ -568,6 +592,78 @@ impl RegionEngine for RocksRegion {
             .iter()
             .any(|p| self.handle.int_property(*cf, p) > 0)
         })
+    }
+
+    fn needs_trim(&self) -> Result<bool> {
+        if self.layout == Layout::Shared {
+            return Ok(false);
+        }
+        for (lo, hi) in self.outside_ranges() {
+            for cf in Cf::ALL {
+                let mut found = false;
+                scan_db(
+                    &self.handle,
+                    None,
+                    cf,
+                    lo.clone(),
+                    hi.clone(),
+                    ScanDir::Forward,
+                    &mut |_, _| {
+                        found = true;
+                        false
+                    },
+                )?;
+                if found {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    fn trim(&self) -> Result<()> {
+        if self.layout == Layout::Shared {
+            return Ok(());
+        }
+        let ranges = self.outside_ranges();
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        let db = self.handle.db();
+        let mut wb = rocksdb::WriteBatch::default();
+        for (lo, hi) in &ranges {
+            for cf in Cf::ALL {
+                wb.delete_range_cf(self.handle.cf(cf), lo, hi);
+            }
+        }
+        // No WAL, like every tablet write; the flush makes the range deletions durable (a crash
+        // before it only means trimming again: `needs_trim` is recomputed from the data).
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        db.write_opt(wb, &wo)
+            .map_err(|e| rocks_err(&self.handle.path, e))?;
+        self.handle.flush(true)?;
+        for (lo, hi) in &ranges {
+            for cf in Cf::ALL {
+                db.compact_range_cf(self.handle.cf(cf), Some(lo), Some(hi));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RocksRegion {
+    /// The engine-key ranges of data outside this Region's range.
+    fn outside_ranges(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut v = Vec::new();
+        let data_min = keys::data_key(b"");
+        if self.data_start > data_min {
+            v.push((data_min, self.data_start.clone()));
+        }
+        if self.data_end.as_slice() < keys::DATA_END {
+            v.push((self.data_end.clone(), keys::DATA_END.to_vec()));
+        }
+        v
     }
 }
 
@@ -635,6 +731,69 @@ impl Snapshot for RocksSnapshot {
         };
         scan_db(&self.handle, Some(&self.snap), cf, lo, hi, dir, f)
     }
+
+    fn export_ssts(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let (lo, hi) = self.bounds.clone();
+        for cf in Cf::ALL {
+            let mut opts = ReadOptions::default();
+            opts.set_iterate_lower_bound(lo.clone());
+            opts.set_iterate_upper_bound(hi.clone());
+            let mut it = self.snap.raw_iterator_cf_opt(self.handle.cf(cf), opts);
+            it.seek_to_first();
+            if !it.valid() {
+                it.status().map_err(|e| rocks_err(&self.handle.path, e))?;
+                continue; // RocksDB cannot write an empty SST
+            }
+            let path = dir.join(format!("{}.sst", cf.name()));
+            let wopts = Options::default();
+            let mut w = rocksdb::SstFileWriter::create(&wopts);
+            w.open(&path).map_err(|e| rocks_err(&path, e))?;
+            while it.valid() {
+                let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                    break;
+                };
+                w.put(k, v).map_err(|e| rocks_err(&path, e))?;
+                it.next();
+            }
+            it.status().map_err(|e| rocks_err(&self.handle.path, e))?;
+            w.finish().map_err(|e| rocks_err(&path, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Ingests the `<cf>.sst` files of a scan-based snapshot in `dir` into `db` after deleting the
+/// engine-key range `[lo, hi)` in every column family; the ingested files sort above the
+/// deletion, so the range ends up holding exactly the snapshot.
+pub(crate) fn ingest_snapshot(
+    handle: &DbHandle,
+    lo: &[u8],
+    hi: &[u8],
+    dir: &Path,
+    apply_key: &[u8],
+    applied: &RaftApplyState,
+) -> Result<()> {
+    let db = handle.db();
+    let mut wb = rocksdb::WriteBatch::default();
+    for cf in Cf::ALL {
+        wb.delete_range_cf(handle.cf(cf), lo, hi);
+    }
+    db.write(wb).map_err(|e| rocks_err(&handle.path, e))?;
+    for cf in Cf::ALL {
+        let path = dir.join(format!("{}.sst", cf.name()));
+        if !path.exists() {
+            continue;
+        }
+        let mut opts = rocksdb::IngestExternalFileOptions::default();
+        opts.set_move_files(true);
+        db.ingest_external_file_cf_opts(handle.cf(cf), &opts, vec![&path])
+            .map_err(|e| rocks_err(&path, e))?;
+    }
+    let mut wb = rocksdb::WriteBatch::default();
+    wb.put_cf(handle.cf(Cf::Default), apply_key, applied.encode_to_vec());
+    db.write(wb).map_err(|e| rocks_err(&handle.path, e))?;
+    handle.sync_wal()
 }
 
 fn scan_db(

@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+use prkv_proto::serverpb::RaftApplyState;
 
 use super::engine::{KeyRange, RegionEngine, StoreEngine};
 use super::flush::FlushController;
@@ -250,6 +251,120 @@ impl StoreEngine for TabletRegistry {
             t.flush(true)?;
         }
         Ok(())
+    }
+
+    /// The snapshot directory (a checkpoint of the leader's tablet) becomes the new tablet
+    /// generation by a rename: no byte of data is rewritten.
+    fn install_snapshot(
+        &self,
+        region_id: RegionId,
+        range: KeyRange,
+        applied: &RaftApplyState,
+        dir: &Path,
+    ) -> Result<Arc<dyn RegionEngine>> {
+        let index = applied.applied_index;
+        let path = self.tablet_path(region_id, index);
+        {
+            let tablets = self.tablets.lock();
+            if let Some(t) = tablets.get(&region_id) {
+                if t.tablet_index >= index {
+                    return Err(Error::Other(format!(
+                        "Region {region_id}: snapshot at {index} is not newer than tablet {}",
+                        t.tablet_index
+                    )));
+                }
+            }
+        }
+        if path.exists() {
+            // A leftover of an interrupted install of this same snapshot.
+            std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        }
+        std::fs::rename(dir, &path).map_err(|e| Error::io(dir, e))?;
+        let handle = DbHandle::open(&self.shared, &path, true)?;
+        // The checkpoint carries the leader's apply state as of its last write; the snapshot's
+        // index may be later (admin entries change no data). Record the snapshot's.
+        let mut wb = rocksdb::WriteBatch::default();
+        wb.put_cf(
+            handle.cf_handle(super::engine::Cf::Default),
+            super::keys::apply_state_key(region_id),
+            prost::Message::encode_to_vec(applied),
+        );
+        handle.write_durable(wb, true)?;
+        let flush = self.flush.clone();
+        let on_write: Arc<dyn Fn() + Send + Sync> = Arc::new(move || flush.on_write());
+        let tablet = Arc::new(RocksRegion::new(
+            handle,
+            region_id,
+            range,
+            index,
+            Layout::Tablet,
+            self.shared.clone(),
+            Some(on_write),
+        )?);
+        let mut tablets = self.tablets.lock();
+        if let Some(old) = tablets.insert(region_id, tablet.clone()) {
+            self.retire(&old);
+        }
+        crate::metrics::TABLETS_OPEN.set(tablets.len() as i64);
+        Ok(tablet)
+    }
+
+    /// A split is O(1) in the Region's size: one flush of the parent, then per child a
+    /// checkpoint (hard links of the parent's SSTs) and one tiny flushed write of its apply
+    /// state. The children hold the parent's keys outside their ranges until trimmed.
+    fn split_region(
+        &self,
+        parent: RegionId,
+        children: &[(RegionId, KeyRange)],
+        init: &RaftApplyState,
+    ) -> Result<Vec<Arc<dyn RegionEngine>>> {
+        let parent_tablet = self
+            .tablets
+            .lock()
+            .get(&parent)
+            .cloned()
+            .ok_or(Error::RegionNotFound(parent))?;
+        // Memtables into SSTs first, so every checkpoint below is hard links only.
+        parent_tablet.handle.flush(true)?;
+        let mut out: Vec<Arc<dyn RegionEngine>> = Vec::with_capacity(children.len());
+        for (id, range) in children {
+            let index = init.applied_index;
+            let path = self.tablet_path(*id, index);
+            if path.exists() {
+                // Left by an interrupted attempt at this same split (the split's Region states
+                // were not persisted, or we would not be here): start over.
+                std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+            }
+            parent_tablet.handle.checkpoint(&path)?;
+            let handle = DbHandle::open(&self.shared, &path, true)?;
+            let mut wb = rocksdb::WriteBatch::default();
+            let default = handle.cf_handle(super::engine::Cf::Default);
+            wb.delete_cf(default, super::keys::apply_state_key(parent));
+            wb.put_cf(
+                default,
+                super::keys::apply_state_key(*id),
+                prost::Message::encode_to_vec(init),
+            );
+            handle.write_durable(wb, true)?;
+            let flush = self.flush.clone();
+            let on_write: Arc<dyn Fn() + Send + Sync> = Arc::new(move || flush.on_write());
+            let tablet = Arc::new(RocksRegion::new(
+                handle,
+                *id,
+                range.clone(),
+                index,
+                Layout::Tablet,
+                self.shared.clone(),
+                Some(on_write),
+            )?);
+            let mut tablets = self.tablets.lock();
+            if let Some(old) = tablets.insert(*id, tablet.clone()) {
+                self.retire(&old);
+            }
+            crate::metrics::TABLETS_OPEN.set(tablets.len() as i64);
+            out.push(tablet);
+        }
+        Ok(out)
     }
 }
 

@@ -356,6 +356,61 @@ impl Cluster {
         self.must_change(region_id, vec![ChangePeer::Remove(peer)]);
     }
 
+    /// Every Region replica store `s` holds, as it sees them.
+    pub fn statuses(&self, s: StoreId) -> Vec<RegionStatus> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let Some(h) = self.stores.get(&s) else {
+            return Vec::new();
+        };
+        if h.router
+            .try_send(StoreMsg::QueryRegions {
+                cb: Box::new(move |v| drop(tx.send(v))),
+            })
+            .is_err()
+        {
+            return Vec::new();
+        }
+        rx.recv_timeout(TIMEOUT).unwrap_or_default()
+    }
+
+    /// Takes the routing table (what PD would know) from store `s`'s Regions.
+    pub fn refresh_regions(&mut self, s: StoreId) {
+        let mut regions: Vec<Region> = self.statuses(s).into_iter().map(|st| st.region).collect();
+        regions.sort_by(|a, b| a.start_key.cmp(&b.start_key));
+        self.regions = regions;
+    }
+
+    /// Splits a Region at `keys` through its leader (retrying while leadership moves) and
+    /// updates the routing table with the result.
+    pub fn must_split(&mut self, region_id: u64, keys: &[&[u8]]) -> Vec<Region> {
+        let deadline = Instant::now() + TIMEOUT;
+        let mut last = None;
+        while Instant::now() < deadline {
+            let s = self.must_leader(region_id);
+            let (tx, rx) = std::sync::mpsc::channel();
+            let sent = self.stores[&s].router.try_send(StoreMsg::SplitRegion {
+                region_id,
+                epoch: self.epoch(region_id),
+                split_keys: keys.iter().map(|k| k.to_vec()).collect(),
+                cb: Box::new(move |r| drop(tx.send(r))),
+            });
+            if sent.is_ok() {
+                match rx.recv_timeout(TIMEOUT) {
+                    Ok(Ok(regions)) => {
+                        self.regions.retain(|r| r.id != region_id);
+                        self.regions.extend(regions.iter().cloned());
+                        self.regions.sort_by(|a, b| a.start_key.cmp(&b.start_key));
+                        return regions;
+                    }
+                    Ok(Err(e)) => last = Some(e),
+                    Err(_) => {}
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("split of Region {region_id} never succeeded; last error {last:?}");
+    }
+
     pub fn data_dir(&self, s: StoreId) -> &std::path::Path {
         self.dirs[&s].path()
     }

@@ -1,0 +1,180 @@
+//! The region worker: slow per-Region jobs that must not stall the store loop.
+//!
+//! * **Split check**: scan a Region snapshot for split keys ([`super::split`]); a hit becomes a
+//!   `StoreMsg::SplitRegion` back to the store.
+//! * **Trim**: delete (and compact away) the keys a split-born tablet holds outside its range.
+//! * **Snapshot generation** in `raft-kv` mode: scan a Region snapshot into SST files.
+//!
+//! One thread per store: these jobs are background work whose latency does not matter, and one
+//! thread bounds the I/O they add. The queue is bounded ([`WORKER_QUEUE`]); a job that does not
+//! fit is dropped and comes back (a split check at the next tick with new writes, a trim at the
+//! next split check of that Region, which trims first).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use prkv_proto::metapb::RegionEpoch;
+use prkv_proto::serverpb::SnapshotMeta;
+use prost::Message as _;
+
+use super::msg::StoreMsg;
+use super::snap::list_files;
+use super::split::{find_split_keys, SplitCheckConfig};
+use crate::raftlog::SnapGen;
+use crate::storage::engine::Snapshot;
+use crate::storage::{RegionEngine, RegionId};
+
+/// Jobs waiting for the worker. A check or trim per Region is at most a few hundred bytes, and
+/// a store rarely has more than a few hundred Regions growing at once.
+pub const WORKER_QUEUE: usize = 4096;
+
+pub enum Job {
+    SplitCheck {
+        region_id: RegionId,
+        epoch: RegionEpoch,
+        engine: Arc<dyn RegionEngine>,
+        snap: Box<dyn Snapshot>,
+        cfg: SplitCheckConfig,
+    },
+    Trim(Arc<dyn RegionEngine>),
+    /// A scan-based (`raft-kv`) snapshot: `snap` written as SSTs into `dir`, then published in
+    /// `gen` for Raft to send.
+    GenSnapshot {
+        snap: Box<dyn Snapshot>,
+        dir: PathBuf,
+        meta: SnapshotMeta,
+        md: raft::eraftpb::SnapshotMetadata,
+        gen: Arc<parking_lot::Mutex<SnapGen>>,
+    },
+}
+
+#[derive(Clone)]
+pub struct WorkerHandle {
+    tx: Sender<Job>,
+}
+
+impl WorkerHandle {
+    /// Queues a job; false if the queue is full (the job is dropped, see the module docs).
+    pub fn schedule(&self, job: Job) -> bool {
+        self.tx.try_send(job).is_ok()
+    }
+}
+
+/// Starts the worker of store `store_id`; it sends split requests to `store`. It stops when
+/// every [`WorkerHandle`] is dropped.
+pub fn start(store_id: u64, store: Sender<StoreMsg>) -> WorkerHandle {
+    let (tx, rx) = bounded(WORKER_QUEUE);
+    let spawned = std::thread::Builder::new()
+        .name(format!("region-worker-{store_id}"))
+        .spawn(move || run(rx, store));
+    if let Err(e) = spawned {
+        // Without the worker, Regions do not split or trim, but they serve: keep going.
+        tracing::error!(store_id, error = %e, "region worker did not start");
+    }
+    WorkerHandle { tx }
+}
+
+fn run(rx: Receiver<Job>, store: Sender<StoreMsg>) {
+    while let Ok(job) = rx.recv() {
+        match job {
+            Job::Trim(engine) => trim(&*engine),
+            Job::GenSnapshot {
+                snap,
+                dir,
+                mut meta,
+                md,
+                gen,
+            } => {
+                let started = std::time::Instant::now();
+                let region_id = meta.region.as_ref().map_or(0, |r| r.id);
+                let res = snap
+                    .export_ssts(&dir)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| list_files(&dir).map_err(|e| e.to_string()));
+                drop(snap);
+                let mut g = gen.lock();
+                g.generating = false;
+                match res {
+                    Ok(files) => {
+                        meta.files = files;
+                        let mut s = raft::eraftpb::Snapshot {
+                            data: meta.encode_to_vec().into(),
+                            ..Default::default()
+                        };
+                        s.set_metadata(md);
+                        g.ready = Some(s);
+                        crate::metrics::SNAPSHOTS
+                            .with_label_values(&["generated"])
+                            .inc();
+                        tracing::info!(region_id, took = ?started.elapsed(), files = meta.files.len(), "snapshot generated (scan)");
+                    }
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(&dir);
+                        tracing::warn!(region_id, error = %e, "generating a snapshot failed");
+                    }
+                }
+            }
+            Job::SplitCheck {
+                region_id,
+                epoch,
+                engine,
+                snap,
+                cfg,
+            } => {
+                // An untrimmed tablet is trimmed before it is split again: a checkpoint of it
+                // would copy its garbage into every child.
+                trim(&*engine);
+                let keys = match find_split_keys(&*snap, &cfg) {
+                    Ok(k) => k,
+                    Err(e) => {
+                        tracing::warn!(region_id, error = %e, "split check failed");
+                        continue;
+                    }
+                };
+                drop(snap);
+                if keys.is_empty() {
+                    continue;
+                }
+                tracing::info!(region_id, pieces = keys.len() + 1, "split check: splitting");
+                let msg = StoreMsg::SplitRegion {
+                    region_id,
+                    epoch,
+                    split_keys: keys,
+                    cb: Box::new(move |res| {
+                        if let Err(e) = res {
+                            tracing::info!(region_id, error = %e, "split from the checker did not happen");
+                        }
+                    }),
+                };
+                // The store may be briefly busy; a lost request is redone by the next check.
+                if store.send_timeout(msg, Duration::from_secs(1)).is_err() {
+                    tracing::debug!(region_id, "split request dropped: store busy or stopped");
+                }
+            }
+        }
+    }
+}
+
+fn trim(engine: &dyn RegionEngine) {
+    match engine.needs_trim() {
+        Ok(false) => {}
+        Ok(true) => {
+            let started = std::time::Instant::now();
+            match engine.trim() {
+                Ok(()) => tracing::info!(
+                    region_id = engine.region_id(),
+                    took = ?started.elapsed(),
+                    "tablet trimmed"
+                ),
+                Err(e) => {
+                    tracing::warn!(region_id = engine.region_id(), error = %e, "trimming a tablet failed")
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(region_id = engine.region_id(), error = %e, "checking a tablet for trim failed")
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! Split, snapshots and scheduling as users see them: `prkv pd` + `prkv store` processes driven
+//! by the official TiKV client (`tikv-client` 0.4, unmodified), for both engine kinds.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::procs::{self, http_json, ProcCluster};
+use tikv_client::{Config, RawClient};
+
+fn key(i: usize) -> String {
+    format!("key{i:05}")
+}
+
+/// Retries a client call for up to 30 s, as an application does while Regions split and move
+/// (tikv-client 0.4 gives up after a few region errors in a row).
+async fn retry<T, F, Fut>(mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = tikv_client::Result<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) if Instant::now() < deadline => {
+                println!("retrying after: {e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("still failing after 30 s: {e:?}"),
+        }
+    }
+}
+
+fn engine_config(kind: &str) -> String {
+    format!("[storage]\nengine = \"{kind}\"\napi-version = 2\n")
+}
+
+/// With `region-max-keys = 10` and `region-split-keys = 7`, 2,000 keys written through the
+/// client split the keyspace into at least 40 Regions; every key is readable, and scans across
+/// Regions are complete and ordered in both directions.
+async fn split_2000_keys(kind: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "{}[coprocessor]\nregion-max-keys = 10\nregion-split-keys = 7\n\
+         [raftstore]\nsplit-region-check-tick-interval = \"100ms\"\nregion-split-check-diff = \"1B\"\n",
+        engine_config(kind)
+    );
+    let c = ProcCluster::start(dir.path(), 3, &cfg);
+    procs::wait_cluster(c.pd_addr, 3, 3, Duration::from_secs(60));
+    let client =
+        RawClient::new_with_config(c.endpoints(), Config::default().with_default_keyspace())
+            .await
+            .unwrap();
+    const N: usize = 2000;
+    for chunk in (0..N).collect::<Vec<_>>().chunks(20) {
+        let pairs: Vec<(String, String)> =
+            chunk.iter().map(|i| (key(*i), format!("v{i}"))).collect();
+        retry(|| client.batch_put(pairs.clone())).await;
+    }
+    let started = Instant::now();
+    let regions = loop {
+        let n = http_json(c.pd_addr, "/pd/api/v1/regions")["count"]
+            .as_u64()
+            .unwrap();
+        if n >= 40 || started.elapsed() > Duration::from_secs(60) {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(regions >= 40, "only {regions} Regions after {N} keys");
+    for i in 0..N {
+        let v = retry(|| client.get(key(i))).await;
+        assert_eq!(v, Some(format!("v{i}").into_bytes()), "key {i}");
+    }
+    let want: Vec<Vec<u8>> = (0..N).map(|i| key(i).into_bytes()).collect();
+    let fwd = retry(|| client.scan(key(0)..=key(N - 1), N as u32)).await;
+    let got: Vec<Vec<u8>> = fwd.iter().map(|kv| kv.key().clone().into()).collect();
+    assert_eq!(got, want, "forward scan across Regions");
+    // tikv-client 0.4's reverse scan visits Regions in ascending order (each Region's keys
+    // descending), a client bug: check what it returns as a set, and the server's reverse
+    // scans Region by Region, from the last, the way a correct client walks them.
+    let rev = retry(|| client.scan_reverse(key(0)..=key(N - 1), N as u32)).await;
+    let mut got: Vec<Vec<u8>> = rev.iter().map(|kv| kv.key().clone().into()).collect();
+    got.sort();
+    assert_eq!(got, want, "reverse scan through tikv-client (as a set)");
+    let mut got = reverse_walk(c.pd_addr, b"key").await;
+    got.reverse();
+    assert_eq!(got, want, "reverse scans, last Region first");
+    // A bounded scan in the middle starts and stops where asked.
+    let mid = retry(|| client.scan(key(500)..key(1500), 1000)).await;
+    assert_eq!(mid.len(), 1000);
+    assert_eq!(Vec::<u8>::from(mid[0].key().clone()), key(500).into_bytes());
+    // PD's view: adjacent Regions, each with a leader and three voters.
+    procs::wait_cluster(c.pd_addr, 3, 3, Duration::from_secs(60));
+}
+
+/// Every key under `prefix` of the DEFAULT keyspace (API v2), by raw `RawScan { reverse }`
+/// requests sent Region by Region from the last Region down, each to the leader PD names:
+/// what a correct client does for a reverse scan across Regions.
+async fn reverse_walk(pd: std::net::SocketAddr, prefix: &[u8]) -> Vec<Vec<u8>> {
+    use prkv_proto::{kvrpcpb, pdpb, tikvpb};
+    let ks = b"r\0\0\0".to_vec();
+    let lower: Vec<u8> = [ks.as_slice(), prefix].concat();
+    let mut upper = lower.clone();
+    *upper.last_mut().unwrap() += 1;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    'attempt: loop {
+        assert!(Instant::now() < deadline, "reverse walk never completed");
+        let mut pdc = pdpb::pd_client::PdClient::connect(format!("http://{pd}"))
+            .await
+            .unwrap();
+        let cluster_id = pdc
+            .get_members(pdpb::GetMembersRequest { header: None })
+            .await
+            .unwrap()
+            .into_inner()
+            .header
+            .unwrap()
+            .cluster_id;
+        let header = Some(pdpb::RequestHeader {
+            cluster_id,
+            sender_id: 0,
+        });
+        let stores: std::collections::HashMap<u64, String> = pdc
+            .get_all_stores(pdpb::GetAllStoresRequest {
+                header: header.clone(),
+                exclude_tombstone_stores: true,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .stores
+            .into_iter()
+            .map(|s| (s.id, s.address))
+            .collect();
+        let regions = pdc
+            .scan_regions(pdpb::ScanRegionsRequest {
+                header,
+                start_key: vec![],
+                limit: 0,
+                end_key: vec![],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut out = Vec::new();
+        for (r, leader) in regions.region_metas.iter().zip(&regions.leaders).rev() {
+            // Region bounds are stored keys (memcomparable under API v2): back to client keys.
+            let dec = |k: &[u8]| {
+                if k.is_empty() {
+                    Vec::new()
+                } else {
+                    prkv::server::raw::decode_bytes(k).unwrap()
+                }
+            };
+            let (rs, re) = (dec(&r.start_key), dec(&r.end_key));
+            let hi = if re.is_empty() || re > upper {
+                upper.clone()
+            } else {
+                re
+            };
+            let lo = if rs < lower { lower.clone() } else { rs };
+            if lo >= hi {
+                continue;
+            }
+            let Some(addr) = stores.get(&leader.store_id) else {
+                continue 'attempt;
+            };
+            let mut kv = tikvpb::tikv_client::TikvClient::connect(format!("http://{addr}"))
+                .await
+                .unwrap();
+            let resp = kv
+                .raw_scan(kvrpcpb::RawScanRequest {
+                    context: Some(kvrpcpb::Context {
+                        region_id: r.id,
+                        region_epoch: r.region_epoch,
+                        peer: Some(*leader),
+                        api_version: kvrpcpb::ApiVersion::V2 as i32,
+                        ..Default::default()
+                    }),
+                    start_key: hi,
+                    end_key: lo,
+                    limit: 10240,
+                    reverse: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if resp.region_error.is_some() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue 'attempt;
+            }
+            out.extend(resp.kvs.into_iter().map(|p| p.key[ks.len()..].to_vec()));
+        }
+        return out;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_2000_keys_partitioned() {
+    split_2000_keys("partitioned-raft-kv").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_2000_keys_raft_kv() {
+    split_2000_keys("raft-kv").await
+}

@@ -1,0 +1,223 @@
+//! Region split on the in-process cluster, for both engine kinds: split on request, the split
+//! checker, epochs, trimming, and recovery of split Regions after a crash.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::cluster::Cluster;
+use prkv::config::{EngineKind, ReadableDuration, ReadableSize};
+use prkv::raftstore::Error;
+use prkv::storage::{Cf, ScanDir};
+
+fn key(i: usize) -> Vec<u8> {
+    format!("k{i:05}").into_bytes()
+}
+
+/// Keys of store `s`'s engine of `region_id` in `cf`, trimmed or not (the raw engine view is
+/// clipped to the Region's range by the engine itself).
+fn engine_keys(c: &Cluster, s: u64, region_id: u64) -> Vec<Vec<u8>> {
+    let engine = c.kv[&s].region(region_id).expect("engine of the Region");
+    let mut out = Vec::new();
+    engine
+        .scan(Cf::Default, &[], &[], ScanDir::Forward, &mut |k, _| {
+            out.push(k.to_vec());
+            true
+        })
+        .unwrap();
+    out
+}
+
+/// Split one Region into three at given keys: every key stays readable through the Region that
+/// now holds it, each replica's engine holds exactly its range, stale epochs are refused, the
+/// children take writes, and all of it survives a crash of every store.
+fn split_on_request(kind: EngineKind) {
+    let mut c = Cluster::new(3, kind);
+    c.bootstrap(1, &[1, 2, 3]);
+    c.start();
+    for i in 0..90 {
+        c.must_put(&key(i), b"v1");
+    }
+    let old_epoch = c.regions[0].region_epoch.unwrap();
+    let regions = c.must_split(1, &[&key(30), &key(60)]);
+    assert_eq!(regions.len(), 3);
+    assert_eq!(regions[0].id, 1);
+    assert_eq!(regions[0].end_key, key(30));
+    assert_eq!(regions[1].start_key, key(30));
+    assert_eq!(regions[2].start_key, key(60));
+    assert!(regions[2].end_key.is_empty());
+    for r in &regions {
+        assert_eq!(r.region_epoch.unwrap().version, old_epoch.version + 2);
+        assert_eq!(r.peers.len(), 3);
+    }
+    for i in 0..90 {
+        assert_eq!(c.must_get(&key(i)).as_deref(), Some(&b"v1"[..]), "key {i}");
+    }
+    // A write with the pre-split epoch is refused with the current Region.
+    let leader = c.must_leader(1);
+    let (tx, rx) = std::sync::mpsc::channel();
+    c.stores[&leader]
+        .router
+        .try_send(prkv::raftstore::StoreMsg::Write {
+            region_id: 1,
+            epoch: old_epoch,
+            mutations: vec![],
+            term_fence: 0,
+            cb: Box::new(move |r| drop(tx.send(r))),
+        })
+        .unwrap();
+    match rx.recv_timeout(Duration::from_secs(5)).unwrap() {
+        Err(Error::EpochNotMatch { current_regions }) => {
+            assert_eq!(current_regions[0].end_key, key(30))
+        }
+        other => panic!("stale epoch accepted: {other:?}"),
+    }
+    // Every replica of every piece holds exactly its keys; trimming removes the rest.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for s in 1..=3 {
+        for (r, range) in regions.iter().zip([0..30, 30..60, 60..90]) {
+            let want: Vec<Vec<u8>> = range.map(key).collect();
+            loop {
+                let got = engine_keys(&c, s, r.id);
+                if got == want {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "store {s} Region {} holds {} keys",
+                    r.id,
+                    got.len()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let engine = c.kv[&s].region(r.id).unwrap();
+            while engine.needs_trim().unwrap() {
+                assert!(
+                    Instant::now() < deadline,
+                    "store {s} Region {} never trimmed",
+                    r.id
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    // The children take writes; then every store crashes (no flush) and recovers.
+    for i in 90..120 {
+        c.must_put(&key(i), b"v2");
+    }
+    c.must_put(&key(45), b"v2");
+    for s in 1..=3 {
+        c.stop_store(s);
+    }
+    for s in 1..=3 {
+        c.start_store(s);
+    }
+    for i in 0..120 {
+        let want: &[u8] = if i >= 90 || i == 45 { b"v2" } else { b"v1" };
+        assert_eq!(c.must_get(&key(i)).as_deref(), Some(want), "key {i}");
+    }
+    for s in 1..=3 {
+        let mut ranges: Vec<(Vec<u8>, Vec<u8>)> = c
+            .statuses(s)
+            .into_iter()
+            .map(|st| (st.region.start_key, st.region.end_key))
+            .collect();
+        ranges.sort();
+        assert_eq!(
+            ranges,
+            vec![(vec![], key(30)), (key(30), key(60)), (key(60), vec![])],
+            "store {s} after restart"
+        );
+    }
+    // Bad split requests change nothing.
+    let leader = c.must_leader(1);
+    for bad in [vec![key(30)], vec![key(10), key(5)], vec![vec![]]] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        c.stores[&leader]
+            .router
+            .try_send(prkv::raftstore::StoreMsg::SplitRegion {
+                region_id: 1,
+                epoch: regions[0].region_epoch.unwrap(),
+                split_keys: bad.clone(),
+                cb: Box::new(move |r| drop(tx.send(r))),
+            })
+            .unwrap();
+        let res = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(res.is_err(), "split at {bad:?} accepted");
+    }
+    assert_eq!(c.statuses(leader).len(), 3);
+}
+
+/// The split checker: with `region-max-keys = 10` and `region-split-keys = 7`, writing keys
+/// into one Region cuts it into many, each at most ~10 keys, with every key readable.
+fn split_checker_by_keys(kind: EngineKind) {
+    let mut c = Cluster::new(3, kind);
+    c.cfg.coprocessor.region_max_keys = 10;
+    c.cfg.coprocessor.region_split_keys = 7;
+    c.cfg.raftstore.split_region_check_tick_interval = ReadableDuration::millis(50);
+    c.cfg.raftstore.region_split_check_diff = ReadableSize(1);
+    c.bootstrap(1, &[1, 2, 3]);
+    c.start();
+    const N: usize = 200;
+    let mut i = 0;
+    while i < N {
+        // Regions move under us: refresh the routing table and retry on epoch errors.
+        let r = c.region_for_key(&key(i)).clone();
+        let ok = c
+            .leader_store(r.id)
+            .map(|s| c.put_on(s, &key(i), b"v"))
+            .is_some_and(|res| res.is_ok());
+        if ok {
+            i += 1;
+        } else {
+            std::thread::sleep(Duration::from_millis(10));
+            c.refresh_regions(1);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        c.refresh_regions(1);
+        if c.regions.len() >= N / 10 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} Regions after writing {N} keys",
+            c.regions.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Adjacent, covering the key space.
+    assert!(c.regions[0].start_key.is_empty());
+    assert!(c.regions.last().unwrap().end_key.is_empty());
+    for w in c.regions.windows(2) {
+        assert_eq!(w[0].end_key, w[1].start_key);
+    }
+    for i in 0..N {
+        assert_eq!(c.must_get(&key(i)).as_deref(), Some(&b"v"[..]), "key {i}");
+    }
+}
+
+mod partitioned {
+    use prkv::config::EngineKind::PartitionedRaftKv as K;
+    #[test]
+    fn split_on_request() {
+        super::split_on_request(K)
+    }
+    #[test]
+    fn split_checker_by_keys() {
+        super::split_checker_by_keys(K)
+    }
+}
+
+mod raft_kv {
+    use prkv::config::EngineKind::RaftKv as K;
+    #[test]
+    fn split_on_request() {
+        super::split_on_request(K)
+    }
+    #[test]
+    fn split_checker_by_keys() {
+        super::split_checker_by_keys(K)
+    }
+}
