@@ -12,6 +12,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod ctl;
 pub mod metrics;
 pub mod pd;
 pub mod playground;

@@ -57,9 +57,20 @@ enum Command {
         advertise_addr: Option<String>,
         #[arg(long, default_value = "./prkv-data/pd")]
         data_dir: PathBuf,
-        /// Replicas per Region.
-        #[arg(long, default_value_t = 3)]
-        max_replicas: usize,
+        /// PD config ([replication] and [schedule], PD's key names); default: all defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Replicas per Region (overrides replication.max-replicas).
+        #[arg(long)]
+        max_replicas: Option<usize>,
+    },
+    /// Inspect and operate a running cluster through PD.
+    Ctl {
+        /// PD's address.
+        #[arg(long, default_value = "127.0.0.1:2379")]
+        pd: std::net::SocketAddr,
+        #[command(subcommand)]
+        what: CtlCommand,
     },
     /// A store: serves TiKV's gRPC API for its Region replicas.
     Store {
@@ -72,6 +83,16 @@ enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Every store: state, address, Region and leader counts.
+    Stores,
+    /// Every Region: range, epoch, peers, leader.
+    Regions,
+    /// Scale in: move every replica off the store, then mark it Tombstone.
+    StoreDelete { id: u64 },
 }
 
 #[derive(Subcommand)]
@@ -174,13 +195,49 @@ fn main() -> ExitCode {
             addr,
             advertise_addr,
             data_dir,
+            config,
             max_replicas,
-        } => run_pd(prkv::pd::PdOptions {
-            addr,
-            advertise_addr,
-            data_dir,
-            max_replicas,
-        }),
+        } => {
+            let mut cfg = match config {
+                None => prkv::pd::PdConfig::default(),
+                Some(path) => match std::fs::read_to_string(&path)
+                    .map_err(|e| format!("reading {}: {e}", path.display()))
+                    .and_then(|t| prkv::pd::PdConfig::from_toml(&t).map_err(|e| e.to_string()))
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
+            if let Some(r) = max_replicas {
+                cfg.replication.max_replicas = r;
+            }
+            run_pd(prkv::pd::PdOptions {
+                addr,
+                advertise_addr,
+                data_dir,
+                config: cfg,
+            })
+        }
+        Command::Ctl { pd, what } => {
+            let res = match what {
+                CtlCommand::Stores => prkv::ctl::stores(pd),
+                CtlCommand::Regions => prkv::ctl::regions(pd),
+                CtlCommand::StoreDelete { id } => prkv::ctl::delete_store(pd, id),
+            };
+            match res {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Store { config } => run_store(config),
         Command::Bench { what } => match what {
             BenchCommand::Engine {

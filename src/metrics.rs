@@ -135,6 +135,15 @@ pub static SNAPSHOT_BYTES_SENT: LazyLock<IntCounter> = LazyLock::new(|| {
 pub static SPLITS: LazyLock<IntCounter> =
     LazyLock::new(|| counter("prkv_splits_total", "Region splits applied on this store"));
 
+/// PD operators by outcome (finished or timed out).
+pub static PD_OPERATORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "prkv_pd_operators_total",
+        "Scheduling operators that finished or timed out",
+        &["outcome"],
+    )
+});
+
 #[cfg(test)]
 mod tests {
     #[test]

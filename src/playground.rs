@@ -97,15 +97,29 @@ pub fn store_config_text(opts: &PlaygroundOptions, n: usize) -> Result<String, S
     Ok(text)
 }
 
-/// A plain HTTP/1.1 GET (the playground needs nothing more to watch PD).
+/// A plain HTTP/1.1 GET (the playground needs nothing more to watch PD). Anything but 200 is
+/// an error naming the status line.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
+    let (status, head, body) = http_request(addr, "GET", path)?;
+    if status != 200 {
+        return Err(head);
+    }
+    Ok(body)
+}
+
+/// One HTTP/1.1 request without a body: `(status, status line, body)`.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+) -> Result<(u16, String, String), String> {
     let mut s =
         TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .map_err(|e| e.to_string())?;
     let mut buf = Vec::new();
@@ -114,9 +128,12 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
     let (head, body) = text
         .split_once("\r\n\r\n")
         .ok_or_else(|| "malformed HTTP response".to_string())?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(head.lines().next().unwrap_or_default().to_string());
-    }
+    let status_line = head.lines().next().unwrap_or_default().to_string();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| format!("malformed status line {status_line:?}"))?;
     // tonic answers HTTP/1.1 with chunked bodies: undo the chunking.
     if head
         .to_ascii_lowercase()
@@ -132,9 +149,9 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
             out.push_str(&after[..n]);
             rest = after[n..].trim_start_matches("\r\n");
         }
-        return Ok(out);
+        return Ok((status, status_line, out));
     }
-    Ok(body.to_string())
+    Ok((status, status_line, body.to_string()))
 }
 
 /// Whether PD knows `stores` live stores and every Region has a leader.

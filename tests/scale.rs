@@ -207,3 +207,223 @@ async fn split_2000_keys_partitioned() {
 async fn split_2000_keys_raft_kv() {
     split_2000_keys("raft-kv").await
 }
+
+/// Every key and value of the DEFAULT keyspace under `key`, through the client (forward scans
+/// are correct across Regions in keyspace mode), as one checksum.
+async fn data_checksum(client: &RawClient, n: usize) -> (usize, u32) {
+    let all = retry(|| client.scan(key(0)..=key(n - 1), 10240)).await;
+    let mut crc = crc32fast::Hasher::new();
+    for kv in &all {
+        let k: Vec<u8> = kv.key().clone().into();
+        crc.update(&k);
+        crc.update(kv.value());
+    }
+    (all.len(), crc.finalize())
+}
+
+/// PD's view of the stores: (id, state, Regions, leaders).
+fn stores(pd: std::net::SocketAddr) -> Vec<(u64, String, u64, u64)> {
+    let v = http_json(pd, "/pd/api/v1/stores");
+    v["stores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["store"]["id"].as_u64().unwrap(),
+                s["store"]["state_name"].as_str().unwrap().to_string(),
+                s["status"]["region_count"].as_u64().unwrap(),
+                s["status"]["leader_count"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Whether every count is within 20% of the even share.
+fn within_20_percent(counts: &[u64]) -> bool {
+    let total: u64 = counts.iter().sum();
+    let even = total as f64 / counts.len() as f64;
+    counts
+        .iter()
+        .all(|c| (*c as f64 - even).abs() <= (even * 0.2).max(1.0))
+}
+
+/// Every replica of every Region holds the same data (per-Region checksums read from each
+/// store's own engine).
+fn replicas_identical(c: &ProcCluster) {
+    let regions = http_json(c.pd_addr, "/pd/api/v1/regions");
+    let stores = http_json(c.pd_addr, "/pd/api/v1/stores");
+    let status_of = |store_id: u64| -> std::net::SocketAddr {
+        let s = stores["stores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["store"]["id"].as_u64() == Some(store_id))
+            .unwrap();
+        let addr = s["store"]["address"].as_str().unwrap();
+        let i = (1..=c.max_stores)
+            .find(|i| c.store_addr(*i).to_string() == addr)
+            .unwrap();
+        c.status_addr(i)
+    };
+    for r in regions["regions"].as_array().unwrap() {
+        let id = r["id"].as_u64().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let sums: Vec<serde_json::Value> = r["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| {
+                    http_json(
+                        status_of(p["store_id"].as_u64().unwrap()),
+                        &format!("/region/{id}/checksum"),
+                    )
+                })
+                .collect();
+            // Writes have stopped: replicas converge on the same data (their recorded apply
+            // indexes may differ by admin entries, which change no data).
+            let same = sums
+                .windows(2)
+                .all(|w| w[0]["crc32"] == w[1]["crc32"] && w[0]["keys"] == w[1]["keys"]);
+            if same {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Region {id} replicas differ: {sums:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Scale out 3 -> 4 stores: replicas and leaders rebalance to within 20% of even, new
+/// replicas arriving as snapshots; every replica of every Region is identical. Scale in
+/// 4 -> 3 with `prkv ctl store-delete`: the store drains and becomes Tombstone, every Region
+/// has 3 replicas again, and no key is lost.
+async fn scale_out_and_in(kind: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = Box::leak(Box::new(dir));
+    println!("data in {}", dir.path().display());
+    let cfg = format!(
+        "{}[coprocessor]\nregion-max-keys = 100\nregion-split-keys = 70\n\
+         [raftstore]\nsplit-region-check-tick-interval = \"100ms\"\nregion-split-check-diff = \"1B\"\n\
+         raft-log-gc-tick-interval = \"1s\"\nraft-log-gc-threshold = 50\n",
+        engine_config(kind)
+    );
+    let pd_cfg = "[schedule]\nstore-limit = 8\n";
+    let mut c = ProcCluster::start_with_pd(dir.path(), 3, &cfg, pd_cfg);
+    procs::wait_cluster(c.pd_addr, 3, 3, Duration::from_secs(60));
+    let client =
+        RawClient::new_with_config(c.endpoints(), Config::default().with_default_keyspace())
+            .await
+            .unwrap();
+    const N: usize = 2000;
+    for chunk in (0..N).collect::<Vec<_>>().chunks(50) {
+        let pairs: Vec<(String, String)> =
+            chunk.iter().map(|i| (key(*i), format!("v{i}"))).collect();
+        retry(|| client.batch_put(pairs.clone())).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_json(c.pd_addr, "/pd/api/v1/regions")["count"]
+        .as_u64()
+        .unwrap()
+        < 20
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the data never split into 20 Regions"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    procs::wait_cluster(c.pd_addr, 3, 3, Duration::from_secs(60));
+    let before = data_checksum(&client, N).await;
+    assert_eq!(before.0, N);
+
+    // Scale out.
+    c.start_store(4);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let s = stores(c.pd_addr);
+        let up: Vec<_> = s.iter().filter(|x| x.1 == "Up").collect();
+        let balanced = up.len() == 4
+            && within_20_percent(&up.iter().map(|x| x.2).collect::<Vec<_>>())
+            && within_20_percent(&up.iter().map(|x| x.3).collect::<Vec<_>>());
+        if balanced {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never balanced: {s:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    procs::wait_cluster(c.pd_addr, 4, 3, Duration::from_secs(60));
+    replicas_identical(&c);
+    assert_eq!(data_checksum(&client, N).await, before);
+
+    // Scale in, as an operator would.
+    let out = std::process::Command::new(procs::PRKV)
+        .args(["ctl", "--pd", &c.pd_addr.to_string(), "store-delete"])
+        .arg(store_id_at(&c, 4).to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let s = stores(c.pd_addr);
+        let gone = s
+            .iter()
+            .find(|x| x.0 == store_id_at(&c, 4))
+            .is_some_and(|x| x.1 == "Tombstone" && x.2 == 0);
+        if gone {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "store 4 never became Tombstone: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    procs::wait_cluster(c.pd_addr, 3, 3, Duration::from_secs(60));
+    assert_eq!(data_checksum(&client, N).await, before);
+    replicas_identical(&c);
+    // Deleting the last stores that hold 3 replicas is refused, with the reason.
+    let out = std::process::Command::new(procs::PRKV)
+        .args(["ctl", "--pd", &c.pd_addr.to_string(), "store-delete"])
+        .arg(store_id_at(&c, 1).to_string())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("would leave"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.kill_store(4);
+}
+
+/// The store id PD gave store process `i`.
+fn store_id_at(c: &ProcCluster, i: usize) -> u64 {
+    let addr = c.store_addr(i).to_string();
+    let v = http_json(c.pd_addr, "/pd/api/v1/stores");
+    v["stores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["store"]["address"].as_str() == Some(addr.as_str()))
+        .and_then(|s| s["store"]["id"].as_u64())
+        .unwrap_or_else(|| panic!("no store at {addr}: {v}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_out_and_in_partitioned() {
+    scale_out_and_in("partitioned-raft-kv").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_out_and_in_raft_kv() {
+    scale_out_and_in("raft-kv").await
+}

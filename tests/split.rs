@@ -198,8 +198,103 @@ fn split_checker_by_keys(kind: EngineKind) {
     }
 }
 
+/// Every (key, value) of store `s`'s replica of `region_id`.
+fn replica_data(c: &Cluster, s: u64, region_id: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let engine = c.kv[&s].region(region_id).expect("engine of the Region");
+    let mut out = Vec::new();
+    engine
+        .scan(Cf::Default, &[], &[], ScanDir::Forward, &mut |k, v| {
+            out.push((k.to_vec(), v.to_vec()));
+            true
+        })
+        .unwrap();
+    out
+}
+
+/// Waits until every listed store's replica of `region_id` holds exactly `want`.
+fn must_converge(c: &Cluster, stores: &[u64], region_id: u64, want: &[(Vec<u8>, Vec<u8>)]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for s in stores {
+        loop {
+            let have = c.kv.get(s).and_then(|kv| kv.region(region_id)).is_some();
+            if have && replica_data(c, *s, region_id) == want {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "store {s}'s replica of Region {region_id} never matched ({} of {} keys)",
+                if have {
+                    replica_data(c, *s, region_id).len()
+                } else {
+                    0
+                },
+                want.len()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A replica added to a split-born Region (whose log starts at index 5) and a replica that
+/// fell behind Raft-log GC both catch up from snapshots; every replica then holds identical
+/// data (compared key by key), and the installed snapshots survive a crash.
+fn snapshots_catch_up_replicas(kind: EngineKind) {
+    use common::cluster::peer;
+    use prkv_proto::metapb::PeerRole;
+    let mut c = Cluster::new(4, kind);
+    c.bootstrap(1, &[1, 2, 3]);
+    c.start();
+    for i in 0..100 {
+        c.must_put(&key(i), format!("v{i}").as_bytes());
+    }
+    let regions = c.must_split(1, &[&key(50)]);
+    let child = regions[1].id;
+    // A new replica of the child on store 4: only a snapshot can bring it up to date.
+    c.add_learner(child, peer(child * 10 + 4, 4, PeerRole::Learner));
+    let want: Vec<(Vec<u8>, Vec<u8>)> = (50..100)
+        .map(|i| (key(i), format!("v{i}").into_bytes()))
+        .collect();
+    must_converge(&c, &[1, 2, 3, 4], child, &want);
+    c.add_peer(child, peer(child * 10 + 4, 4, PeerRole::Voter));
+    // Store 3 misses many writes while the log is compacted past them: then only a snapshot
+    // can bring it back.
+    let behind = c.status(3, 1).unwrap().applied_index;
+    c.stop_store(3);
+    for i in 0..50 {
+        c.must_put(&key(i), b"after");
+    }
+    for i in 50..100 {
+        c.must_put(&key(i), b"after");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let leader = c.must_leader(1);
+    while c.status(leader, 1).unwrap().truncated_index <= behind {
+        assert!(Instant::now() < deadline, "the log was never compacted");
+        c.must_put(&key(0), b"after");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.start_store(3);
+    let parent_want: Vec<(Vec<u8>, Vec<u8>)> =
+        (0..50).map(|i| (key(i), b"after".to_vec())).collect();
+    let child_want: Vec<(Vec<u8>, Vec<u8>)> =
+        (50..100).map(|i| (key(i), b"after".to_vec())).collect();
+    must_converge(&c, &[1, 2, 3], 1, &parent_want);
+    must_converge(&c, &[1, 2, 3, 4], child, &child_want);
+    // Installed snapshots are durable: crash the receivers and look again.
+    c.stop_store(3);
+    c.stop_store(4);
+    c.start_store(3);
+    c.start_store(4);
+    must_converge(&c, &[1, 2, 3], 1, &parent_want);
+    must_converge(&c, &[1, 2, 3, 4], child, &child_want);
+}
+
 mod partitioned {
     use prkv::config::EngineKind::PartitionedRaftKv as K;
+    #[test]
+    fn snapshots_catch_up_replicas() {
+        super::snapshots_catch_up_replicas(K)
+    }
     #[test]
     fn split_on_request() {
         super::split_on_request(K)
@@ -212,6 +307,10 @@ mod partitioned {
 
 mod raft_kv {
     use prkv::config::EngineKind::RaftKv as K;
+    #[test]
+    fn snapshots_catch_up_replicas() {
+        super::snapshots_catch_up_replicas(K)
+    }
     #[test]
     fn split_on_request() {
         super::split_on_request(K)

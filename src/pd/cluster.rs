@@ -15,19 +15,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use prkv_proto::eraftpb::ConfChangeType;
-use prkv_proto::metapb::{Peer, PeerRole, Region, RegionEpoch, Store, StoreState};
+use prkv_proto::metapb::{Peer, Region, RegionEpoch, Store, StoreState};
 use prkv_proto::pdpb;
 
 use super::meta::{MetaError, MetaStore};
+use super::schedule::{count_region, Operator, ScheduleConfig};
 
 /// Ids are persisted in windows of this many: one sync write per 1,000 ids, and a restart skips
 /// at most that many.
 const ID_WINDOW: u64 = 1_000;
 /// A store whose last heartbeat is older than this does not receive new replicas.
 pub const STORE_ALIVE: Duration = Duration::from_secs(20);
-pub const OPERATOR_RESEND: Duration = Duration::from_secs(5);
-pub const OPERATOR_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -75,32 +73,27 @@ impl StoreInfo {
     }
 }
 
-#[derive(Clone, Debug)]
-enum OpKind {
-    AddLearner(Peer),
-    Promote(Peer),
-}
-
-#[derive(Clone, Debug)]
-struct Operator {
-    kind: OpKind,
-    created: Instant,
-    last_sent: Instant,
-}
-
 pub struct Cluster {
     meta: Arc<MetaStore>,
     pub id: u64,
     bootstrapped: bool,
     next_id: u64,
     id_saved_until: u64,
-    stores: BTreeMap<u64, StoreInfo>,
-    regions: HashMap<u64, RegionInfo>,
+    pub(super) stores: BTreeMap<u64, StoreInfo>,
+    pub(super) regions: HashMap<u64, RegionInfo>,
     /// Start key -> Region id.
     tree: BTreeMap<Vec<u8>, u64>,
-    ops: HashMap<u64, Operator>,
+    /// The operator in flight per Region (see `schedule.rs`).
+    pub(super) ops: HashMap<u64, Operator>,
     gc_safe_point: u64,
-    max_replicas: usize,
+    pub(super) max_replicas: usize,
+    pub(super) schedule_cfg: ScheduleConfig,
+    /// Replicas and leaders per store, as the Region table says (kept up to date by
+    /// `update_region`, so the schedulers never walk every Region).
+    pub(super) store_regions: HashMap<u64, usize>,
+    pub(super) store_leaders: HashMap<u64, usize>,
+    /// When this PD started: a store not heard from since counts as silent from then.
+    started: Instant,
 }
 
 fn epoch(r: &Region) -> RegionEpoch {
@@ -116,7 +109,11 @@ fn unix_secs() -> u64 {
 
 impl Cluster {
     /// Loads (or creates) the cluster from PD's metadata.
-    pub fn open(meta: Arc<MetaStore>, max_replicas: usize) -> Result<Cluster> {
+    pub fn open(
+        meta: Arc<MetaStore>,
+        max_replicas: usize,
+        schedule_cfg: ScheduleConfig,
+    ) -> Result<Cluster> {
         let id = match meta.cluster_id()? {
             Some(id) => id,
             None => {
@@ -138,6 +135,10 @@ impl Cluster {
             ops: HashMap::new(),
             gc_safe_point: meta.gc_safe_point()?,
             max_replicas,
+            schedule_cfg,
+            store_regions: HashMap::new(),
+            store_leaders: HashMap::new(),
+            started: Instant::now(),
             meta,
         };
         for s in c.meta.load_stores()? {
@@ -152,13 +153,12 @@ impl Cluster {
         }
         for r in c.meta.load_regions()? {
             c.tree.insert(r.start_key.clone(), r.id);
-            c.regions.insert(
-                r.id,
-                RegionInfo {
-                    region: r,
-                    ..Default::default()
-                },
-            );
+            let info = RegionInfo {
+                region: r,
+                ..Default::default()
+            };
+            count_region(&mut c.store_regions, &mut c.store_leaders, &info, 1);
+            c.regions.insert(info.region.id, info);
         }
         tracing::info!(
             cluster_id = c.id,
@@ -208,13 +208,12 @@ impl Cluster {
         self.put_store(store)?;
         self.meta.put_region(&region)?;
         self.tree.insert(region.start_key.clone(), region.id);
-        self.regions.insert(
-            region.id,
-            RegionInfo {
-                region,
-                ..Default::default()
-            },
-        );
+        let info = RegionInfo {
+            region,
+            ..Default::default()
+        };
+        count_region(&mut self.store_regions, &mut self.store_leaders, &info, 1);
+        self.regions.insert(info.region.id, info);
         // Last: a crash before this point leaves the cluster unbootstrapped, and the store
         // retries with the same Region.
         self.meta.set_bootstrapped()?;
@@ -243,7 +242,11 @@ impl Cluster {
                 store.address, other.meta.id
             )));
         }
-        store.state = StoreState::Up as i32;
+        // A store being deleted stays Offline when it restarts and registers again.
+        store.state = match self.stores.get(&store.id) {
+            Some(old) if old.meta.state == StoreState::Offline as i32 => StoreState::Offline as i32,
+            _ => StoreState::Up as i32,
+        };
         self.meta.put_store(&store)?;
         let entry = self.stores.entry(store.id).or_insert(StoreInfo {
             meta: store.clone(),
@@ -379,6 +382,7 @@ impl Cluster {
                     self.tree.remove(&r.region.start_key);
                     self.ops.remove(&o);
                     self.meta.delete_region(o)?;
+                    count_region(&mut self.store_regions, &mut self.store_leaders, &r, -1);
                 }
             }
             if let Some(old) = self.regions.get(&id) {
@@ -390,12 +394,69 @@ impl Cluster {
             self.meta.put_region(&info.region)?;
             self.tree.insert(info.region.start_key.clone(), id);
         }
+        if let Some(old) = self.regions.get(&id) {
+            count_region(&mut self.store_regions, &mut self.store_leaders, old, -1);
+        }
+        count_region(&mut self.store_regions, &mut self.store_leaders, &info, 1);
         self.regions.insert(id, info);
         Ok(true)
     }
 
     pub fn gc_safe_point(&self) -> u64 {
         self.gc_safe_point
+    }
+
+    /// A store silent for `schedule.max-store-down-time` (counting from PD's start if it has
+    /// not been heard from since).
+    pub fn store_down(&self, s: &StoreInfo) -> bool {
+        let since = s.last_heartbeat.unwrap_or(self.started);
+        since.elapsed() > self.schedule_cfg.max_store_down_time
+    }
+
+    /// The state users see: Up / Disconnected (silent a while) / Down / Offline / Tombstone.
+    pub fn store_state_name(&self, s: &StoreInfo) -> &'static str {
+        match StoreState::try_from(s.meta.state).unwrap_or(StoreState::Up) {
+            StoreState::Up if self.store_down(s) => "Down",
+            StoreState::Up if !s.alive() => "Disconnected",
+            StoreState::Up => "Up",
+            StoreState::Offline => "Offline",
+            StoreState::Tombstone => "Tombstone",
+        }
+    }
+
+    /// Starts removing a store (scale in): it becomes Offline, the replica checker moves its
+    /// replicas away, and once it holds none it becomes Tombstone. Refused if the remaining
+    /// stores could not hold `max-replicas` replicas of every Region.
+    pub fn delete_store(&mut self, id: u64) -> Result<()> {
+        let s = self
+            .stores
+            .get(&id)
+            .ok_or(ClusterError::StoreNotFound(id))?;
+        match StoreState::try_from(s.meta.state).unwrap_or(StoreState::Up) {
+            StoreState::Tombstone => return Err(ClusterError::StoreTombstone(id)),
+            StoreState::Offline => return Ok(()),
+            StoreState::Up => {}
+        }
+        let remaining = self
+            .stores
+            .values()
+            .filter(|x| x.meta.id != id && x.meta.state == StoreState::Up as i32)
+            .count();
+        if remaining < self.max_replicas {
+            return Err(ClusterError::Invalid(format!(
+                "deleting store {id} would leave {remaining} stores for {} replicas per Region",
+                self.max_replicas
+            )));
+        }
+        let s = self
+            .stores
+            .get_mut(&id)
+            .ok_or(ClusterError::StoreNotFound(id))?;
+        s.meta.state = StoreState::Offline as i32;
+        let meta = s.meta.clone();
+        self.meta.put_store(&meta)?;
+        tracing::info!(store_id = id, "store is Offline: moving its replicas away");
+        Ok(())
     }
 
     /// Moves the GC safe point forward (never back); returns the new one.
@@ -406,113 +467,13 @@ impl Cluster {
         }
         Ok(self.gc_safe_point)
     }
-
-    /// The replica checker: what the leader of this Region should do next, if anything.
-    pub fn check_replicas(
-        &mut self,
-        region_id: u64,
-    ) -> Result<Option<pdpb::RegionHeartbeatResponse>> {
-        let Some(info) = self.regions.get(&region_id).cloned() else {
-            return Ok(None);
-        };
-        let Some(leader) = info.leader else {
-            return Ok(None);
-        };
-        let region = &info.region;
-        if let Some(op) = self.ops.get_mut(&region_id) {
-            let done = match &op.kind {
-                OpKind::AddLearner(p) => region.peers.iter().any(|x| x.id == p.id),
-                OpKind::Promote(p) => region
-                    .peers
-                    .iter()
-                    .any(|x| x.id == p.id && x.role == PeerRole::Voter as i32),
-            };
-            if done || op.created.elapsed() > OPERATOR_TIMEOUT {
-                self.ops.remove(&region_id);
-            } else if op.last_sent.elapsed() >= OPERATOR_RESEND {
-                op.last_sent = Instant::now();
-                let kind = op.kind.clone();
-                return Ok(Some(self.operator_response(&info, &leader, &kind)));
-            } else {
-                return Ok(None);
-            }
-        }
-        let pending = |p: &Peer| info.pending_peers.iter().any(|x| x.id == p.id);
-        let kind = if let Some(l) = region
-            .peers
-            .iter()
-            .find(|p| p.role == PeerRole::Learner as i32 && !pending(p))
-        {
-            OpKind::Promote(*l)
-        } else if region.peers.len() < self.max_replicas && !region.peers.iter().any(pending) {
-            let used: Vec<u64> = region.peers.iter().map(|p| p.store_id).collect();
-            let mut load: HashMap<u64, usize> = HashMap::new();
-            for r in self.regions.values() {
-                for p in &r.region.peers {
-                    *load.entry(p.store_id).or_default() += 1;
-                }
-            }
-            let target = self
-                .stores
-                .values()
-                .filter(|s| {
-                    s.alive() && s.meta.state == StoreState::Up as i32 && !used.contains(&s.meta.id)
-                })
-                .min_by_key(|s| (load.get(&s.meta.id).copied().unwrap_or(0), s.meta.id))
-                .map(|s| s.meta.id);
-            let Some(store_id) = target else {
-                return Ok(None);
-            };
-            let peer = Peer {
-                id: self.alloc_id()?,
-                store_id,
-                role: PeerRole::Learner as i32,
-                is_witness: false,
-            };
-            OpKind::AddLearner(peer)
-        } else {
-            return Ok(None);
-        };
-        tracing::info!(region_id, operator = ?kind, "replica checker: new operator");
-        let resp = self.operator_response(&info, &leader, &kind);
-        let now = Instant::now();
-        self.ops.insert(
-            region_id,
-            Operator {
-                kind,
-                created: now,
-                last_sent: now,
-            },
-        );
-        Ok(Some(resp))
-    }
-
-    fn operator_response(
-        &self,
-        info: &RegionInfo,
-        leader: &Peer,
-        kind: &OpKind,
-    ) -> pdpb::RegionHeartbeatResponse {
-        let (peer, t) = match kind {
-            OpKind::AddLearner(p) => (*p, ConfChangeType::AddLearnerNode),
-            OpKind::Promote(p) => (*p, ConfChangeType::AddNode),
-        };
-        pdpb::RegionHeartbeatResponse {
-            region_id: info.region.id,
-            region_epoch: info.region.region_epoch,
-            target_peer: Some(*leader),
-            change_peer: Some(pdpb::ChangePeer {
-                peer: Some(peer),
-                change_type: t as i32,
-            }),
-            ..Default::default()
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prkv_proto::eraftpb::ConfChangeType;
+    use prkv_proto::metapb::PeerRole;
 
     fn region(id: u64, start: &[u8], end: &[u8], version: u64, stores: &[u64]) -> Region {
         Region {
@@ -544,7 +505,12 @@ mod tests {
     }
 
     fn open(dir: &std::path::Path) -> Cluster {
-        Cluster::open(Arc::new(MetaStore::open(dir).unwrap()), 3).unwrap()
+        Cluster::open(
+            Arc::new(MetaStore::open(dir).unwrap()),
+            3,
+            ScheduleConfig::default(),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -611,7 +577,7 @@ mod tests {
                 ..Default::default()
             })
             .unwrap();
-            c.check_replicas(1).unwrap()
+            c.schedule(1).unwrap()
         };
         let op = report(&mut c, &r, vec![]).expect("add a learner");
         let cp = op.change_peer.unwrap();

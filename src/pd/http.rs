@@ -10,6 +10,12 @@
 //! | `GET /pd/api/v1/stores` | `{"count", "stores": [{"store": {...}, "status": {...}}]}` |
 //! | `GET /pd/api/v1/regions` | `{"count", "regions": [region]}` in key order |
 //! | `GET /pd/api/v1/region/id/{id}` | one `region`, or 404 |
+//! | `GET /pd/api/v1/store/{id}` | one store, or 404 |
+//! | `DELETE /pd/api/v1/store/{id}` | scale in: the store goes Offline, its replicas move away, then it is Tombstone |
+//!
+//! A store's `state_name` is Up, Disconnected (no heartbeat for 20 s), Down (none for
+//! `schedule.max-store-down-time`), Offline or Tombstone; its `region_count` and
+//! `leader_count` are PD's Region table's.
 //!
 //! Keys are hex-encoded raw keys (uppercase). A `region` is
 //! `{"id", "start_key", "end_key", "epoch": {"conf_ver", "version"}, "peers": [{"id",
@@ -20,11 +26,11 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use prkv_proto::metapb::{Peer, PeerRole, StoreState};
+use prkv_proto::metapb::{Peer, PeerRole};
 use serde_json::{json, Value};
 use tonic::codegen::{http, Body as _, BoxFuture, Service};
 
-use super::cluster::{RegionInfo, StoreInfo};
+use super::cluster::{Cluster, ClusterError, RegionInfo, StoreInfo};
 use super::service::PdState;
 
 #[derive(Clone)]
@@ -68,13 +74,9 @@ pub fn region_json(i: &RegionInfo) -> Value {
     })
 }
 
-fn store_json(s: &StoreInfo, leaders: usize) -> Value {
-    let state = match StoreState::try_from(s.meta.state) {
-        Ok(StoreState::Up) => "Up",
-        Ok(StoreState::Offline) => "Offline",
-        Ok(StoreState::Tombstone) => "Tombstone",
-        Err(_) => "Unknown",
-    };
+fn store_json(c: &Cluster, s: &StoreInfo) -> Value {
+    let state = c.store_state_name(s);
+    let (regions, leaders) = c.store_counts(s.meta.id);
     let st = s.stats.clone().unwrap_or_default();
     json!({
         "store": {
@@ -89,8 +91,9 @@ fn store_json(s: &StoreInfo, leaders: usize) -> Value {
             "capacity": st.capacity,
             "available": st.available,
             "used_size": st.used_size,
-            "region_count": st.region_count,
+            "region_count": regions,
             "leader_count": leaders,
+            "reported_region_count": st.region_count,
             "last_heartbeat": s.meta.last_heartbeat,
         },
     })
@@ -115,13 +118,33 @@ fn not_found(what: String) -> http::Response<tonic::body::BoxBody> {
 
 impl PdHttp {
     fn handle(&self, method: &http::Method, path: &str) -> http::Response<tonic::body::BoxBody> {
+        let path = path.trim_end_matches('/');
+        if method == http::Method::DELETE {
+            // Scale in: `DELETE /pd/api/v1/store/{id}` makes the store Offline.
+            let Some(id) = path.strip_prefix("/pd/api/v1/store/") else {
+                return not_found(format!("no such endpoint: {path}"));
+            };
+            let Ok(id) = id.parse::<u64>() else {
+                return respond(
+                    http::StatusCode::BAD_REQUEST,
+                    json!({"error": format!("{id:?} is not a store id")}),
+                );
+            };
+            return match self.state.cluster.lock().delete_store(id) {
+                Ok(()) => respond(http::StatusCode::OK, json!({"deleted": id})),
+                Err(ClusterError::StoreNotFound(_)) => not_found(format!("store {id} not found")),
+                Err(e) => respond(
+                    http::StatusCode::BAD_REQUEST,
+                    json!({"error": e.to_string()}),
+                ),
+            };
+        }
         if method != http::Method::GET {
             return respond(
                 http::StatusCode::METHOD_NOT_ALLOWED,
-                json!({"error": "only GET is served"}),
+                json!({"error": "only GET and DELETE are served"}),
             );
         }
-        let path = path.trim_end_matches('/');
         match path {
             "/pd/api/v1/health" => {
                 let m = &self.state.member;
@@ -137,16 +160,7 @@ impl PdHttp {
             }
             "/pd/api/v1/stores" => {
                 let c = self.state.cluster.lock();
-                let mut leaders: std::collections::HashMap<u64, usize> = Default::default();
-                for r in c.regions_in_order() {
-                    if let Some(l) = r.leader {
-                        *leaders.entry(l.store_id).or_default() += 1;
-                    }
-                }
-                let stores: Vec<Value> = c
-                    .stores()
-                    .map(|s| store_json(s, leaders.get(&s.meta.id).copied().unwrap_or(0)))
-                    .collect();
+                let stores: Vec<Value> = c.stores().map(|s| store_json(&c, s)).collect();
                 respond(
                     http::StatusCode::OK,
                     json!({"count": stores.len(), "stores": stores}),
@@ -159,6 +173,20 @@ impl PdHttp {
                     http::StatusCode::OK,
                     json!({"count": regions.len(), "regions": regions}),
                 )
+            }
+            p if p.starts_with("/pd/api/v1/store/") => {
+                let id = &p["/pd/api/v1/store/".len()..];
+                let Ok(id) = id.parse::<u64>() else {
+                    return respond(
+                        http::StatusCode::BAD_REQUEST,
+                        json!({"error": format!("{id:?} is not a store id")}),
+                    );
+                };
+                let c = self.state.cluster.lock();
+                match c.store(id) {
+                    Ok(s) => respond(http::StatusCode::OK, store_json(&c, s)),
+                    Err(_) => not_found(format!("store {id} not found")),
+                }
             }
             p if p.starts_with("/pd/api/v1/region/id/") => {
                 let id = &p["/pd/api/v1/region/id/".len()..];

@@ -13,6 +13,7 @@
 pub mod cluster;
 pub mod http;
 pub mod meta;
+pub mod schedule;
 pub mod service;
 pub mod tso;
 
@@ -37,8 +38,82 @@ pub struct PdOptions {
     /// The address clients are told to use; defaults to `addr`.
     pub advertise_addr: Option<String>,
     pub data_dir: PathBuf,
+    pub config: PdConfig,
+}
+
+/// PD's config file (`prkv pd --config`), with PD's section and key names.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PdConfig {
+    pub replication: ReplicationConfig,
+    pub schedule: schedule::ScheduleConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ReplicationConfig {
     /// Replicas per Region the replica checker maintains.
     pub max_replicas: usize,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig { max_replicas: 3 }
+    }
+}
+
+impl PdConfig {
+    /// Parses and checks a PD config; errors name the key.
+    pub fn from_toml(text: &str) -> Result<PdConfig, crate::config::ConfigError> {
+        use crate::config::ConfigError;
+        let de = toml::Deserializer::new(text);
+        let cfg: PdConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            if key.is_empty() || key == "." {
+                ConfigError::Syntax(inner.to_string())
+            } else {
+                ConfigError::Invalid {
+                    key,
+                    reason: inner.message().to_string(),
+                }
+            }
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+        use crate::config::ConfigError;
+        let bad = |key: &str, reason: String| ConfigError::Invalid {
+            key: key.into(),
+            reason,
+        };
+        let r = self.replication.max_replicas;
+        if r == 0 || r > 9 {
+            return Err(bad(
+                "replication.max-replicas",
+                format!("{r} is outside 1..=9"),
+            ));
+        }
+        let s = &self.schedule;
+        for (key, v) in [
+            ("schedule.leader-schedule-limit", s.leader_schedule_limit),
+            ("schedule.region-schedule-limit", s.region_schedule_limit),
+            ("schedule.store-limit", s.store_limit),
+        ] {
+            if v == 0 {
+                return Err(bad(key, "must be at least 1".into()));
+            }
+        }
+        if s.max_store_down_time < std::time::Duration::from_secs(1) {
+            return Err(bad(
+                "schedule.max-store-down-time",
+                "must be at least 1s".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,18 +143,20 @@ pub async fn serve(
     opts: PdOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), PdError> {
-    if opts.max_replicas == 0 || opts.max_replicas > 9 {
-        return Err(PdError::Invalid {
-            key: "max-replicas",
-            reason: format!("{} is outside 1..=9", opts.max_replicas),
-        });
-    }
+    opts.config.validate().map_err(|e| PdError::Invalid {
+        key: "config",
+        reason: e.to_string(),
+    })?;
     std::fs::create_dir_all(&opts.data_dir).map_err(|source| PdError::DataDir {
         path: opts.data_dir.clone(),
         source,
     })?;
     let meta = Arc::new(MetaStore::open(&opts.data_dir.join("meta"))?);
-    let cluster = Cluster::open(meta.clone(), opts.max_replicas)?;
+    let cluster = Cluster::open(
+        meta.clone(),
+        opts.config.replication.max_replicas,
+        opts.config.schedule.clone(),
+    )?;
     let tso = Tso::recover(&meta)?;
     let advertise = opts
         .advertise_addr

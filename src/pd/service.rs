@@ -307,7 +307,15 @@ impl Pd for PdService {
         let Some(stats) = r.stats else {
             return Err(Status::invalid_argument("StoreHeartbeat needs stats"));
         };
-        let res = self.state.cluster.lock().store_heartbeat(stats);
+        let res = {
+            let mut c = self.state.cluster.lock();
+            let res = c.store_heartbeat(stats);
+            // Offline stores that were emptied become Tombstone.
+            if let Err(e) = c.bury_empty_stores() {
+                tracing::warn!(error = %e, "marking emptied stores Tombstone failed");
+            }
+            res
+        };
         Ok(Response::new(pdpb::StoreHeartbeatResponse {
             header: match res {
                 Ok(()) => self.state.header(),
@@ -356,7 +364,7 @@ impl Pd for PdService {
                 let op = {
                     let mut c = state.cluster.lock();
                     match c.update_region(info) {
-                        Ok(true) => c.check_replicas(region_id),
+                        Ok(true) => c.schedule(region_id),
                         Ok(false) => Ok(None),
                         Err(e) => Err(e),
                     }

@@ -209,13 +209,25 @@ impl raft::Storage for RegionLog {
     }
 
     /// The ready snapshot if it is recent enough: at or after `request_index` and the log's
-    /// truncated index (else the follower could not continue from it with log entries).
+    /// truncated index (else the follower could not continue from it with log entries), and
+    /// taken after `to` joined.
     /// Otherwise a request for the store, and "try again later" for Raft.
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let truncated = self.state.read().truncated.index;
         let mut g = self.snap.lock();
         if let Some(s) = &g.ready {
-            if s.get_metadata().index >= request_index.max(truncated) {
+            let md = s.get_metadata();
+            let cs = md.get_conf_state();
+            // A follower refuses a snapshot whose configuration does not name it (it was
+            // added after the snapshot was taken).
+            let names_to = cs
+                .voters
+                .iter()
+                .chain(&cs.learners)
+                .chain(&cs.voters_outgoing)
+                .chain(&cs.learners_next)
+                .any(|id| *id == to);
+            if md.index >= request_index.max(truncated) && names_to {
                 return Ok(s.clone());
             }
         }

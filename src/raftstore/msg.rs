@@ -26,6 +26,8 @@ pub struct RaftMessage {
     /// The leader tells followers that the Region goes idle: they stop ticking until the next
     /// message (see hibernation in `peer.rs`).
     pub hibernate: bool,
+    /// The sender's Region no longer contains `to_peer`: a stale replica is told to go.
+    pub tombstone: bool,
     pub from_store: StoreId,
     pub to_store: StoreId,
 }
@@ -42,6 +44,7 @@ impl RaftMessage {
             region: None,
             region_conf_index: 0,
             hibernate: false,
+            tombstone: false,
             from_store,
             to_store,
         }

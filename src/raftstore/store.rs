@@ -30,7 +30,7 @@ use super::error::{Error, Result};
 use super::msg::{PdReporter, RaftMessage, RegionStatus, SplitCallback, StoreId, StoreMsg};
 use super::peer::{Peer, PeerConfig};
 use super::snap::{self, SnapDirs};
-use super::split::{SplitCheckConfig, RAFT_INIT_LOG_INDEX};
+use super::split::{SplitCheckConfig, RAFT_INIT_LOG_INDEX, RAFT_INIT_LOG_TERM};
 use super::transport::Transport;
 use super::worker::{self, Job, WorkerHandle};
 use crate::config::{Config, EngineKind};
@@ -148,20 +148,55 @@ pub fn even_region_key(i: u64) -> Vec<u8> {
     format!("r{i:06}").into_bytes()
 }
 
-/// Writes the initial state of a Region replica: its Region in raft-engine and an empty log.
+/// Writes the initial state of a Region replica of a new cluster: its Region, and a log that
+/// starts after [`RAFT_INIT_LOG_INDEX`] with everything up to it applied (the data is empty).
 /// Used to bootstrap a cluster's first Regions (PD does this in the full system).
+///
+/// Like split-born Regions, bootstrapped ones have no log entry at or below that index, so a
+/// replica added later can only be initialized by a snapshot: it never replays a log prefix
+/// under a Region (range, membership) that later entries changed.
 pub fn bootstrap_region(engines: &Engines, region: &Region) -> Result<()> {
-    init_replica(engines, region, 0)
+    let state = RegionLocalState {
+        state: PeerState::Normal as i32,
+        region: Some(region.clone()),
+        tablet_index: RAFT_INIT_LOG_INDEX,
+        conf_index: RAFT_INIT_LOG_INDEX,
+        ..Default::default()
+    };
+    let engine = engines
+        .kv
+        .open_region(region.id, range_of(region), RAFT_INIT_LOG_INDEX)?;
+    let mut wb = crate::storage::WriteBatch::new();
+    wb.set_apply_state(RaftApplyState {
+        applied_index: RAFT_INIT_LOG_INDEX,
+        applied_term: RAFT_INIT_LOG_TERM,
+        ..Default::default()
+    });
+    engine.write(&wb)?;
+    engine.flush(true)?;
+    let mut lb = LogWriteBatch::new();
+    lb.put_region_state(region.id, &state)?;
+    lb.put_hard_state(
+        region.id,
+        &raft::eraftpb::HardState {
+            term: RAFT_INIT_LOG_TERM,
+            commit: RAFT_INIT_LOG_INDEX,
+            ..Default::default()
+        },
+    )?;
+    lb.compact_to(region.id, RAFT_INIT_LOG_INDEX, RAFT_INIT_LOG_TERM)?;
+    engines.raft.write(&mut lb, true)?;
+    Ok(())
 }
 
-/// Writes the initial state of a replica whose Region reflects membership changes through
-/// `conf_index`.
-fn init_replica(engines: &Engines, region: &Region, conf_index: u64) -> Result<()> {
+/// Writes the state of a replica a leader is adding to this store: the leader's Region, an
+/// empty log and an empty engine. It waits, uninitialized, for the snapshot the leader sends.
+fn init_replica(engines: &Engines, region: &Region) -> Result<()> {
     let state = RegionLocalState {
         state: PeerState::Normal as i32,
         region: Some(region.clone()),
         tablet_index: 0,
-        conf_index,
+        conf_index: 0,
         ..Default::default()
     };
     let mut wb = LogWriteBatch::new();
@@ -548,6 +583,7 @@ impl Store {
         for p in self.peers.values_mut() {
             p.fail_all(Error::StoreStopped);
         }
+        self.worker.shutdown();
     }
 
     /// Returns true on `Stop`.
@@ -644,6 +680,9 @@ impl Store {
         if m.is_store_heartbeat() {
             return;
         }
+        if self.handle_stale_peers(&m) {
+            return;
+        }
         if !self.peers.contains_key(&m.region_id) && !self.maybe_create_peer(&m) {
             return;
         }
@@ -698,6 +737,72 @@ impl Store {
         }
     }
 
+    /// Removed replicas do not always hear of their removal (the leader stops talking to them
+    /// once it applied it). Three cases are settled here; returns true if `m` was consumed.
+    ///
+    /// * `m` tells our replica it was removed (`tombstone`, from a newer membership): destroy.
+    /// * `m` is for a newer replica of a Region whose replica here is older (lower peer id,
+    ///   and the sender's membership no longer has it): destroy ours, then `m` creates the new.
+    /// * `m` comes from a replica our newer membership no longer has: tell it to go.
+    fn handle_stale_peers(&mut self, m: &RaftMessage) -> bool {
+        let conf_ver = |e: &prkv_proto::metapb::RegionEpoch| e.conf_ver;
+        let Some(p) = self.peers.get(&m.region_id) else {
+            return m.tombstone;
+        };
+        let ours = p.region.region_epoch.unwrap_or_default();
+        if m.tombstone {
+            if m.to_peer.id == p.meta.id && conf_ver(&m.region_epoch) > conf_ver(&ours) {
+                tracing::info!(
+                    region_id = m.region_id,
+                    peer_id = p.meta.id,
+                    "told this replica was removed: destroying it"
+                );
+                if let Err(e) = self.destroy_peer(m.region_id) {
+                    tracing::warn!(region_id = m.region_id, error = %e, "destroying a stale replica failed");
+                }
+            }
+            return true;
+        }
+        if m.to_peer.id > p.meta.id
+            && conf_ver(&m.region_epoch) > conf_ver(&ours)
+            && m.region
+                .as_ref()
+                .is_some_and(|r| !r.peers.iter().any(|x| x.id == p.meta.id))
+        {
+            tracing::info!(
+                region_id = m.region_id,
+                old = p.meta.id,
+                new = m.to_peer.id,
+                "a newer replica replaces a stale one"
+            );
+            if let Err(e) = self.destroy_peer(m.region_id) {
+                tracing::warn!(region_id = m.region_id, error = %e, "destroying a stale replica failed");
+                return true;
+            }
+            return false; // `m` now creates the new replica
+        }
+        if m.to_peer.id == p.meta.id
+            && conf_ver(&m.region_epoch) < conf_ver(&ours)
+            && !p.region.peers.iter().any(|x| x.id == m.from_peer.id)
+        {
+            self.trans.send(RaftMessage {
+                region_id: m.region_id,
+                from_peer: p.meta,
+                to_peer: m.from_peer,
+                region_epoch: ours,
+                message: raft::eraftpb::Message::default(),
+                region: None,
+                region_conf_index: 0,
+                hibernate: false,
+                tombstone: true,
+                from_store: self.id,
+                to_store: m.from_store,
+            });
+            return true;
+        }
+        false
+    }
+
     /// Creates a replica that a leader is adding to this store. Only a message from a leader
     /// (append or heartbeat) may create one, and only if the sender's Region names it.
     fn maybe_create_peer(&mut self, m: &RaftMessage) -> bool {
@@ -750,7 +855,7 @@ impl Store {
                 return false;
             }
         }
-        let created = init_replica(&self.engines, &region, m.region_conf_index).and_then(|_| {
+        let created = init_replica(&self.engines, &region).and_then(|_| {
             let engine = self
                 .engines
                 .kv
@@ -762,7 +867,7 @@ impl Store {
                 engine,
                 self.engines.kv.clone(),
                 peer_config(&self.cfg),
-                m.region_conf_index,
+                0,
             )
         });
         match created {
@@ -1022,6 +1127,7 @@ impl Store {
                     region: None,
                     region_conf_index: 0,
                     hibernate: true,
+                    tombstone: false,
                     from_store: self.id,
                     to_store: to.store_id,
                 });
@@ -1123,6 +1229,7 @@ impl Store {
                 region: Some(p.region.clone()),
                 region_conf_index: p.applied_index,
                 hibernate: false,
+                tombstone: false,
                 from_store: self.id,
                 to_store: to.store_id,
             };

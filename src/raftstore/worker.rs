@@ -11,6 +11,7 @@
 //! next split check of that Region, which trims first).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,34 +51,64 @@ pub enum Job {
     },
 }
 
-#[derive(Clone)]
 pub struct WorkerHandle {
-    tx: Sender<Job>,
+    tx: Option<Sender<Job>>,
+    stopping: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl WorkerHandle {
     /// Queues a job; false if the queue is full (the job is dropped, see the module docs).
     pub fn schedule(&self, job: Job) -> bool {
-        self.tx.try_send(job).is_ok()
+        self.tx.as_ref().is_some_and(|tx| tx.try_send(job).is_ok())
+    }
+
+    /// Stops the worker: queued jobs are dropped, a running one finishes, and every engine
+    /// handle the worker held is released before this returns (a restarted store reopens
+    /// those engines).
+    pub fn shutdown(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
-/// Starts the worker of store `store_id`; it sends split requests to `store`. It stops when
-/// every [`WorkerHandle`] is dropped.
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Starts the worker of store `store_id`; it sends split requests to `store`.
 pub fn start(store_id: u64, store: Sender<StoreMsg>) -> WorkerHandle {
     let (tx, rx) = bounded(WORKER_QUEUE);
+    let stopping = Arc::new(AtomicBool::new(false));
+    let stop = stopping.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("region-worker-{store_id}"))
-        .spawn(move || run(rx, store));
-    if let Err(e) = spawned {
-        // Without the worker, Regions do not split or trim, but they serve: keep going.
-        tracing::error!(store_id, error = %e, "region worker did not start");
+        .spawn(move || run(rx, store, stop));
+    let thread = match spawned {
+        Ok(t) => Some(t),
+        Err(e) => {
+            // Without the worker, Regions do not split or trim, but they serve: keep going.
+            tracing::error!(store_id, error = %e, "region worker did not start");
+            None
+        }
+    };
+    WorkerHandle {
+        tx: Some(tx),
+        stopping,
+        thread,
     }
-    WorkerHandle { tx }
 }
 
-fn run(rx: Receiver<Job>, store: Sender<StoreMsg>) {
+fn run(rx: Receiver<Job>, store: Sender<StoreMsg>, stopping: Arc<AtomicBool>) {
     while let Ok(job) = rx.recv() {
+        if stopping.load(Ordering::SeqCst) {
+            continue; // drain without running: the store is stopping
+        }
         match job {
             Job::Trim(engine) => trim(&*engine),
             Job::GenSnapshot {

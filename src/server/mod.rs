@@ -259,6 +259,7 @@ pub async fn run(
         cfg.server.snap_io_max_bytes_per_sec.0,
     ));
     let kind = engines.kv.kind();
+    let kv_engine = engines.kv.clone();
     let store_cfg = cfg.clone();
     let handle = tokio::task::spawn_blocking(move || {
         raftstore::start_store(store_id, store_cfg, engines, trans, reporter)
@@ -310,6 +311,7 @@ pub async fn run(
         api_version: cfg.storage.api_version,
         started,
         stats: handle.stats.clone(),
+        kv: kv_engine,
     });
     let status_task = tokio::spawn(status::serve(status_addr, info, stopped(stop_rx.clone())));
 

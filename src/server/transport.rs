@@ -55,6 +55,7 @@ pub fn encode(m: &RaftMessage) -> StoreRaftMessage {
         hibernate: m.hibernate,
         from_store: m.from_store,
         to_store: m.to_store,
+        tombstone: m.tombstone,
     }
 }
 
@@ -70,6 +71,7 @@ pub fn decode(m: StoreRaftMessage) -> Result<RaftMessage, String> {
         region: m.region,
         region_conf_index: m.region_conf_index,
         hibernate: m.hibernate,
+        tombstone: m.tombstone,
         from_store: m.from_store,
         to_store: m.to_store,
     })

@@ -37,6 +37,13 @@ pub use prkv::raftstore::even_region_key as region_key;
 
 impl Cluster {
     pub fn new(stores: u64, kind: EngineKind) -> Cluster {
+        // `PRKV_LOG=info cargo test ...` shows the stores' logs with the test's output.
+        if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("PRKV_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
         let mut cfg = Config::default();
         cfg.storage.engine = kind;
         cfg.rocksdb.write_buffer_limit = ReadableSize::mib(128);

@@ -165,11 +165,22 @@ pub struct ProcCluster {
     pub pd: Option<Proc>,
     pub stores: Vec<Option<Proc>>,
     pub extra_config: String,
+    pub pd_config: String,
+    /// Stores with reserved ports.
+    pub max_stores: usize,
 }
+
+/// Stores a test may add to a running cluster (ports are reserved for them).
+const SPARE_STORES: usize = 2;
 
 impl ProcCluster {
     pub fn start(dir: &Path, n: usize, extra_config: &str) -> ProcCluster {
-        let base = free_ports(1 + 2 * n as u16);
+        Self::start_with_pd(dir, n, extra_config, "")
+    }
+
+    /// Like `start`, with a PD config file (`[replication]`, `[schedule]`).
+    pub fn start_with_pd(dir: &Path, n: usize, extra_config: &str, pd_config: &str) -> ProcCluster {
+        let base = free_ports(1 + 2 * (n + SPARE_STORES) as u16);
         let mut c = ProcCluster {
             dir: dir.to_path_buf(),
             pd_addr: addr(base),
@@ -177,6 +188,8 @@ impl ProcCluster {
             pd: None,
             stores: (0..n).map(|_| None).collect(),
             extra_config: extra_config.to_string(),
+            pd_config: pd_config.to_string(),
+            max_stores: n + SPARE_STORES,
         };
         c.start_pd();
         for i in 1..=n {
@@ -187,6 +200,8 @@ impl ProcCluster {
 
     pub fn start_pd(&mut self) {
         let data = self.dir.join("pd");
+        let cfg = self.dir.join("pd.toml");
+        std::fs::write(&cfg, &self.pd_config).unwrap();
         self.pd = Some(Proc::spawn(
             &[
                 "pd",
@@ -194,6 +209,8 @@ impl ProcCluster {
                 &self.pd_addr.to_string(),
                 "--data-dir",
                 data.to_str().unwrap(),
+                "--config",
+                cfg.to_str().unwrap(),
             ],
             &self.dir.join("pd.log"),
         ));
@@ -207,7 +224,12 @@ impl ProcCluster {
         addr(self.store_base + 2 * (i as u16 - 1) + 1)
     }
 
+    /// Starts store `i` (1-based); `i` may be one past the last store: scale out.
     pub fn start_store(&mut self, i: usize) {
+        assert!(i <= self.max_stores, "no ports reserved for store {i}");
+        while self.stores.len() < i {
+            self.stores.push(None);
+        }
         // The test's settings, then this store's own (merged: one table per section).
         let mut doc: toml::Table = FAST_STORE_CONFIG.parse().unwrap();
         merge(&mut doc, self.extra_config.parse().unwrap());

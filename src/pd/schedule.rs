@@ -1,0 +1,693 @@
+//! PD's scheduling: operators, and the checkers and schedulers that create them.
+//!
+//! An **operator** is a short plan for one Region, a list of [`Step`]s (add a learner, promote
+//! it, transfer the leader, remove a peer). PD sends the current step to the Region's leader on
+//! its heartbeat stream, sees in later heartbeats whether it took effect, then moves to the
+//! next; a step not seen done is re-sent every [`OPERATOR_RESEND`], and an operator not finished
+//! within [`OPERATOR_TIMEOUT`] is dropped (the checkers will plan again from what is true then).
+//! One operator per Region at a time.
+//!
+//! On each Region heartbeat, in order:
+//!
+//! 1. **Replica checker** (`replication.max-replicas`): promote caught-up learners; replace
+//!    peers on stores that are Down (silent for `schedule.max-store-down-time`) or Offline
+//!    (being deleted); add missing replicas; remove extra ones.
+//! 2. **Balance region**: move a replica from the store holding the most Regions (among this
+//!    Region's stores) to the one holding the fewest, when they differ by more than one.
+//! 3. **Balance leader**: hand leadership to the follower whose store leads the fewest Regions,
+//!    when the leader's store leads at least two more.
+//!
+//! Limits bound what moves at once: `schedule.region-schedule-limit` replica-moving operators
+//! in the cluster, `schedule.leader-schedule-limit` leader transfers, and
+//! `schedule.store-limit` replica moves touching any one store (each is a snapshot to send or
+//! receive). Region counts include the effect of operators in flight, so that several
+//! operators do not all pick the same emptiest store.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use prkv_proto::eraftpb::ConfChangeType;
+use prkv_proto::metapb::{Peer, PeerRole, StoreState};
+use prkv_proto::pdpb;
+use serde::{Deserialize, Serialize};
+
+use super::cluster::{Cluster, RegionInfo, Result};
+
+pub const OPERATOR_RESEND: Duration = Duration::from_secs(5);
+pub const OPERATOR_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `[replication]` and `[schedule]` of PD's config (PD's key names).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ScheduleConfig {
+    /// A store silent this long is Down: its replicas are rebuilt elsewhere.
+    #[serde(with = "humantime_secs")]
+    pub max_store_down_time: Duration,
+    pub leader_schedule_limit: usize,
+    pub region_schedule_limit: usize,
+    /// Replica moves in flight that add to or remove from one store.
+    pub store_limit: usize,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        ScheduleConfig {
+            // PD's default: long enough that a restart or a short network cut moves nothing.
+            max_store_down_time: Duration::from_secs(30 * 60),
+            leader_schedule_limit: 4,
+            region_schedule_limit: 64,
+            // Each move is a snapshot; four at once per store keeps foreground traffic first.
+            store_limit: 4,
+        }
+    }
+}
+
+/// Durations as TiKV-style strings ("30m", "10s", "500ms").
+mod humantime_secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&crate::config::ReadableDuration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        crate::config::ReadableDuration::parse(&text)
+            .map(|r| r.0)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    AddLearner(Peer),
+    Promote(Peer),
+    TransferLeader(Peer),
+    RemovePeer(Peer),
+}
+
+#[derive(Clone, Debug)]
+pub struct Operator {
+    pub kind: &'static str,
+    pub steps: Vec<Step>,
+    pub current: usize,
+    pub created: Instant,
+    /// When the current step was last sent (`None`: not yet).
+    pub last_sent: Option<Instant>,
+}
+
+impl Operator {
+    fn new(kind: &'static str, steps: Vec<Step>) -> Operator {
+        Operator {
+            kind,
+            steps,
+            current: 0,
+            created: Instant::now(),
+            last_sent: None,
+        }
+    }
+
+    /// Whether the operator moves replicas (as opposed to only leadership).
+    fn moves_replicas(&self) -> bool {
+        self.steps
+            .iter()
+            .any(|s| matches!(s, Step::AddLearner(_) | Step::RemovePeer(_)))
+    }
+
+    /// Stores gaining or losing a replica through this operator.
+    fn touched_stores(&self) -> impl Iterator<Item = u64> + '_ {
+        self.steps.iter().filter_map(|s| match s {
+            Step::AddLearner(p) | Step::RemovePeer(p) => Some(p.store_id),
+            _ => None,
+        })
+    }
+
+    /// Net replicas this operator will add to `store` once done (+1, -1 or 0), counting only
+    /// steps not yet taken.
+    fn pending_delta(&self, store: u64) -> i64 {
+        self.steps[self.current..]
+            .iter()
+            .map(|s| match s {
+                Step::AddLearner(p) if p.store_id == store => 1,
+                Step::RemovePeer(p) if p.store_id == store => -1,
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+fn step_done(step: &Step, info: &RegionInfo) -> bool {
+    let r = &info.region;
+    match step {
+        Step::AddLearner(p) => r.peers.iter().any(|x| x.id == p.id),
+        Step::Promote(p) => r
+            .peers
+            .iter()
+            .any(|x| x.id == p.id && x.role == PeerRole::Voter as i32),
+        Step::TransferLeader(p) => info.leader.is_some_and(|l| l.id == p.id),
+        Step::RemovePeer(p) => !r.peers.iter().any(|x| x.id == p.id),
+    }
+}
+
+fn step_response(info: &RegionInfo, leader: &Peer, step: &Step) -> pdpb::RegionHeartbeatResponse {
+    let mut resp = pdpb::RegionHeartbeatResponse {
+        region_id: info.region.id,
+        region_epoch: info.region.region_epoch,
+        target_peer: Some(*leader),
+        ..Default::default()
+    };
+    let change = |p: Peer, t: ConfChangeType| pdpb::ChangePeer {
+        peer: Some(p),
+        change_type: t as i32,
+    };
+    match step {
+        Step::AddLearner(p) => resp.change_peer = Some(change(*p, ConfChangeType::AddLearnerNode)),
+        Step::Promote(p) => resp.change_peer = Some(change(*p, ConfChangeType::AddNode)),
+        Step::RemovePeer(p) => resp.change_peer = Some(change(*p, ConfChangeType::RemoveNode)),
+        Step::TransferLeader(p) => {
+            resp.transfer_leader = Some(pdpb::TransferLeader {
+                peer: Some(*p),
+                peers: vec![],
+            })
+        }
+    }
+    resp
+}
+
+/// Why a store cannot keep its replicas.
+fn store_must_drain(c: &Cluster, store: u64) -> bool {
+    match c.stores.get(&store) {
+        None => true,
+        Some(s) => s.meta.state != StoreState::Up as i32 || c.store_down(s),
+    }
+}
+
+impl Cluster {
+    /// What the leader of `region_id` should do next, if anything (see the module docs).
+    pub fn schedule(&mut self, region_id: u64) -> Result<Option<pdpb::RegionHeartbeatResponse>> {
+        let Some(info) = self.regions.get(&region_id).cloned() else {
+            return Ok(None);
+        };
+        let Some(leader) = info.leader else {
+            return Ok(None);
+        };
+        if self.ops.contains_key(&region_id) {
+            let step = self.advance_operator(&info, &leader);
+            if self.ops.contains_key(&region_id) {
+                return Ok(step);
+            }
+            // Finished (or timed out): plan the next thing at once.
+        }
+        let op = match self.check_replicas(&info, &leader)? {
+            Some(op) => Some(op),
+            None => match self.balance_region(&info, &leader)? {
+                Some(op) => Some(op),
+                None => self.balance_leader(&info, &leader),
+            },
+        };
+        let Some(op) = op else { return Ok(None) };
+        tracing::info!(region_id, kind = op.kind, steps = ?op.steps, "new operator");
+        self.ops.insert(region_id, op);
+        Ok(self.advance_operator(&info, &leader))
+    }
+
+    /// Moves the Region's operator past the steps its heartbeat shows done, and returns the
+    /// current step to (re)send, if due.
+    fn advance_operator(
+        &mut self,
+        info: &RegionInfo,
+        leader: &Peer,
+    ) -> Option<pdpb::RegionHeartbeatResponse> {
+        let region_id = info.region.id;
+        let op = self.ops.get_mut(&region_id)?;
+        while op.current < op.steps.len() && step_done(&op.steps[op.current], info) {
+            op.current += 1;
+            op.last_sent = None;
+        }
+        if op.current == op.steps.len() {
+            tracing::info!(region_id, kind = op.kind, took = ?op.created.elapsed(), "operator finished");
+            self.ops.remove(&region_id);
+            crate::metrics::PD_OPERATORS
+                .with_label_values(&["finished"])
+                .inc();
+            return None;
+        }
+        if op.created.elapsed() > OPERATOR_TIMEOUT {
+            tracing::warn!(
+                region_id,
+                kind = op.kind,
+                step = op.current,
+                "operator timed out"
+            );
+            self.ops.remove(&region_id);
+            crate::metrics::PD_OPERATORS
+                .with_label_values(&["timeout"])
+                .inc();
+            return None;
+        }
+        let step = op.steps[op.current].clone();
+        // A learner is promoted only once it caught up (its snapshot is in).
+        if let Step::Promote(p) = &step {
+            if info.pending_peers.iter().any(|x| x.id == p.id) {
+                return None;
+            }
+        }
+        if op.last_sent.is_some_and(|t| t.elapsed() < OPERATOR_RESEND) {
+            return None;
+        }
+        op.last_sent = Some(Instant::now());
+        Some(step_response(info, leader, &step))
+    }
+
+    fn replica_ops_in_flight(&self) -> usize {
+        self.ops.values().filter(|o| o.moves_replicas()).count()
+    }
+
+    fn store_busy(&self, store: u64) -> bool {
+        let n = self
+            .ops
+            .values()
+            .filter(|o| o.touched_stores().any(|s| s == store))
+            .count();
+        n >= self.schedule_cfg.store_limit
+    }
+
+    /// Replicas on `store`, counting operators in flight as done.
+    fn planned_regions(&self, store: u64) -> i64 {
+        let now = self.store_regions.get(&store).copied().unwrap_or(0) as i64;
+        now + self
+            .ops
+            .values()
+            .map(|o| o.pending_delta(store))
+            .sum::<i64>()
+    }
+
+    /// Leaders on `store`, counting leader transfers in flight as done.
+    fn planned_leaders(&self, store: u64) -> i64 {
+        let mut n = self.store_leaders.get(&store).copied().unwrap_or(0) as i64;
+        for (region_id, op) in &self.ops {
+            let from = self
+                .regions
+                .get(region_id)
+                .and_then(|r| r.leader)
+                .map_or(0, |l| l.store_id);
+            for step in &op.steps[op.current..] {
+                if let Step::TransferLeader(to) = step {
+                    n += i64::from(to.store_id == store) - i64::from(from == store);
+                }
+            }
+        }
+        n
+    }
+
+    /// The best store for a new replica of `info`: Up, alive, not holding the Region, not at
+    /// its limit, fewest planned replicas.
+    fn pick_target(&self, info: &RegionInfo) -> Option<u64> {
+        let used: Vec<u64> = info.region.peers.iter().map(|p| p.store_id).collect();
+        self.stores
+            .values()
+            .filter(|s| {
+                s.meta.state == StoreState::Up as i32
+                    && s.alive()
+                    && !used.contains(&s.meta.id)
+                    && !self.store_busy(s.meta.id)
+            })
+            .min_by_key(|s| (self.planned_regions(s.meta.id), s.meta.id))
+            .map(|s| s.meta.id)
+    }
+
+    fn new_learner(&mut self, store_id: u64) -> Result<Peer> {
+        Ok(Peer {
+            id: self.alloc_id()?,
+            store_id,
+            role: PeerRole::Learner as i32,
+            is_witness: false,
+        })
+    }
+
+    /// Steps that replace `old` by a new replica on `target`: add, promote, move leadership
+    /// away from `old` if it leads, remove `old`.
+    fn replace_steps(
+        &mut self,
+        info: &RegionInfo,
+        leader: &Peer,
+        old: &Peer,
+        target: u64,
+    ) -> Result<Vec<Step>> {
+        let new = self.new_learner(target)?;
+        let mut steps = vec![Step::AddLearner(new)];
+        let mut voter = new;
+        voter.role = PeerRole::Voter as i32;
+        if old.role == PeerRole::Voter as i32 {
+            steps.push(Step::Promote(voter));
+        }
+        if leader.id == old.id {
+            steps.push(Step::TransferLeader(voter));
+        }
+        steps.push(Step::RemovePeer(*old));
+        let _ = info;
+        Ok(steps)
+    }
+
+    fn check_replicas(&mut self, info: &RegionInfo, leader: &Peer) -> Result<Option<Operator>> {
+        let region = &info.region;
+        let pending = |p: &Peer| info.pending_peers.iter().any(|x| x.id == p.id);
+        // A caught-up learner PD did not plan (or whose operator timed out): promote it if the
+        // Region needs voters, else it is an extra replica.
+        let voters = region
+            .peers
+            .iter()
+            .filter(|p| p.role == PeerRole::Voter as i32)
+            .count();
+        if let Some(l) = region
+            .peers
+            .iter()
+            .find(|p| p.role == PeerRole::Learner as i32 && !pending(p))
+        {
+            if voters < self.max_replicas && !store_must_drain(self, l.store_id) {
+                let mut v = *l;
+                v.role = PeerRole::Voter as i32;
+                return Ok(Some(Operator::new(
+                    "replica-promote",
+                    vec![Step::Promote(v)],
+                )));
+            }
+            return Ok(Some(Operator::new(
+                "replica-remove-learner",
+                vec![Step::RemovePeer(*l)],
+            )));
+        }
+        if region.peers.iter().any(pending) {
+            return Ok(None); // let it catch up before changing more
+        }
+        // Replicas on Down or Offline stores are rebuilt elsewhere.
+        if let Some(bad) = region
+            .peers
+            .iter()
+            .find(|p| store_must_drain(self, p.store_id))
+            .copied()
+        {
+            if region.peers.len() > self.max_replicas {
+                return Ok(self.removal(info, leader, &bad, "replica-remove-extra"));
+            }
+            if self.replica_ops_in_flight() >= self.schedule_cfg.region_schedule_limit {
+                return Ok(None);
+            }
+            let Some(target) = self.pick_target(info) else {
+                return Ok(None);
+            };
+            let steps = self.replace_steps(info, leader, &bad, target)?;
+            return Ok(Some(Operator::new("replica-replace", steps)));
+        }
+        if region.peers.len() < self.max_replicas {
+            let Some(target) = self.pick_target(info) else {
+                return Ok(None);
+            };
+            let new = self.new_learner(target)?;
+            let mut v = new;
+            v.role = PeerRole::Voter as i32;
+            return Ok(Some(Operator::new(
+                "replica-add",
+                vec![Step::AddLearner(new), Step::Promote(v)],
+            )));
+        }
+        if region.peers.len() > self.max_replicas {
+            // The replica on the fullest store goes.
+            let victim = region
+                .peers
+                .iter()
+                .max_by_key(|p| (self.planned_regions(p.store_id), p.id == leader.id))
+                .copied();
+            if let Some(v) = victim {
+                return Ok(self.removal(info, leader, &v, "replica-remove-extra"));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Removes `victim`; a leader hands over first, to the follower on the store leading the
+    /// fewest Regions.
+    fn removal(
+        &self,
+        info: &RegionInfo,
+        leader: &Peer,
+        victim: &Peer,
+        kind: &'static str,
+    ) -> Option<Operator> {
+        let mut steps = Vec::new();
+        if victim.id == leader.id {
+            let to = info
+                .region
+                .peers
+                .iter()
+                .filter(|p| p.id != victim.id && p.role == PeerRole::Voter as i32)
+                .min_by_key(|p| self.planned_leaders(p.store_id))?;
+            steps.push(Step::TransferLeader(*to));
+        }
+        steps.push(Step::RemovePeer(*victim));
+        Some(Operator::new(kind, steps))
+    }
+
+    fn balance_region(&mut self, info: &RegionInfo, leader: &Peer) -> Result<Option<Operator>> {
+        if self.replica_ops_in_flight() >= self.schedule_cfg.region_schedule_limit {
+            return Ok(None);
+        }
+        let region = &info.region;
+        if region
+            .peers
+            .iter()
+            .any(|p| p.role != PeerRole::Voter as i32)
+        {
+            return Ok(None);
+        }
+        let Some(source) = region
+            .peers
+            .iter()
+            .filter(|p| !self.store_busy(p.store_id))
+            .max_by_key(|p| (self.planned_regions(p.store_id), p.id != leader.id))
+            .copied()
+        else {
+            return Ok(None);
+        };
+        let Some(target) = self.pick_target(info) else {
+            return Ok(None);
+        };
+        if self.planned_regions(source.store_id) - self.planned_regions(target) <= 1 {
+            return Ok(None);
+        }
+        let steps = self.replace_steps(info, leader, &source, target)?;
+        Ok(Some(Operator::new("balance-region", steps)))
+    }
+
+    fn balance_leader(&self, info: &RegionInfo, leader: &Peer) -> Option<Operator> {
+        let transfers = self.ops.values().filter(|o| !o.moves_replicas()).count();
+        if transfers >= self.schedule_cfg.leader_schedule_limit {
+            return None;
+        }
+        let leaders = |s: u64| self.planned_leaders(s);
+        let to = info
+            .region
+            .peers
+            .iter()
+            .filter(|p| {
+                p.id != leader.id
+                    && p.role == PeerRole::Voter as i32
+                    && self
+                        .stores
+                        .get(&p.store_id)
+                        .is_some_and(|s| s.alive() && s.meta.state == StoreState::Up as i32)
+            })
+            .min_by_key(|p| (leaders(p.store_id), p.store_id))?;
+        if leaders(leader.store_id) - leaders(to.store_id) <= 1 {
+            return None;
+        }
+        Some(Operator::new(
+            "balance-leader",
+            vec![Step::TransferLeader(*to)],
+        ))
+    }
+
+    /// Offline stores that hold no replica any more become Tombstone. Returns the ids changed.
+    pub fn bury_empty_stores(&mut self) -> Result<Vec<u64>> {
+        let empty: Vec<u64> = self
+            .stores
+            .values()
+            .filter(|s| {
+                s.meta.state == StoreState::Offline as i32
+                    && self.store_regions.get(&s.meta.id).copied().unwrap_or(0) == 0
+            })
+            .map(|s| s.meta.id)
+            .collect();
+        for id in &empty {
+            if let Some(s) = self.stores.get_mut(id) {
+                s.meta.state = StoreState::Tombstone as i32;
+                let meta = s.meta.clone();
+                self.meta().put_store(&meta)?;
+                tracing::info!(store_id = id, "store is empty: Tombstone");
+            }
+        }
+        Ok(empty)
+    }
+
+    /// Region and leader counts per store, for the HTTP API and tests.
+    pub fn store_counts(&self, store: u64) -> (usize, usize) {
+        (
+            self.store_regions.get(&store).copied().unwrap_or(0),
+            self.store_leaders.get(&store).copied().unwrap_or(0),
+        )
+    }
+}
+
+/// Counts changes of a Region's placement (`sign` = 1 when it comes in, -1 when it goes).
+pub(super) fn count_region(
+    regions: &mut HashMap<u64, usize>,
+    leaders: &mut HashMap<u64, usize>,
+    info: &RegionInfo,
+    sign: i64,
+) {
+    let apply = |m: &mut HashMap<u64, usize>, store: u64| {
+        let e = m.entry(store).or_default();
+        *e = (*e as i64 + sign).max(0) as usize;
+    };
+    for p in &info.region.peers {
+        apply(regions, p.store_id);
+    }
+    if let Some(l) = info.leader {
+        apply(leaders, l.store_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use prkv_proto::metapb::{Region, RegionEpoch, Store};
+
+    use super::*;
+    use crate::pd::meta::MetaStore;
+
+    fn store(id: u64) -> Store {
+        Store {
+            id,
+            address: format!("127.0.0.1:{}", 30000 + id),
+            ..Default::default()
+        }
+    }
+
+    /// Applies an operator step to the simulated Region, as its leader would.
+    fn apply(r: &mut Region, leader: &mut Peer, resp: &pdpb::RegionHeartbeatResponse) {
+        let epoch = r.region_epoch.as_mut().unwrap();
+        if let Some(cp) = &resp.change_peer {
+            let p = cp.peer.unwrap();
+            match ConfChangeType::try_from(cp.change_type).unwrap() {
+                ConfChangeType::AddLearnerNode => r.peers.push(Peer {
+                    role: PeerRole::Learner as i32,
+                    ..p
+                }),
+                ConfChangeType::AddNode => {
+                    for x in r.peers.iter_mut().filter(|x| x.id == p.id) {
+                        x.role = PeerRole::Voter as i32;
+                    }
+                }
+                ConfChangeType::RemoveNode => {
+                    assert_ne!(p.id, leader.id, "PD asked to remove the leader");
+                    r.peers.retain(|x| x.id != p.id)
+                }
+            }
+            epoch.conf_ver += 1;
+        }
+        if let Some(tl) = &resp.transfer_leader {
+            *leader = tl.peer.unwrap();
+        }
+    }
+
+    /// Heartbeats every Region, applying what PD answers, until PD has nothing more to do.
+    fn settle(c: &mut Cluster, regions: &mut [(Region, Peer)]) {
+        for _ in 0..500 {
+            let mut busy = false;
+            for (r, leader) in regions.iter_mut() {
+                c.update_region(RegionInfo {
+                    region: r.clone(),
+                    leader: Some(*leader),
+                    ..Default::default()
+                })
+                .unwrap();
+                if let Some(resp) = c.schedule(r.id).unwrap() {
+                    apply(r, leader, &resp);
+                    busy = true;
+                }
+                busy |= c.ops.contains_key(&r.id);
+            }
+            if !busy {
+                return;
+            }
+        }
+        panic!(
+            "scheduling never settled: ops {:?}, counts {:?} {:?}",
+            c.ops, c.store_regions, c.store_leaders
+        );
+    }
+
+    #[test]
+    fn scale_out_balances_and_scale_in_drains_to_tombstone() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Arc::new(MetaStore::open(dir.path()).unwrap());
+        let mut c = Cluster::open(meta, 3, ScheduleConfig::default()).unwrap();
+        let voter = |id, store_id| Peer {
+            id,
+            store_id,
+            role: PeerRole::Voter as i32,
+            is_witness: false,
+        };
+        let mut regions: Vec<(Region, Peer)> = (1..=12u64)
+            .map(|i| {
+                let r = Region {
+                    id: i,
+                    start_key: if i == 1 { vec![] } else { vec![i as u8] },
+                    end_key: if i == 12 { vec![] } else { vec![i as u8 + 1] },
+                    region_epoch: Some(RegionEpoch {
+                        conf_ver: 1,
+                        version: 1,
+                    }),
+                    peers: (1..=3).map(|s| voter(i * 10 + s, s)).collect(),
+                };
+                let leader = r.peers[0];
+                (r, leader)
+            })
+            .collect();
+        c.bootstrap(store(1), regions[0].0.clone()).unwrap();
+        for s in 2..=4 {
+            c.put_store(store(s)).unwrap();
+        }
+        settle(&mut c, &mut regions);
+        // 36 replicas over 4 stores: 9 each; 12 leaders: 3 each (one off at most).
+        for s in 1..=4 {
+            let (n, l) = c.store_counts(s);
+            assert!((8..=10).contains(&n), "store {s} holds {n} replicas");
+            assert!((2..=4).contains(&l), "store {s} leads {l} Regions");
+        }
+        for (r, _) in &regions {
+            assert_eq!(r.peers.len(), 3);
+            let stores: std::collections::HashSet<u64> =
+                r.peers.iter().map(|p| p.store_id).collect();
+            assert_eq!(stores.len(), 3, "two replicas on one store: {r:?}");
+        }
+        // Scale in: store 2 drains, then is buried.
+        c.delete_store(2).unwrap();
+        assert!(
+            c.delete_store(3).is_err(),
+            "only 3 stores would remain... then 2"
+        );
+        settle(&mut c, &mut regions);
+        assert_eq!(c.store_counts(2).0, 0);
+        assert_eq!(c.bury_empty_stores().unwrap(), vec![2]);
+        assert_eq!(c.store_state_name(c.store(2).unwrap()), "Tombstone");
+        for (r, _) in &regions {
+            assert_eq!(r.peers.len(), 3);
+            assert!(r.peers.iter().all(|p| p.store_id != 2));
+            assert!(r.peers.iter().all(|p| p.role == PeerRole::Voter as i32));
+        }
+    }
+}
