@@ -87,3 +87,27 @@ pub fn delete_store(pd: SocketAddr, id: u64) -> Result<String, String> {
         Err(format!("PD refused to delete store {id}: {reason}"))
     }
 }
+
+/// The Raft state a stopped store keeps for a Region (read from its raft-engine directly):
+/// Region state, hard state, truncated state and the log's index range.
+pub fn raft_state(data_dir: &std::path::Path, region_id: u64) -> Result<String, String> {
+    let mut cfg = crate::config::Config::default();
+    cfg.storage.data_dir = data_dir.to_path_buf();
+    let dir = cfg.raft_engine_dir();
+    if !dir.exists() {
+        return Err(format!(
+            "{} has no raft-engine directory",
+            data_dir.display()
+        ));
+    }
+    let log = crate::raftlog::RaftLogStore::open(&dir, &cfg.raft_engine)
+        .map_err(|e| format!("opening {}: {e}", dir.display()))?;
+    let state = log.region_state(region_id).map_err(|e| e.to_string())?;
+    let hs = log.hard_state(region_id).map_err(|e| e.to_string())?;
+    let t = log.truncated_state(region_id).map_err(|e| e.to_string())?;
+    Ok(format!(
+        "region state: {state:?}\nhard state: {hs:?}\ntruncated: {t:?}\nlog: first {:?} last {:?}\n",
+        log.first_index(region_id),
+        log.last_index(region_id)
+    ))
+}

@@ -93,6 +93,13 @@ enum CtlCommand {
     Regions,
     /// Scale in: move every replica off the store, then mark it Tombstone.
     StoreDelete { id: u64 },
+    /// The Raft state a stopped store holds for a Region (reads its data dir; no PD needed).
+    RaftState {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        region: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -133,6 +140,50 @@ enum BenchCommand {
         /// Longest wait for compactions after the load, in seconds.
         #[arg(long, default_value_t = 300)]
         settle_secs: u64,
+    },
+    /// Time for a new replica of one big Region to catch up (real processes: PD + stores),
+    /// next to `cp -r` of the same data.
+    AddReplica {
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "partitioned-raft-kv,raft-kv"
+        )]
+        engine: Vec<EngineKind>,
+        #[arg(long, default_value = "1GiB", value_parser = ReadableSize::parse)]
+        size: ReadableSize,
+        #[arg(long, default_value_t = 4096)]
+        value_size: usize,
+        /// PD's port; the stores use the next six.
+        #[arg(long, default_value_t = 24379)]
+        base_port: u16,
+        /// Scratch directory (removed after each run).
+        #[arg(long, default_value = "./prkv-data/bench-add-replica")]
+        data_dir: PathBuf,
+        /// Write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Split latency of one big Region (3 replicas in one process), from the request to both
+    /// halves serving reads, per engine kind and Region size.
+    Split {
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "partitioned-raft-kv,raft-kv"
+        )]
+        engine: Vec<EngineKind>,
+        /// Region sizes to split, one run each.
+        #[arg(long, value_delimiter = ',', default_value = "64MiB,256MiB,1GiB", value_parser = ReadableSize::parse)]
+        size: Vec<ReadableSize>,
+        #[arg(long, default_value_t = 4096)]
+        value_size: usize,
+        /// Scratch directory (removed after each run).
+        #[arg(long, default_value = "./prkv-data/bench-split")]
+        data_dir: PathBuf,
+        /// Write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// The Raftstore in one process (3 stores, simulated network): proposals/s and fsyncs/s
     /// at several concurrency levels, showing how Readies of many Regions share one fsync.
@@ -226,6 +277,9 @@ fn main() -> ExitCode {
                 CtlCommand::Stores => prkv::ctl::stores(pd),
                 CtlCommand::Regions => prkv::ctl::regions(pd),
                 CtlCommand::StoreDelete { id } => prkv::ctl::delete_store(pd, id),
+                CtlCommand::RaftState { data_dir, region } => {
+                    prkv::ctl::raft_state(&data_dir, region)
+                }
             };
             match res {
                 Ok(text) => {
@@ -275,6 +329,64 @@ fn main() -> ExitCode {
                 match engine_bench::run(&opts) {
                     Ok(results) => {
                         println!("{}", engine_bench::render_table(&results));
+                        write_json(json.as_deref(), &results)
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            BenchCommand::AddReplica {
+                engine,
+                size,
+                value_size,
+                base_port,
+                data_dir,
+                json,
+            } => {
+                if value_size == 0 || size.0 == 0 || value_size > 1 << 20 {
+                    eprintln!("error: --size must be > 0 and --value-size in 1..=1MiB");
+                    return ExitCode::from(2);
+                }
+                let opts = prkv::bench::add_replica::AddReplicaBenchOptions {
+                    engines: engine,
+                    size: size.0,
+                    value_size,
+                    base_port,
+                    data_dir,
+                };
+                match prkv::bench::add_replica::run(&opts) {
+                    Ok(results) => {
+                        println!("{}", prkv::bench::add_replica::render_table(&results));
+                        write_json(json.as_deref(), &results)
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            BenchCommand::Split {
+                engine,
+                size,
+                value_size,
+                data_dir,
+                json,
+            } => {
+                if value_size == 0 || size.iter().any(|s| s.0 == 0) {
+                    eprintln!("error: --size values and --value-size must be > 0");
+                    return ExitCode::from(2);
+                }
+                let opts = prkv::bench::split::SplitBenchOptions {
+                    engines: engine,
+                    sizes: size.iter().map(|s| s.0).collect(),
+                    value_size,
+                    data_dir,
+                };
+                match prkv::bench::split::run(&opts) {
+                    Ok(results) => {
+                        println!("{}", prkv::bench::split::render_table(&results));
                         write_json(json.as_deref(), &results)
                     }
                     Err(e) => {

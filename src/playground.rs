@@ -178,7 +178,7 @@ fn cluster_ready(pd: SocketAddr, stores: usize) -> bool {
     !regions.is_empty() && regions.iter().all(|x| !x["leader"].is_null())
 }
 
-fn spawn(exe: &Path, args: &[String], log: &Path) -> Result<Child, String> {
+pub(crate) fn spawn(exe: &Path, args: &[String], log: &Path) -> Result<Child, String> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -209,7 +209,7 @@ fn spawn(exe: &Path, args: &[String], log: &Path) -> Result<Child, String> {
         .map_err(|e| format!("starting {}: {e}", exe.display()))
 }
 
-fn terminate(name: &str, child: &mut Child, grace: Duration) {
+pub(crate) fn terminate(name: &str, child: &mut Child, grace: Duration) {
     // SAFETY: kill(2) on our own child's pid.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);

@@ -1,5 +1,7 @@
 //! Load generators behind `prkv bench`. Benchmarks are commands, never timed tests; their
 //! results go to `BENCHMARKS.md` with the command that produced them.
 
+pub mod add_replica;
 pub mod engine;
 pub mod raftstore;
+pub mod split;

@@ -691,3 +691,100 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod down_tests {
+    use std::sync::Arc;
+
+    use prkv_proto::metapb::{Region, RegionEpoch, Store};
+
+    use super::*;
+    use crate::pd::meta::MetaStore;
+
+    /// A store silent for `max-store-down-time` is Down: each Region's replica there is
+    /// replaced on a live store (add, promote, remove), leadership first moving away if needed.
+    #[test]
+    fn replicas_on_a_down_store_are_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Arc::new(MetaStore::open(dir.path()).unwrap());
+        let cfg = ScheduleConfig {
+            max_store_down_time: Duration::from_secs(60),
+            ..Default::default()
+        };
+        let mut c = Cluster::open(meta, 3, cfg).unwrap();
+        let voter = |id, store_id| Peer {
+            id,
+            store_id,
+            role: PeerRole::Voter as i32,
+            is_witness: false,
+        };
+        let mut r = Region {
+            id: 1,
+            start_key: vec![],
+            end_key: vec![],
+            region_epoch: Some(RegionEpoch {
+                conf_ver: 1,
+                version: 1,
+            }),
+            peers: (1..=3).map(|s| voter(10 + s, s)).collect(),
+        };
+        let store = |id: u64| Store {
+            id,
+            address: format!("127.0.0.1:{}", 31000 + id),
+            ..Default::default()
+        };
+        c.bootstrap(store(1), r.clone()).unwrap();
+        for s in 2..=4 {
+            c.put_store(store(s)).unwrap();
+        }
+        // Store 3 went silent long ago; the leader is on it.
+        c.stores.get_mut(&3).unwrap().last_heartbeat =
+            Some(Instant::now() - Duration::from_secs(120));
+        assert_eq!(c.store_state_name(c.store(3).unwrap()), "Down");
+        let mut leader = r.peers[2];
+        let mut kinds = Vec::new();
+        for _ in 0..20 {
+            c.update_region(RegionInfo {
+                region: r.clone(),
+                leader: Some(leader),
+                ..Default::default()
+            })
+            .unwrap();
+            let Some(resp) = c.schedule(1).unwrap() else {
+                if c.ops.is_empty() {
+                    break;
+                }
+                continue;
+            };
+            kinds.push(c.ops.get(&1).map(|o| o.kind));
+            if let Some(cp) = resp.change_peer {
+                let p = cp.peer.unwrap();
+                match ConfChangeType::try_from(cp.change_type).unwrap() {
+                    ConfChangeType::AddLearnerNode => r.peers.push(Peer {
+                        role: PeerRole::Learner as i32,
+                        ..p
+                    }),
+                    ConfChangeType::AddNode => {
+                        for x in r.peers.iter_mut().filter(|x| x.id == p.id) {
+                            x.role = PeerRole::Voter as i32;
+                        }
+                    }
+                    ConfChangeType::RemoveNode => {
+                        assert_ne!(p.id, leader.id, "PD removed the leader");
+                        r.peers.retain(|x| x.id != p.id);
+                    }
+                }
+                r.region_epoch.as_mut().unwrap().conf_ver += 1;
+            }
+            if let Some(tl) = resp.transfer_leader {
+                leader = tl.peer.unwrap();
+            }
+        }
+        assert!(kinds.contains(&Some("replica-replace")), "{kinds:?}");
+        let stores: Vec<u64> = r.peers.iter().map(|p| p.store_id).collect();
+        assert_eq!(r.peers.len(), 3, "{r:?}");
+        assert!(!stores.contains(&3), "{stores:?}");
+        assert!(stores.contains(&4), "{stores:?}");
+        assert_ne!(leader.store_id, 3);
+    }
+}

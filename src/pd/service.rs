@@ -506,9 +506,18 @@ impl Pd for PdService {
         self.state.check_header(&r.header)?;
         let mut c = self.state.cluster.lock();
         for region in r.regions {
-            let info = RegionInfo {
-                region,
-                ..Default::default()
+            // A heartbeat may have beaten this report here: keep what it said about the
+            // leader and the replicas' progress when the Region is the same.
+            let known = c
+                .region_by_id(region.id)
+                .filter(|k| k.region == region)
+                .cloned();
+            let info = match known {
+                Some(k) => k,
+                None => RegionInfo {
+                    region,
+                    ..Default::default()
+                },
             };
             if let Err(e) = c.update_region(info) {
                 return Ok(Response::new(pdpb::ReportBatchSplitResponse {

@@ -550,6 +550,11 @@ impl Peer {
         if self.term() != self.last_term || !self.is_leader() {
             if self.term() != self.last_term && self.is_leader() {
                 self.pd_dirty = true;
+                tracing::debug!(
+                    region_id = self.region.id,
+                    term = self.term(),
+                    "became leader"
+                );
             }
             self.last_term = self.term();
             if !self.is_leader() {

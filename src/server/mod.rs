@@ -342,6 +342,11 @@ pub async fn run(
     });
     let grpc = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        // HTTP/2's default 64 KiB windows cap a stream at one window per round trip: a
+        // snapshot stream would crawl. These let one stream fill a fast link; memory stays
+        // bounded by the windows (per connection) and by the services' message limits.
+        .initial_stream_window_size(snap_transfer::STREAM_WINDOW)
+        .initial_connection_window_size(snap_transfer::CONNECTION_WINDOW)
         .add_service(
             TikvServer::new(kv)
                 .max_decoding_message_size(max_msg)

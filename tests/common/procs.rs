@@ -106,7 +106,10 @@ impl Proc {
         let err = out.try_clone().unwrap();
         let child = Command::new(PRKV)
             .args(args)
-            .env("PRKV_LOG", "info")
+            .env(
+                "PRKV_LOG",
+                std::env::var("PRKV_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
