@@ -504,27 +504,14 @@ impl Pd for PdService {
     ) -> Result<Response<pdpb::ReportBatchSplitResponse>, Status> {
         let r = req.into_inner();
         self.state.check_header(&r.header)?;
-        let mut c = self.state.cluster.lock();
-        for region in r.regions {
-            // A heartbeat may have beaten this report here: keep what it said about the
-            // leader and the replicas' progress when the Region is the same.
-            let known = c
-                .region_by_id(region.id)
-                .filter(|k| k.region == region)
-                .cloned();
-            let info = match known {
-                Some(k) => k,
-                None => RegionInfo {
-                    region,
-                    ..Default::default()
-                },
-            };
-            if let Err(e) = c.update_region(info) {
-                return Ok(Response::new(pdpb::ReportBatchSplitResponse {
-                    header: self.state.error_header(&e),
-                }));
-            }
-        }
+        // Acknowledged, not applied to the routing table: a Region enters it only from its
+        // leader's heartbeat, so PD never answers a lookup with a Region that has no leader
+        // (as PD does). Clients cache what PD answers, and tikv-client 0.4's scan path never
+        // refreshes a cached Region without a leader: it would fail on it until restarted.
+        // Until the new Regions' leaders report, lookups find the pre-split Region, whose old
+        // epoch sends clients an EpochNotMatch, and they look again.
+        let ids: Vec<u64> = r.regions.iter().map(|x| x.id).collect();
+        tracing::debug!(regions = ?ids, "ReportBatchSplit");
         Ok(Response::new(pdpb::ReportBatchSplitResponse {
             header: self.state.header(),
         }))

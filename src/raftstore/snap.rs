@@ -29,6 +29,8 @@ use prkv_proto::serverpb::{SnapshotFile, SnapshotMeta};
 use crate::storage::RegionId;
 
 pub const FORMAT_TABLET: u32 = 1;
+/// A received snapshot untouched this long is abandoned (its sender moved on to a newer one).
+pub const STALE_RECEIVED: std::time::Duration = std::time::Duration::from_secs(600);
 pub const FORMAT_SST: u32 = 2;
 
 /// The snapshot directories of one store: `<data-dir>/snap/{gen,recv}/<key>`.
@@ -76,16 +78,30 @@ impl SnapDirs {
         self.root.join("recv").join(key)
     }
 
-    /// Removes every generated snapshot, and every received one not in `keep` (snapshots whose
-    /// install must be finished).
-    pub fn clean(&self, keep: &[String]) -> std::io::Result<()> {
+    /// At start-up: removes every generated snapshot (they are regenerated on demand), and of
+    /// the received ones the half-written files (`*.tmp`), keeping verified files of recent
+    /// transfers so that the sender's retry skips them. Received snapshots older than
+    /// [`STALE_RECEIVED`] (or named in `drop`) are removed whole.
+    pub fn clean(&self, drop: &[String]) -> std::io::Result<()> {
         let _ = std::fs::remove_dir_all(self.root.join("gen"));
         let recv = self.root.join("recv");
         if let Ok(entries) = std::fs::read_dir(&recv) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if !keep.contains(&name) {
+                let stale = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_none_or(|age| age > STALE_RECEIVED);
+                if stale || drop.contains(&name) || !valid_key(&name) {
                     std::fs::remove_dir_all(e.path())?;
+                    continue;
+                }
+                for f in std::fs::read_dir(e.path())?.flatten() {
+                    if f.file_name().to_string_lossy().ends_with(".tmp") {
+                        std::fs::remove_file(f.path())?;
+                    }
                 }
             }
         }
@@ -198,8 +214,13 @@ mod tests {
         stage(&dirs, &mut meta).unwrap();
         meta.files[0].size = 99;
         assert!(stage(&dirs, &mut meta).is_err());
-        // Cleaning keeps only what is asked for.
+        // Cleaning keeps verified files of a recent transfer, drops half-written ones, and
+        // drops whole snapshots when asked.
+        std::fs::write(dirs.recv_dir(&key).join("b.sst.tmp"), b"half").unwrap();
         dirs.clean(&[]).unwrap();
+        assert!(dirs.recv_dir(&key).join("a.sst").exists());
+        assert!(!dirs.recv_dir(&key).join("b.sst.tmp").exists());
+        dirs.clean(std::slice::from_ref(&key)).unwrap();
         assert!(!dirs.recv_dir(&key).exists());
     }
 }

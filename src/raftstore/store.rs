@@ -342,8 +342,8 @@ impl Store {
             }
             self.peers.insert(region_id, peer);
         }
-        // Generated snapshots are regenerated on demand; received ones were installed above
-        // or belong to transfers that must start over.
+        // Generated snapshots are regenerated on demand; of received ones, half-written files
+        // go and verified ones stay for the sender's retry (see `SnapDirs::clean`).
         self.snap_dirs
             .clean(&[])
             .map_err(|e| Error::Storage(format!("cleaning snapshot directories: {e}")))?;
