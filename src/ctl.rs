@@ -4,6 +4,7 @@
 //! prkv ctl --pd 127.0.0.1:2379 stores          every store: state, address, Regions, leaders
 //! prkv ctl --pd 127.0.0.1:2379 regions         every Region: range, epoch, peers, leader
 //! prkv ctl --pd 127.0.0.1:2379 store-delete 4  scale in: store 4 goes Offline, then Tombstone
+//! prkv ctl --pd 127.0.0.1:2379 split-region 2  split Region 2 in half
 //! ```
 
 use std::net::SocketAddr;
@@ -69,6 +70,22 @@ pub fn regions(pd: SocketAddr) -> Result<String, String> {
     }
     out.push_str(&format!("{} Regions\n", v["count"]));
     Ok(out)
+}
+
+/// Asks PD to split a Region in half.
+pub fn split_region(pd: SocketAddr, id: u64) -> Result<String, String> {
+    let (status, line, body) = http_request(pd, "POST", &format!("/pd/api/v1/region/split/{id}"))?;
+    if status == 200 {
+        Ok(format!(
+            "PD asked Region {id}'s leader to split it in half (watch with `prkv ctl regions`)\n"
+        ))
+    } else {
+        let reason = serde_json::from_str::<Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or(line);
+        Err(format!("PD refused to split Region {id}: {reason}"))
+    }
 }
 
 /// Asks PD to delete (scale in) a store.

@@ -93,6 +93,8 @@ enum CtlCommand {
     Regions,
     /// Scale in: move every replica off the store, then mark it Tombstone.
     StoreDelete { id: u64 },
+    /// Split a Region in half (PD sends the split to its leader).
+    SplitRegion { id: u64 },
     /// The Raft state a stopped store holds for a Region (reads its data dir; no PD needed).
     RaftState {
         #[arg(long)]
@@ -277,6 +279,7 @@ fn main() -> ExitCode {
                 CtlCommand::Stores => prkv::ctl::stores(pd),
                 CtlCommand::Regions => prkv::ctl::regions(pd),
                 CtlCommand::StoreDelete { id } => prkv::ctl::delete_store(pd, id),
+                CtlCommand::SplitRegion { id } => prkv::ctl::split_region(pd, id),
                 CtlCommand::RaftState { data_dir, region } => {
                     prkv::ctl::raft_state(&data_dir, region)
                 }

@@ -11,6 +11,7 @@
 //! | `GET /pd/api/v1/regions` | `{"count", "regions": [region]}` in key order |
 //! | `GET /pd/api/v1/region/id/{id}` | one `region`, or 404 |
 //! | `GET /pd/api/v1/store/{id}` | one store, or 404 |
+//! | `POST /pd/api/v1/region/split/{id}` | splits the Region in half (an operator sent to its leader) |
 //! | `DELETE /pd/api/v1/store/{id}` | scale in: the store goes Offline, its replicas move away, then it is Tombstone |
 //!
 //! A store's `state_name` is Up, Disconnected (no heartbeat for 20 s), Down (none for
@@ -139,10 +140,30 @@ impl PdHttp {
                 ),
             };
         }
+        if method == http::Method::POST {
+            // `POST /pd/api/v1/region/split/{id}`: split the Region in half.
+            let Some(id) = path.strip_prefix("/pd/api/v1/region/split/") else {
+                return not_found(format!("no such endpoint: {path}"));
+            };
+            let Ok(id) = id.parse::<u64>() else {
+                return respond(
+                    http::StatusCode::BAD_REQUEST,
+                    json!({"error": format!("{id:?} is not a Region id")}),
+                );
+            };
+            return match self.state.cluster.lock().split_region(id, Vec::new()) {
+                Ok(()) => respond(http::StatusCode::OK, json!({"split": id})),
+                Err(ClusterError::RegionNotFound(_)) => not_found(format!("Region {id} not found")),
+                Err(e) => respond(
+                    http::StatusCode::BAD_REQUEST,
+                    json!({"error": e.to_string()}),
+                ),
+            };
+        }
         if method != http::Method::GET {
             return respond(
                 http::StatusCode::METHOD_NOT_ALLOWED,
-                json!({"error": "only GET and DELETE are served"}),
+                json!({"error": "only GET, POST and DELETE are served"}),
             );
         }
         match path {

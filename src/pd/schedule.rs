@@ -86,6 +86,11 @@ pub enum Step {
     Promote(Peer),
     TransferLeader(Peer),
     RemovePeer(Peer),
+    /// Split at `keys` (in half when empty); done once the Region's version passes `version`.
+    Split {
+        keys: Vec<Vec<u8>>,
+        version: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -148,6 +153,7 @@ fn step_done(step: &Step, info: &RegionInfo) -> bool {
             .any(|x| x.id == p.id && x.role == PeerRole::Voter as i32),
         Step::TransferLeader(p) => info.leader.is_some_and(|l| l.id == p.id),
         Step::RemovePeer(p) => !r.peers.iter().any(|x| x.id == p.id),
+        Step::Split { version, .. } => r.region_epoch.is_some_and(|e| e.version > *version),
     }
 }
 
@@ -170,6 +176,16 @@ fn step_response(info: &RegionInfo, leader: &Peer, step: &Step) -> pdpb::RegionH
             resp.transfer_leader = Some(pdpb::TransferLeader {
                 peer: Some(*p),
                 peers: vec![],
+            })
+        }
+        Step::Split { keys, .. } => {
+            resp.split_region = Some(pdpb::SplitRegion {
+                policy: if keys.is_empty() {
+                    pdpb::CheckPolicy::Scan
+                } else {
+                    pdpb::CheckPolicy::Usekey
+                } as i32,
+                keys: keys.clone(),
             })
         }
     }
@@ -507,6 +523,25 @@ impl Cluster {
             "balance-leader",
             vec![Step::TransferLeader(*to)],
         ))
+    }
+
+    /// Asks the Region's leader to split it at `keys` (in half when empty), on its next
+    /// heartbeat. Refused while another operator runs on the Region.
+    pub fn split_region(&mut self, region_id: u64, keys: Vec<Vec<u8>>) -> Result<()> {
+        let info = self
+            .regions
+            .get(&region_id)
+            .ok_or(super::cluster::ClusterError::RegionNotFound(region_id))?;
+        if self.ops.contains_key(&region_id) {
+            return Err(super::cluster::ClusterError::Invalid(format!(
+                "Region {region_id} has an operator in flight"
+            )));
+        }
+        let version = info.region.region_epoch.map_or(0, |e| e.version);
+        let op = Operator::new("split-region", vec![Step::Split { keys, version }]);
+        tracing::info!(region_id, "split requested through PD");
+        self.ops.insert(region_id, op);
+        Ok(())
     }
 
     /// Offline stores that hold no replica any more become Tombstone. Returns the ids changed.

@@ -504,14 +504,40 @@ impl Pd for PdService {
     ) -> Result<Response<pdpb::ReportBatchSplitResponse>, Status> {
         let r = req.into_inner();
         self.state.check_header(&r.header)?;
-        // Acknowledged, not applied to the routing table: a Region enters it only from its
-        // leader's heartbeat, so PD never answers a lookup with a Region that has no leader
-        // (as PD does). Clients cache what PD answers, and tikv-client 0.4's scan path never
-        // refreshes a cached Region without a leader: it would fail on it until restarted.
-        // Until the new Regions' leaders report, lookups find the pre-split Region, whose old
-        // epoch sends clients an EpochNotMatch, and they look again.
-        let ids: Vec<u64> = r.regions.iter().map(|x| x.id).collect();
-        tracing::debug!(regions = ?ids, "ReportBatchSplit");
+        // The new Regions enter the routing table at once (no gap opens between the shrunk
+        // parent and children that have not reported yet). Their leaders have not reported
+        // either, so PD names the likely one: the replica on the parent leader's store, which
+        // campaigns right after the split. A wrong guess costs the client one NotLeader with
+        // the right hint; no leader at all would leave tikv-client 0.4's scans stuck on a
+        // cached leaderless Region.
+        let mut c = self.state.cluster.lock();
+        let leader_store = r
+            .regions
+            .first()
+            .and_then(|p| c.region_by_id(p.id))
+            .and_then(|i| i.leader)
+            .map(|l| l.store_id);
+        for region in r.regions {
+            // A heartbeat may have beaten this report here: keep what it said.
+            let known = c
+                .region_by_id(region.id)
+                .filter(|k| k.region == region && k.leader.is_some())
+                .cloned();
+            let info = match known {
+                Some(k) => k,
+                None => RegionInfo {
+                    leader: leader_store
+                        .and_then(|s| region.peers.iter().find(|p| p.store_id == s).copied()),
+                    region,
+                    ..Default::default()
+                },
+            };
+            if let Err(e) = c.update_region(info) {
+                return Ok(Response::new(pdpb::ReportBatchSplitResponse {
+                    header: self.state.error_header(&e),
+                }));
+            }
+        }
         Ok(Response::new(pdpb::ReportBatchSplitResponse {
             header: self.state.header(),
         }))

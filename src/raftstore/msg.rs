@@ -171,6 +171,12 @@ pub enum StoreMsg {
         split_keys: Vec<Vec<u8>>,
         cb: SplitCallback,
     },
+    /// Splits a Region at its middle key (PD's split operator without keys); the leader's
+    /// region worker finds the key.
+    HalfSplit {
+        region_id: RegionId,
+        epoch: RegionEpoch,
+    },
     /// Second half of `SplitRegion`, once PD answered with ids.
     ProposeSplit {
         region_id: RegionId,

@@ -201,6 +201,42 @@ pub fn find_split_keys(snap: &dyn Snapshot, cfg: &SplitCheckConfig) -> Result<Ve
     Ok(best.map(|(_, k)| k).unwrap_or_default())
 }
 
+/// The key in the middle of a Region (by key count, in the column family holding the most
+/// keys): where PD's "split this Region in half" cuts. `None` if the Region has fewer than two
+/// keys.
+pub fn find_middle_key(snap: &dyn Snapshot) -> Result<Option<Vec<u8>>> {
+    let count = |cf| -> Result<u64> {
+        let mut n = 0u64;
+        snap.scan(cf, &[], &[], ScanDir::Forward, &mut |_, _| {
+            n += 1;
+            true
+        })
+        .map_err(|e| Error::Storage(e.to_string()))?;
+        Ok(n)
+    };
+    let (d, w) = (count(Cf::Default)?, count(Cf::Write)?);
+    let (cf, n) = if w > d {
+        (Cf::Write, w)
+    } else {
+        (Cf::Default, d)
+    };
+    if n < 2 {
+        return Ok(None);
+    }
+    let mut i = 0u64;
+    let mut mid = None;
+    snap.scan(cf, &[], &[], ScanDir::Forward, &mut |k, _| {
+        if i == n / 2 {
+            mid = Some(k.to_vec());
+            return false;
+        }
+        i += 1;
+        true
+    })
+    .map_err(|e| Error::Storage(e.to_string()))?;
+    Ok(mid)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,5 +392,7 @@ mod tests {
             find_split_keys(&snap(20), &cfg).unwrap(),
             vec![b"k008".to_vec(), b"k016".to_vec()]
         );
+        assert_eq!(find_middle_key(&snap(20)).unwrap(), Some(b"k010".to_vec()));
+        assert_eq!(find_middle_key(&snap(1)).unwrap(), None);
     }
 }

@@ -633,6 +633,18 @@ impl Store {
                 split_keys,
                 cb,
             } => self.on_split_region(region_id, epoch, split_keys, cb),
+            StoreMsg::HalfSplit { region_id, epoch } => {
+                if let Some(p) = self.peers.get(&region_id) {
+                    if p.is_leader() && p.region.region_epoch == Some(epoch) {
+                        let job = Job::HalfSplit {
+                            region_id,
+                            epoch,
+                            snap: p.engine.snapshot(),
+                        };
+                        self.worker.schedule(job);
+                    }
+                }
+            }
             StoreMsg::ProposeSplit {
                 region_id,
                 epoch,

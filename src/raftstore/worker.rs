@@ -22,7 +22,7 @@ use prost::Message as _;
 
 use super::msg::StoreMsg;
 use super::snap::list_files;
-use super::split::{find_split_keys, SplitCheckConfig};
+use super::split::{find_middle_key, find_split_keys, SplitCheckConfig};
 use crate::raftlog::SnapGen;
 use crate::storage::engine::Snapshot;
 use crate::storage::{RegionEngine, RegionId};
@@ -40,6 +40,12 @@ pub enum Job {
         cfg: SplitCheckConfig,
     },
     Trim(Arc<dyn RegionEngine>),
+    /// PD asked to split the Region in half: find the middle key, then split there.
+    HalfSplit {
+        region_id: RegionId,
+        epoch: RegionEpoch,
+        snap: Box<dyn Snapshot>,
+    },
     /// A scan-based (`raft-kv`) snapshot: `snap` written as SSTs into `dir`, then published in
     /// `gen` for Raft to send.
     GenSnapshot {
@@ -111,6 +117,37 @@ fn run(rx: Receiver<Job>, store: Sender<StoreMsg>, stopping: Arc<AtomicBool>) {
         }
         match job {
             Job::Trim(engine) => trim(&*engine),
+            Job::HalfSplit {
+                region_id,
+                epoch,
+                snap,
+            } => {
+                let mid = match find_middle_key(&*snap) {
+                    Ok(Some(k)) => k,
+                    Ok(None) => {
+                        tracing::info!(region_id, "half split: fewer than two keys, nothing to do");
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(region_id, error = %e, "half split: scan failed");
+                        continue;
+                    }
+                };
+                drop(snap);
+                let msg = StoreMsg::SplitRegion {
+                    region_id,
+                    epoch,
+                    split_keys: vec![mid],
+                    cb: Box::new(move |res| {
+                        if let Err(e) = res {
+                            tracing::info!(region_id, error = %e, "split asked by PD did not happen");
+                        }
+                    }),
+                };
+                if store.send_timeout(msg, Duration::from_secs(1)).is_err() {
+                    tracing::debug!(region_id, "half split dropped: store busy or stopped");
+                }
+            }
             Job::GenSnapshot {
                 snap,
                 dir,

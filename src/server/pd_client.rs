@@ -394,6 +394,28 @@ fn on_operator(router: &StoreRouter, r: pdpb::RegionHeartbeatResponse) {
             }),
         });
     }
+    if let Some(sr) = r.split_region {
+        let epoch = r.region_epoch.unwrap_or_default();
+        tracing::info!(region_id, keys = sr.keys.len(), "split from PD");
+        let msg = if sr.keys.is_empty() {
+            StoreMsg::HalfSplit { region_id, epoch }
+        } else {
+            let mut keys = sr.keys;
+            keys.sort();
+            keys.dedup();
+            StoreMsg::SplitRegion {
+                region_id,
+                epoch,
+                split_keys: keys,
+                cb: Box::new(move |res| {
+                    if let Err(e) = res {
+                        tracing::info!(region_id, error = %e, "split from PD did not happen");
+                    }
+                }),
+            }
+        };
+        let _ = router.try_send(msg);
+    }
     if let Some(tl) = r.transfer_leader {
         if let Some(to) = tl.peer {
             let _ = router.try_send(StoreMsg::TransferLeader { region_id, to });
