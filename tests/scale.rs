@@ -10,10 +10,10 @@ use tikv_client::{Config, RawClient};
 
 /// These tests start 3 to 4 processes each and move whole Regions around: one at a time, so
 /// that on a 2-core machine their timeouts measure the system, not the contention.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().await
 }
 
 fn key(i: usize) -> String {
@@ -208,13 +208,13 @@ async fn reverse_walk(pd: std::net::SocketAddr, prefix: &[u8]) -> Vec<Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_2000_keys_partitioned() {
-    let _serial = serial();
+    let _serial = serial().await;
     split_2000_keys("partitioned-raft-kv").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_2000_keys_raft_kv() {
-    let _serial = serial();
+    let _serial = serial().await;
     split_2000_keys("raft-kv").await
 }
 
@@ -436,13 +436,13 @@ fn store_id_at(c: &ProcCluster, i: usize) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_out_and_in_partitioned() {
-    let _serial = serial();
+    let _serial = serial().await;
     scale_out_and_in("partitioned-raft-kv").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_out_and_in_raft_kv() {
-    let _serial = serial();
+    let _serial = serial().await;
     scale_out_and_in("raft-kv").await
 }
 
@@ -513,12 +513,12 @@ async fn interrupted_snapshot_is_retried(kind: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interrupted_snapshot_is_retried_partitioned() {
-    let _serial = serial();
+    let _serial = serial().await;
     interrupted_snapshot_is_retried("partitioned-raft-kv").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interrupted_snapshot_is_retried_raft_kv() {
-    let _serial = serial();
+    let _serial = serial().await;
     interrupted_snapshot_is_retried("raft-kv").await
 }
