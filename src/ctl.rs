@@ -26,13 +26,15 @@ pub fn stores(pd: SocketAddr) -> Result<String, String> {
         "id", "state", "address", "regions", "leaders"
     );
     for s in v["stores"].as_array().cloned().unwrap_or_default() {
+        // serde_json's numbers ignore width: print them as integers.
+        let n = |v: &Value| v.as_u64().unwrap_or(0);
         out.push_str(&format!(
             "{:>6}  {:<12}  {:<22}  {:>8}  {:>8}\n",
-            s["store"]["id"],
+            n(&s["store"]["id"]),
             s["store"]["state_name"].as_str().unwrap_or("?"),
             s["store"]["address"].as_str().unwrap_or("?"),
-            s["status"]["region_count"],
-            s["status"]["leader_count"],
+            n(&s["status"]["region_count"]),
+            n(&s["status"]["leader_count"]),
         ));
     }
     Ok(out)

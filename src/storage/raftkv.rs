@@ -110,13 +110,23 @@ impl StoreEngine for RaftKvEngine {
         let Some(view) = self.regions.lock().remove(&region_id) else {
             return Err(Error::RegionNotFound(region_id));
         };
-        // Remove the Region's data and its apply state in one atomic batch.
+        // Remove the Region's data and its apply state in one atomic batch. Keys that another
+        // Region open on this store now serves are not this replica's to delete (a stale
+        // replica's range can overlap Regions created since), so only the rest goes.
+        let others: Vec<KeyRange> = self
+            .regions
+            .lock()
+            .values()
+            .map(|r| r.range.clone())
+            .collect();
         let db = self.handle.db();
         let mut wb = rocksdb::WriteBatch::default();
-        let lo = keys::data_key(&view.range.start);
-        let hi = keys::data_end_key(&view.range.end);
-        for cf in Cf::ALL {
-            wb.delete_range_cf(db.cf_handle(cf.name()).expect("column family"), &lo, &hi);
+        for part in subtract_ranges(&view.range, &others) {
+            let lo = keys::data_key(&part.start);
+            let hi = keys::data_end_key(&part.end);
+            for cf in Cf::ALL {
+                wb.delete_range_cf(db.cf_handle(cf.name()).expect("column family"), &lo, &hi);
+            }
         }
         wb.delete_cf(
             db.cf_handle(Cf::Default.name()).expect("column family"),
@@ -187,5 +197,65 @@ impl StoreEngine for RaftKvEngine {
             .iter()
             .map(|(id, range)| self.open_region(*id, range.clone(), init.applied_index))
             .collect()
+    }
+}
+
+/// The parts of `range` that none of `others` covers (empty `end` = unbounded).
+fn subtract_ranges(range: &KeyRange, others: &[KeyRange]) -> Vec<KeyRange> {
+    let mut parts = vec![range.clone()];
+    for o in others {
+        let mut next = Vec::new();
+        for p in parts {
+            // An empty end is unbounded.
+            let overlaps = (p.end.is_empty() || o.start.as_slice() < p.end.as_slice())
+                && (o.end.is_empty() || p.start.as_slice() < o.end.as_slice());
+            if !overlaps {
+                next.push(p);
+                continue;
+            }
+            if o.start.as_slice() > p.start.as_slice() {
+                next.push(KeyRange::new(p.start.clone(), o.start.clone()));
+            }
+            if !o.end.is_empty() && (p.end.is_empty() || o.end.as_slice() < p.end.as_slice()) {
+                next.push(KeyRange::new(o.end.clone(), p.end.clone()));
+            }
+        }
+        parts = next;
+    }
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(a: &str, b: &str) -> KeyRange {
+        KeyRange::new(a.as_bytes().to_vec(), b.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn destroying_a_replica_spares_ranges_other_regions_serve() {
+        assert_eq!(subtract_ranges(&r("b", "m"), &[]), vec![r("b", "m")]);
+        assert_eq!(
+            subtract_ranges(&r("b", "m"), &[r("d", "f")]),
+            vec![r("b", "d"), r("f", "m")]
+        );
+        assert_eq!(subtract_ranges(&r("b", "m"), &[r("a", "z")]), vec![]);
+        assert_eq!(
+            subtract_ranges(&r("b", "m"), &[r("m", "z")]),
+            vec![r("b", "m")]
+        );
+        assert_eq!(
+            subtract_ranges(&r("b", ""), &[r("d", "")]),
+            vec![r("b", "d")]
+        );
+        assert_eq!(
+            subtract_ranges(&r("", ""), &[r("d", "f")]),
+            vec![r("", "d"), r("f", "")]
+        );
+        assert_eq!(
+            subtract_ranges(&r("b", "m"), &[r("a", "c"), r("k", "")]),
+            vec![r("c", "k")]
+        );
     }
 }
