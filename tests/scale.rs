@@ -40,6 +40,16 @@ where
     }
 }
 
+/// Writes `key(i)` = `v{i}` for `i < n`, `batch` pairs per `batch_put`, retrying as an
+/// application would while Regions split and move.
+async fn write_keys(client: &RawClient, n: usize, batch: usize) {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(batch) {
+        let pairs: Vec<(String, String)> =
+            chunk.iter().map(|i| (key(*i), format!("v{i}"))).collect();
+        retry(|| client.batch_put(pairs.clone())).await;
+    }
+}
+
 fn engine_config(kind: &str) -> String {
     format!("[storage]\nengine = \"{kind}\"\napi-version = 2\n")
 }
@@ -61,11 +71,7 @@ async fn split_2000_keys(kind: &str) {
             .await
             .unwrap();
     const N: usize = 2000;
-    for chunk in (0..N).collect::<Vec<_>>().chunks(20) {
-        let pairs: Vec<(String, String)> =
-            chunk.iter().map(|i| (key(*i), format!("v{i}"))).collect();
-        retry(|| client.batch_put(pairs.clone())).await;
-    }
+    write_keys(&client, N, 20).await;
     let started = Instant::now();
     let regions = loop {
         let n = http_json(c.pd_addr, "/pd/api/v1/regions")["count"]
@@ -336,11 +342,7 @@ async fn scale_out_and_in(kind: &str) {
             .await
             .unwrap();
     const N: usize = 2000;
-    for chunk in (0..N).collect::<Vec<_>>().chunks(50) {
-        let pairs: Vec<(String, String)> =
-            chunk.iter().map(|i| (key(*i), format!("v{i}"))).collect();
-        retry(|| client.batch_put(pairs.clone())).await;
-    }
+    write_keys(&client, N, 50).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while http_json(c.pd_addr, "/pd/api/v1/regions")["count"]
         .as_u64()

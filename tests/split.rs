@@ -14,18 +14,13 @@ fn key(i: usize) -> Vec<u8> {
     format!("k{i:05}").into_bytes()
 }
 
-/// Keys of store `s`'s engine of `region_id` in `cf`, trimmed or not (the raw engine view is
-/// clipped to the Region's range by the engine itself).
+/// Keys of store `s`'s engine of `region_id`, trimmed or not (the engine itself clips what it
+/// shows to the Region's range).
 fn engine_keys(c: &Cluster, s: u64, region_id: u64) -> Vec<Vec<u8>> {
-    let engine = c.kv[&s].region(region_id).expect("engine of the Region");
-    let mut out = Vec::new();
-    engine
-        .scan(Cf::Default, &[], &[], ScanDir::Forward, &mut |k, _| {
-            out.push(k.to_vec());
-            true
-        })
-        .unwrap();
-    out
+    replica_data(c, s, region_id)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect()
 }
 
 /// Split one Region into three at given keys: every key stays readable through the Region that

@@ -725,16 +725,6 @@ mod tests {
             assert!(r.peers.iter().all(|p| p.role == PeerRole::Voter as i32));
         }
     }
-}
-
-#[cfg(test)]
-mod down_tests {
-    use std::sync::Arc;
-
-    use prkv_proto::metapb::{Region, RegionEpoch, Store};
-
-    use super::*;
-    use crate::pd::meta::MetaStore;
 
     /// A store silent for `max-store-down-time` is Down: each Region's replica there is
     /// replaced on a live store (add, promote, remove), leadership first moving away if needed.
@@ -792,28 +782,7 @@ mod down_tests {
                 continue;
             };
             kinds.push(c.ops.get(&1).map(|o| o.kind));
-            if let Some(cp) = resp.change_peer {
-                let p = cp.peer.unwrap();
-                match ConfChangeType::try_from(cp.change_type).unwrap() {
-                    ConfChangeType::AddLearnerNode => r.peers.push(Peer {
-                        role: PeerRole::Learner as i32,
-                        ..p
-                    }),
-                    ConfChangeType::AddNode => {
-                        for x in r.peers.iter_mut().filter(|x| x.id == p.id) {
-                            x.role = PeerRole::Voter as i32;
-                        }
-                    }
-                    ConfChangeType::RemoveNode => {
-                        assert_ne!(p.id, leader.id, "PD removed the leader");
-                        r.peers.retain(|x| x.id != p.id);
-                    }
-                }
-                r.region_epoch.as_mut().unwrap().conf_ver += 1;
-            }
-            if let Some(tl) = resp.transfer_leader {
-                leader = tl.peer.unwrap();
-            }
+            apply(&mut r, &mut leader, &resp);
         }
         assert!(kinds.contains(&Some("replica-replace")), "{kinds:?}");
         let stores: Vec<u64> = r.peers.iter().map(|p| p.store_id).collect();

@@ -112,14 +112,14 @@ impl TabletRegistry {
         Ok(())
     }
 
-    fn open_tablet(
+    /// A Region's view of an open tablet, wired to the flush controller.
+    fn view(
         &self,
+        handle: Arc<DbHandle>,
         region_id: RegionId,
         range: KeyRange,
         index: Index,
     ) -> Result<Arc<RocksRegion>> {
-        let path = self.tablet_path(region_id, index);
-        let handle = DbHandle::open(&self.shared, &path, true)?;
         let flush = self.flush.clone();
         let on_write: Arc<dyn Fn() + Send + Sync> = Arc::new(move || flush.on_write());
         Ok(Arc::new(RocksRegion::new(
@@ -131,6 +131,20 @@ impl TabletRegistry {
             self.shared.clone(),
             Some(on_write),
         )?))
+    }
+
+    /// Makes `tablet` the Region's open tablet; a different generation it replaces is retired.
+    fn register(
+        &self,
+        tablets: &mut HashMap<RegionId, Arc<RocksRegion>>,
+        tablet: &Arc<RocksRegion>,
+    ) {
+        if let Some(old) = tablets.insert(tablet.region_id, tablet.clone()) {
+            if !Arc::ptr_eq(&old.handle, &tablet.handle) {
+                self.retire(&old);
+            }
+        }
+        crate::metrics::TABLETS_OPEN.set(tablets.len() as i64);
     }
 
     /// Moves a tablet directory aside and marks it for removal when its last user drops it.
@@ -173,27 +187,16 @@ impl StoreEngine for TabletRegistry {
             .get(&region_id)
             .is_some_and(|t| t.tablet_index == tablet_index)
         {
-            // Same generation, new range: reopen a view over the same handle.
-            let old = tablets[&region_id].clone();
-            let flush = self.flush.clone();
-            let on_write: Arc<dyn Fn() + Send + Sync> = Arc::new(move || flush.on_write());
-            let view = Arc::new(RocksRegion::new(
-                old.handle.clone(),
-                region_id,
-                range,
-                tablet_index,
-                Layout::Tablet,
-                self.shared.clone(),
-                Some(on_write),
-            )?);
-            tablets.insert(region_id, view.clone());
+            // Same generation, new range: a new view over the same handle.
+            let handle = tablets[&region_id].handle.clone();
+            let view = self.view(handle, region_id, range, tablet_index)?;
+            self.register(&mut tablets, &view);
             return Ok(view);
         }
-        let tablet = self.open_tablet(region_id, range, tablet_index)?;
-        if let Some(old) = tablets.insert(region_id, tablet.clone()) {
-            self.retire(&old);
-        }
-        crate::metrics::TABLETS_OPEN.set(tablets.len() as i64);
+        let path = self.tablet_path(region_id, tablet_index);
+        let handle = DbHandle::open(&self.shared, &path, true)?;
+        let tablet = self.view(handle, region_id, range, tablet_index)?;
+        self.register(&mut tablets, &tablet);
         Ok(tablet)
     }
 
@@ -290,22 +293,8 @@ impl StoreEngine for TabletRegistry {
             prost::Message::encode_to_vec(applied),
         );
         handle.write_durable(wb, true)?;
-        let flush = self.flush.clone();
-        let on_write: Arc<dyn Fn() + Send + Sync> = Arc::new(move || flush.on_write());
-        let tablet = Arc::new(RocksRegion::new(
-            handle,
-            region_id,
-            range,
-            index,
-            Layout::Tablet,
-            self.shared.clone(),
-            Some(on_write),
-        )?);
-        let mut tablets = self.tablets.lock();
-        if let Some(old) = tablets.insert(region_id, tablet.clone()) {
-            self.retire(&old);
-        }
-        crate::metrics::TABLETS_OPEN.set(tablets.len() as i64);
+        let tablet = self.view(handle, region_id, range, index)?;
+        self.register(&mut self.tablets.lock(), &tablet);
         Ok(tablet)
     }
 
@@ -346,22 +335,8 @@ impl StoreEngine for TabletRegistry {
                 prost::Message::encode_to_vec(init),
             );
             handle.write_durable(wb, true)?;
-            let flush = self.flush.clone();
-            let on_write: Arc<dyn Fn() + Send + Sync> = Arc::new(move || flush.on_write());
-            let tablet = Arc::new(RocksRegion::new(
-                handle,
-                *id,
-                range.clone(),
-                index,
-                Layout::Tablet,
-                self.shared.clone(),
-                Some(on_write),
-            )?);
-            let mut tablets = self.tablets.lock();
-            if let Some(old) = tablets.insert(*id, tablet.clone()) {
-                self.retire(&old);
-            }
-            crate::metrics::TABLETS_OPEN.set(tablets.len() as i64);
+            let tablet = self.view(handle, *id, range.clone(), index)?;
+            self.register(&mut self.tablets.lock(), &tablet);
             out.push(tablet);
         }
         Ok(out)
