@@ -67,8 +67,10 @@ fn split_on_request(kind: EngineKind) {
         }
         other => panic!("stale epoch accepted: {other:?}"),
     }
-    // Every replica of every piece holds exactly its keys; trimming removes the rest.
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // Every replica of every piece holds exactly its keys; trimming removes the rest. Trims
+    // run on one background thread per store, behind other jobs: under the parallel load of
+    // the whole suite on 2 cores one has been seen to take 15 s.
+    let deadline = Instant::now() + Duration::from_secs(120);
     for s in 1..=3 {
         for (r, range) in regions.iter().zip([0..30, 30..60, 60..90]) {
             let want: Vec<Vec<u8>> = range.map(key).collect();

@@ -24,12 +24,13 @@ pub const TIMEOUT: Duration = Duration::from_secs(20);
 pub struct Cluster {
     pub kind: EngineKind,
     pub net: SimNetwork,
-    pub dirs: HashMap<StoreId, tempfile::TempDir>,
     pub stores: HashMap<StoreId, StoreHandle>,
     /// The engines of each running store, shared with it, for reading replicas directly.
     pub kv: HashMap<StoreId, Arc<dyn StoreEngine>>,
     pub regions: Vec<Region>,
     pub cfg: Config,
+    /// Declared last so that it is dropped last: the stores stop before their data dirs go.
+    pub dirs: HashMap<StoreId, tempfile::TempDir>,
 }
 
 #[allow(unused_imports)]
