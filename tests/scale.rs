@@ -111,31 +111,48 @@ async fn split_2000_keys(kind: &str) {
 
 /// Every key under `prefix` of the DEFAULT keyspace (API v2), by raw `RawScan { reverse }`
 /// requests sent Region by Region from the last Region down, each to the leader PD names:
-/// what a correct client does for a reverse scan across Regions.
+/// what a correct client does for a reverse scan across Regions. A region error (a leader
+/// PD has not heard of yet, a split still being reported) re-reads PD's routes and retries
+/// from the Region that failed, keeping what the Regions above it returned.
 async fn reverse_walk(pd: std::net::SocketAddr, prefix: &[u8]) -> Vec<Vec<u8>> {
     use prkv_proto::{kvrpcpb, pdpb, tikvpb};
     let ks = b"r\0\0\0".to_vec();
     let lower: Vec<u8> = [ks.as_slice(), prefix].concat();
     let mut upper = lower.clone();
     *upper.last_mut().unwrap() += 1;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    'attempt: loop {
-        assert!(Instant::now() < deadline, "reverse walk never completed");
-        let mut pdc = pdpb::pd_client::PdClient::connect(format!("http://{pd}"))
-            .await
-            .unwrap();
-        let cluster_id = pdc
-            .get_members(pdpb::GetMembersRequest { header: None })
-            .await
-            .unwrap()
-            .into_inner()
-            .header
-            .unwrap()
-            .cluster_id;
-        let header = Some(pdpb::RequestHeader {
-            cluster_id,
-            sender_id: 0,
-        });
+    // Region bounds are stored keys (memcomparable under API v2): back to client keys.
+    let dec = |k: &[u8]| {
+        if k.is_empty() {
+            Vec::new()
+        } else {
+            prkv::server::raw::decode_bytes(k).unwrap()
+        }
+    };
+    let mut pdc = pdpb::pd_client::PdClient::connect(format!("http://{pd}"))
+        .await
+        .unwrap();
+    let cluster_id = pdc
+        .get_members(pdpb::GetMembersRequest { header: None })
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .cluster_id;
+    let header = Some(pdpb::RequestHeader {
+        cluster_id,
+        sender_id: 0,
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut out = Vec::new();
+    // Keys at or above `hi` are already in `out`.
+    let mut hi = upper.clone();
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "reverse walk stuck below {hi:?} after {} keys",
+            out.len()
+        );
         let stores: std::collections::HashMap<u64, String> = pdc
             .get_all_stores(pdpb::GetAllStoresRequest {
                 header: header.clone(),
@@ -150,7 +167,7 @@ async fn reverse_walk(pd: std::net::SocketAddr, prefix: &[u8]) -> Vec<Vec<u8>> {
             .collect();
         let regions = pdc
             .scan_regions(pdpb::ScanRegionsRequest {
-                header,
+                header: header.clone(),
                 start_key: vec![],
                 limit: 0,
                 end_key: vec![],
@@ -158,57 +175,59 @@ async fn reverse_walk(pd: std::net::SocketAddr, prefix: &[u8]) -> Vec<Vec<u8>> {
             .await
             .unwrap()
             .into_inner();
-        let mut out = Vec::new();
-        for (r, leader) in regions.region_metas.iter().zip(&regions.leaders).rev() {
-            // Region bounds are stored keys (memcomparable under API v2): back to client keys.
-            let dec = |k: &[u8]| {
-                if k.is_empty() {
-                    Vec::new()
-                } else {
-                    prkv::server::raw::decode_bytes(k).unwrap()
-                }
-            };
-            let (rs, re) = (dec(&r.start_key), dec(&r.end_key));
-            let hi = if re.is_empty() || re > upper {
-                upper.clone()
-            } else {
-                re
-            };
-            let lo = if rs < lower { lower.clone() } else { rs };
-            if lo >= hi {
-                continue;
-            }
-            let Some(addr) = stores.get(&leader.store_id) else {
-                continue 'attempt;
-            };
-            let mut kv = tikvpb::tikv_client::TikvClient::connect(format!("http://{addr}"))
-                .await
-                .unwrap();
-            let resp = kv
-                .raw_scan(kvrpcpb::RawScanRequest {
-                    context: Some(kvrpcpb::Context {
-                        region_id: r.id,
-                        region_epoch: r.region_epoch,
-                        peer: Some(*leader),
-                        api_version: kvrpcpb::ApiVersion::V2 as i32,
-                        ..Default::default()
-                    }),
-                    start_key: hi,
-                    end_key: lo,
-                    limit: 10240,
-                    reverse: true,
+        // The Region holding the keys just below `hi`.
+        let found = regions
+            .region_metas
+            .iter()
+            .zip(&regions.leaders)
+            .map(|(r, l)| (r, l, dec(&r.start_key), dec(&r.end_key)))
+            .find(|(_, _, rs, re)| *rs < hi && (re.is_empty() || *re >= hi));
+        let Some((r, leader, rs, _)) = found else {
+            println!("reverse walk: no Region below {hi:?} yet");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let lo = if rs < lower {
+            lower.clone()
+        } else {
+            rs.clone()
+        };
+        let Some(addr) = stores.get(&leader.store_id) else {
+            println!("reverse walk: Region {} has no known leader yet", r.id);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let mut kv = tikvpb::tikv_client::TikvClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let resp = kv
+            .raw_scan(kvrpcpb::RawScanRequest {
+                context: Some(kvrpcpb::Context {
+                    region_id: r.id,
+                    region_epoch: r.region_epoch,
+                    peer: Some(*leader),
+                    api_version: kvrpcpb::ApiVersion::V2 as i32,
                     ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            if resp.region_error.is_some() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue 'attempt;
-            }
-            out.extend(resp.kvs.into_iter().map(|p| p.key[ks.len()..].to_vec()));
+                }),
+                start_key: hi.clone(),
+                end_key: lo.clone(),
+                limit: 10240,
+                reverse: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(e) = resp.region_error {
+            println!("reverse walk: Region {}: {}", r.id, e.message);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
         }
-        return out;
+        out.extend(resp.kvs.into_iter().map(|p| p.key[ks.len()..].to_vec()));
+        if lo <= lower {
+            return out;
+        }
+        hi = lo;
     }
 }
 
