@@ -135,6 +135,13 @@ pub static SNAPSHOT_BYTES_SENT: LazyLock<IntCounter> = LazyLock::new(|| {
 pub static SPLITS: LazyLock<IntCounter> =
     LazyLock::new(|| counter("prkv_splits_total", "Region splits applied on this store"));
 
+pub static MERGES: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "prkv_merges_total",
+        "Region merges applied on this store (as the target)",
+    )
+});
+
 /// PD operators by outcome (finished or timed out).
 pub static PD_OPERATORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(

@@ -75,6 +75,7 @@ fn append_states_and_reopen() {
             tablet_index: 0,
             destroyed_peer_id: 0,
             conf_index: 0,
+            merge_state: None,
         };
         wb.put_region_state(2, &rs).unwrap();
         store.write(&mut wb, true).unwrap();

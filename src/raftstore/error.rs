@@ -46,6 +46,13 @@ pub enum Error {
     /// Split keys that cannot cut the Region (outside it, unordered, or at its start).
     #[error("invalid split: {0}")]
     InvalidSplit(String),
+    /// The Region is frozen for a merge (between its PrepareMerge and the merge's commit or
+    /// rollback): clients back off, reload the Region from PD and retry.
+    #[error("Region {0} is merging")]
+    ProposalInMergingMode(RegionId),
+    /// A merge that cannot be made (not adjacent, replicas not aligned, another merge running).
+    #[error("invalid merge: {0}")]
+    InvalidMerge(String),
     /// PD could not be asked (for split ids); retry later.
     #[error("PD: {0}")]
     Pd(String),
@@ -62,7 +69,10 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         !matches!(
             self,
-            Error::RaftEntryTooLarge { .. } | Error::KeyNotInRegion { .. } | Error::InvalidSplit(_)
+            Error::RaftEntryTooLarge { .. }
+                | Error::KeyNotInRegion { .. }
+                | Error::InvalidSplit(_)
+                | Error::InvalidMerge(_)
         )
     }
 }

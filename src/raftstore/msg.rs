@@ -162,6 +162,14 @@ pub enum StoreMsg {
         region_id: RegionId,
         to: Peer,
     },
+    /// Merges Region `region_id` (the source) into its neighbour `target_id`: the source's
+    /// leader proposes a PrepareMerge, then drives the merge to its commit or rollback (see
+    /// `raftstore::merge`). The callback hears whether the PrepareMerge applied.
+    PrepareMerge {
+        region_id: RegionId,
+        target_id: RegionId,
+        cb: WriteCallback,
+    },
     /// Splits a Region at `split_keys` (user keys as stored): the leader checks the request,
     /// asks PD for ids, then proposes the split. Sent by the split checker, by PD and by the
     /// `SplitRegion` RPC.

@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 
 use prkv_proto::metapb::{Peer as PeerMeta, PeerRole, Region, RegionEpoch};
 use prkv_proto::serverpb::{
-    mutation, Mutation, PeerState, RaftApplyState, RaftCmdRequest, RegionLocalState,
+    mutation, CommitMerge, MergeState, Mutation, PeerState, PrepareMerge, RaftApplyState,
+    RaftCmdRequest, RegionLocalState, RollbackMerge,
 };
 use prost::Message as _;
 use protobuf::Message as _;
@@ -85,6 +86,17 @@ pub struct ApplyOutcome {
     /// New Regions split off this one, with their engines (already durable, with their Raft
     /// state in raft-engine): the store creates their peers.
     pub split: Vec<(Region, Arc<dyn RegionEngine>)>,
+    /// A CommitMerge reached apply: the store takes in the source (it needs both peers), then
+    /// applies `rest`. Everything before it is applied.
+    pub commit_merge: Option<PendingCommitMerge>,
+}
+
+/// A CommitMerge entry waiting for the store (see [`ApplyOutcome::commit_merge`]).
+pub struct PendingCommitMerge {
+    pub index: u64,
+    pub term: u64,
+    pub cmd: CommitMerge,
+    pub rest: Vec<Entry>,
 }
 
 pub struct Peer {
@@ -113,6 +125,11 @@ pub struct Peer {
     /// Bytes and keys written since the last split check (the split checker's trigger).
     pub split_check_bytes: u64,
     pub split_check_keys: u64,
+    /// This replica's Region is frozen for a merge (state Merging; see `MergeState`).
+    pub merge_state: Option<MergeState>,
+    /// This leader proposed a PrepareMerge that has not applied yet: it takes no writes, so
+    /// that none lands after the freeze.
+    merge_proposed: bool,
 }
 
 /// A replica whose log trails the leader's commit index by more than this is reported to PD as
@@ -120,6 +137,10 @@ pub struct Peer {
 /// learner catches up within a round trip, large enough that a busy Region's healthy followers
 /// (a few entries behind at any instant) are not pending.
 const PENDING_LAG: u64 = 64;
+
+/// A PrepareMerge is proposed only if every replica has all but this many entries: the
+/// CommitMerge carries the entries after the slowest replica's, in one Raft entry.
+const MAX_MERGE_CATCH_UP: u64 = 128;
 
 fn discard_logger() -> slog::Logger {
     slog::Logger::root(slog::Discard, slog::o!())
@@ -197,6 +218,8 @@ impl Peer {
             // A Region new to this store (bootstrapped, split off, restarted) is checked once.
             split_check_bytes: u64::MAX / 2,
             split_check_keys: u64::MAX / 2,
+            merge_state: None,
+            merge_proposed: false,
         })
     }
 
@@ -255,6 +278,16 @@ impl Peer {
         }
     }
 
+    /// A Region frozen for a merge takes no writes, reads, splits or membership changes: a read
+    /// could miss writes the target already took for this range, and anything else would
+    /// change what the target takes in.
+    fn check_not_merging(&self) -> Result<()> {
+        if self.merge_state.is_some() || self.merge_proposed {
+            return Err(Error::ProposalInMergingMode(self.region.id));
+        }
+        Ok(())
+    }
+
     /// Wakes a hibernated peer: it ticks again from now on.
     pub fn wake(&mut self) {
         self.hibernated = false;
@@ -272,6 +305,9 @@ impl Peer {
         self.wake();
         if !self.is_leader() {
             return Err((self.not_leader(), cb));
+        }
+        if let Err(e) = self.check_not_merging() {
+            return Err((e, cb));
         }
         if let Err(e) = self.check_epoch(epoch) {
             return Err((e, cb));
@@ -311,7 +347,7 @@ impl Peer {
             mutations,
             compact_log_index: 0,
             term_fence,
-            split: None,
+            ..Default::default()
         };
         let data = cmd.encode_to_vec();
         if data.len() as u64 > self.cfg.raft_entry_max_size {
@@ -339,6 +375,9 @@ impl Peer {
         self.wake();
         if !self.is_leader() {
             return Err((self.not_leader(), cb));
+        }
+        if let Err(e) = self.check_not_merging() {
+            return Err((e, cb));
         }
         let mut cc = ConfChangeV2::default();
         let mut context = Vec::new();
@@ -376,6 +415,7 @@ impl Peer {
             return Err(self.not_leader());
         }
         self.check_epoch(epoch)?;
+        self.check_not_merging()?;
         split::check_split_keys(&self.region, keys)
     }
 
@@ -459,6 +499,9 @@ impl Peer {
         self.wake();
         if !self.is_leader() {
             return cb(Err(self.not_leader()));
+        }
+        if let Err(e) = self.check_not_merging() {
+            return cb(Err(e));
         }
         if let Err(e) = self.check_epoch(epoch) {
             return cb(Err(e));
@@ -557,6 +600,9 @@ impl Peer {
                 );
             }
             self.last_term = self.term();
+            // A PrepareMerge proposed in an older term either applies (and freezes the Region
+            // on every replica) or was dropped; either way the fence is no longer ours.
+            self.merge_proposed = false;
             if !self.is_leader() {
                 self.lease_until = None;
                 for r in self.reads.drain(..) {
@@ -659,7 +705,8 @@ impl Peer {
         let mut wb = WriteBatch::new();
         let mut results: Vec<(u64, u64, Option<Error>)> = Vec::new();
         let mut last = None;
-        for e in entries {
+        let mut entries = entries.into_iter();
+        while let Some(e) = entries.next() {
             if e.index <= self.applied_index {
                 continue; // replayed after a restart, already in the engine
             }
@@ -689,6 +736,43 @@ impl Peer {
                             match self.apply_split(e.index, e.term, cmd.region_epoch, batch) {
                                 Ok(children) => {
                                     outcome.split.extend(children);
+                                    outcome.region_changed = true;
+                                    self.pd_dirty = true;
+                                }
+                                Err(er) => err = Some(er),
+                            }
+                        } else if cmd.prepare_merge.is_some()
+                            || cmd.commit_merge.is_some()
+                            || cmd.rollback_merge.is_some()
+                        {
+                            if e.index <= self.conf_index {
+                                // Replayed after a restart: persisted with the Region state.
+                                results.push((e.index, e.term, None));
+                                last = Some((e.index, e.term));
+                                continue;
+                            }
+                            // Like a split, a merge command changes the Region: what came
+                            // before is written first.
+                            self.flush_apply(&mut wb, e.index - 1, self.applied_term)?;
+                            if let Some(cm) = cmd.commit_merge {
+                                outcome.commit_merge = Some(PendingCommitMerge {
+                                    index: e.index,
+                                    term: e.term,
+                                    cmd: cm,
+                                    rest: entries.collect(),
+                                });
+                                break;
+                            }
+                            let res = match (&cmd.prepare_merge, &cmd.rollback_merge) {
+                                (Some(pm), _) => {
+                                    self.merge_proposed = false;
+                                    self.apply_prepare_merge(e.index, e.term, cmd.region_epoch, pm)
+                                }
+                                (_, Some(rb)) => self.apply_rollback_merge(e.index, e.term, rb),
+                                _ => unreachable!("one of the merge commands is set"),
+                            };
+                            match res {
+                                Ok(()) => {
                                     outcome.region_changed = true;
                                     self.pd_dirty = true;
                                 }
@@ -817,6 +901,7 @@ impl Peer {
                     tablet_index: RAFT_INIT_LOG_INDEX,
                     destroyed_peer_id: 0,
                     conf_index: RAFT_INIT_LOG_INDEX,
+                    merge_state: None,
                 },
             )?;
             let hs = raft::eraftpb::HardState {
@@ -836,6 +921,7 @@ impl Peer {
                 tablet_index: self.engine.tablet_index(),
                 destroyed_peer_id: 0,
                 conf_index: index,
+                merge_state: None,
             },
         )?;
         // Durability boundary: the children exist and the parent is narrowed, or neither.
@@ -865,6 +951,250 @@ impl Peer {
             "split applied"
         );
         Ok(children.into_iter().zip(engines).collect())
+    }
+
+    /// Checks a merge of this Region (the source) into `target` against the Regions as they
+    /// are: adjacent, with replicas on the same stores, all voters. The same check runs on
+    /// the leader before proposing and on every replica when the PrepareMerge applies (with
+    /// the target the leader recorded), so every replica decides alike.
+    fn check_merge_target(&self, target: &Region) -> Result<()> {
+        let s = &self.region;
+        let adjacent = (!s.end_key.is_empty() && s.end_key == target.start_key)
+            || (!target.end_key.is_empty() && target.end_key == s.start_key);
+        if !adjacent {
+            return Err(Error::InvalidMerge(format!(
+                "Regions {} and {} are not adjacent",
+                s.id, target.id
+            )));
+        }
+        let stores = |r: &Region| {
+            let mut v: Vec<(u64, bool)> = r
+                .peers
+                .iter()
+                .map(|p| (p.store_id, p.role == PeerRole::Voter as i32))
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        let (a, b) = (stores(s), stores(target));
+        if a != b || a.iter().any(|(_, voter)| !voter) {
+            return Err(Error::InvalidMerge(format!(
+                "replicas of Regions {} and {} are not on the same stores as voters",
+                s.id, target.id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Proposes freezing this Region for a merge into `target` (this store's replica of the
+    /// target, so that the leader here can later propose the CommitMerge on it).
+    pub fn propose_prepare_merge(&mut self, target: &Region, cb: WriteCallback) {
+        self.wake();
+        if !self.is_leader() {
+            return cb(Err(self.not_leader()));
+        }
+        if let Err(e) = self.check_not_merging() {
+            return cb(Err(e));
+        }
+        if let Err(e) = self.check_merge_target(target) {
+            return cb(Err(e));
+        }
+        // Every replica must hold the log from `min_index` on (the CommitMerge carries the
+        // entries after it for the ones that lag), and the target carries them in one entry:
+        // so every replica must be close behind.
+        let last = self.raw.raft.raft_log.last_index();
+        let truncated = self.raw.store().truncated().0;
+        let min_index = self
+            .raw
+            .raft
+            .prs()
+            .iter()
+            .map(|(_, pr)| pr.matched)
+            .min()
+            .unwrap_or(0);
+        if min_index < truncated || min_index == 0 || last - min_index > MAX_MERGE_CATCH_UP {
+            return cb(Err(Error::InvalidMerge(format!(
+                "Region {}: a replica lags (matched {min_index}, last {last}, truncated {truncated})",
+                self.region.id
+            ))));
+        }
+        let cmd = RaftCmdRequest {
+            region_id: self.region.id,
+            region_epoch: self.region.region_epoch,
+            prepare_merge: Some(PrepareMerge {
+                min_index,
+                target: Some(target.clone()),
+            }),
+            ..Default::default()
+        };
+        if self.raw.propose(vec![], cmd.encode_to_vec()).is_err() {
+            return cb(Err(self.not_leader()));
+        }
+        self.merge_proposed = true;
+        tracing::info!(
+            region_id = self.region.id,
+            target = target.id,
+            min_index,
+            "merge prepared (proposed)"
+        );
+        self.track_proposal(cb);
+    }
+
+    /// Proposes a merge admin command built by the store (CommitMerge on the target,
+    /// RollbackMerge on the source).
+    pub fn propose_merge_admin(&mut self, mut cmd: RaftCmdRequest, cb: WriteCallback) {
+        self.wake();
+        if !self.is_leader() {
+            return cb(Err(self.not_leader()));
+        }
+        cmd.region_id = self.region.id;
+        cmd.region_epoch = self.region.region_epoch;
+        let data = cmd.encode_to_vec();
+        if data.len() as u64 > self.cfg.raft_entry_max_size {
+            return cb(Err(Error::RaftEntryTooLarge {
+                region_id: self.region.id,
+                entry_size: data.len() as u64,
+            }));
+        }
+        if self.raw.propose(vec![], data).is_err() {
+            return cb(Err(self.not_leader()));
+        }
+        self.track_proposal(cb);
+    }
+
+    /// Applies a PrepareMerge: the Region is frozen (state Merging, version and conf_ver bumped
+    /// so that every request or command made against the old epoch fails).
+    fn apply_prepare_merge(
+        &mut self,
+        index: u64,
+        term: u64,
+        epoch: Option<RegionEpoch>,
+        pm: &PrepareMerge,
+    ) -> Result<()> {
+        let current = self.region.region_epoch.unwrap_or_default();
+        let epoch = epoch.unwrap_or_default();
+        if epoch.version != current.version || epoch.conf_ver != current.conf_ver {
+            return Err(Error::EpochNotMatch {
+                current_regions: vec![self.region.clone()],
+            });
+        }
+        if self.merge_state.is_some() {
+            return Err(Error::ProposalInMergingMode(self.region.id));
+        }
+        let target = pm
+            .target
+            .clone()
+            .ok_or_else(|| Error::InvalidMerge("PrepareMerge without a target".into()))?;
+        self.check_merge_target(&target)?;
+        let mut region = self.region.clone();
+        region.region_epoch = Some(RegionEpoch {
+            version: current.version + 1,
+            conf_ver: current.conf_ver + 1,
+        });
+        let ms = MergeState {
+            min_index: pm.min_index,
+            target: Some(target),
+            commit: index,
+        };
+        self.persist_region(&region, PeerState::Merging, Some(ms.clone()), index)?;
+        self.region = region;
+        self.merge_state = Some(ms);
+        self.applied_index = index;
+        self.applied_term = term;
+        tracing::info!(region_id = self.region.id, index, "merge prepared");
+        Ok(())
+    }
+
+    /// Applies a RollbackMerge: the merge prepared at `commit` is off, the Region takes writes
+    /// again (with a new version, so that nothing made against the frozen epoch applies).
+    fn apply_rollback_merge(&mut self, index: u64, term: u64, rb: &RollbackMerge) -> Result<()> {
+        if self.merge_state.as_ref().map(|m| m.commit) != Some(rb.commit) {
+            return Err(Error::InvalidMerge(format!(
+                "Region {}: no merge prepared at {} to roll back",
+                self.region.id, rb.commit
+            )));
+        }
+        let mut region = self.region.clone();
+        let mut epoch = region.region_epoch.unwrap_or_default();
+        epoch.version += 1;
+        region.region_epoch = Some(epoch);
+        self.persist_region(&region, PeerState::Normal, None, index)?;
+        self.region = region;
+        self.merge_state = None;
+        self.applied_index = index;
+        self.applied_term = term;
+        tracing::info!(region_id = self.region.id, index, "merge rolled back");
+        Ok(())
+    }
+
+    /// Takes in a merged source (by the store, which checked and moved its data): this Region
+    /// becomes `merged` with `engine`, as of the CommitMerge at `index`, durably.
+    pub fn finish_commit_merge(
+        &mut self,
+        merged: Region,
+        engine: Arc<dyn RegionEngine>,
+        index: u64,
+        term: u64,
+        result: Result<()>,
+    ) {
+        if result.is_ok() {
+            self.region = merged;
+            self.engine = engine;
+            self.conf_index = index;
+            self.pd_dirty = true;
+            self.split_check_bytes = u64::MAX / 2;
+            self.split_check_keys = u64::MAX / 2;
+        }
+        self.applied_index = index;
+        self.applied_term = term;
+        while let Some(p) = self.proposals.front() {
+            if p.index > index {
+                break;
+            }
+            let p = self.proposals.pop_front().expect("front exists");
+            if p.index == index && p.term == term {
+                (p.cb)(result.clone());
+            } else {
+                (p.cb)(Err(Error::StaleCommand {
+                    region_id: self.region.id,
+                    term: p.term,
+                }));
+            }
+        }
+    }
+
+    /// The Region state this replica persists, as of log index `conf_index`.
+    pub fn region_state(
+        &self,
+        region: &Region,
+        state: PeerState,
+        merge_state: Option<MergeState>,
+        conf_index: u64,
+    ) -> RegionLocalState {
+        RegionLocalState {
+            state: state as i32,
+            region: Some(region.clone()),
+            tablet_index: self.engine.tablet_index(),
+            destroyed_peer_id: 0,
+            conf_index,
+            merge_state,
+        }
+    }
+
+    fn persist_region(
+        &mut self,
+        region: &Region,
+        state: PeerState,
+        merge_state: Option<MergeState>,
+        index: u64,
+    ) -> Result<()> {
+        let rs = self.region_state(region, state, merge_state, index);
+        let mut lb = LogWriteBatch::new();
+        lb.put_region_state(region.id, &rs)?;
+        // Durability boundary: the Region's new state is on disk before anyone acts on it.
+        self.log.write(&mut lb, true)?;
+        self.conf_index = index;
+        Ok(())
     }
 
     /// Takes in a snapshot that the store installed: the Region, its engine and the applied
@@ -1016,6 +1346,7 @@ impl Peer {
             tablet_index: self.engine.tablet_index(),
             destroyed_peer_id: 0,
             conf_index: e.index,
+            merge_state: None,
         };
         self.conf_index = e.index;
         let mut lb = LogWriteBatch::new();
@@ -1030,7 +1361,8 @@ impl Peer {
     /// live replica has, so that a healthy follower never needs a snapshot. Each replica then
     /// compacts no further than its own durable apply index.
     pub fn maybe_propose_compact(&mut self, threshold: u64) {
-        if !self.is_leader() || self.hibernated {
+        // A merging Region keeps its log: lagging replicas may need it (see `MergeState`).
+        if !self.is_leader() || self.hibernated || self.merge_state.is_some() {
             return;
         }
         let truncated = self.raw.store().truncated().0;

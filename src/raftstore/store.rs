@@ -37,6 +37,8 @@ use crate::config::{Config, EngineKind};
 use crate::raftlog::LogWriteBatch;
 use crate::storage::{Engines, KeyRange, RegionId};
 
+mod merge;
+
 /// Messages handled per loop round before the Readies are processed: large enough to batch
 /// many proposals into one fsync, small enough that ticks and Readies are not starved.
 pub const MAX_MSGS_PER_ROUND: usize = 4096;
@@ -251,6 +253,8 @@ struct Store {
     snap_dirs: SnapDirs,
     /// Regions whose Raft asked for a snapshot to send; generated after the round.
     snap_requests: Vec<RegionId>,
+    /// Merges this store leads the source of: when each was last driven (see `merge.rs`).
+    merge_attempts: HashMap<RegionId, Instant>,
 }
 
 /// Opens every Region replica found in the engines and starts the store loop.
@@ -289,6 +293,7 @@ pub fn start_store(
         pending_split_msgs: Vec::new(),
         snap_dirs: SnapDirs::new(&cfg_data_dir),
         snap_requests: Vec::new(),
+        merge_attempts: HashMap::new(),
     };
     store.recover()?;
     let thread = std::thread::Builder::new()
@@ -324,6 +329,7 @@ impl Store {
                     .kv
                     .open_region(region.id, range_of(&region), state.tablet_index)?;
             let single = region.peers.len() == 1 && region.peers[0].id == meta.id;
+            let merging = state.state == PeerState::Merging as i32;
             // A tablet born from a split may not have been trimmed before the restart.
             self.worker.schedule(Job::Trim(engine.clone()));
             let mut peer = Peer::new(
@@ -335,6 +341,9 @@ impl Store {
                 peer_config(&self.cfg),
                 state.conf_index,
             )?;
+            if merging {
+                peer.merge_state = state.merge_state.clone();
+            }
             if single {
                 // The only voter (a freshly bootstrapped Region): no one else can win an
                 // election, so do not wait an election timeout to hold one.
@@ -414,7 +423,9 @@ impl Store {
         let Some(p) = self.peers.get(&region_id) else {
             return;
         };
-        if !p.is_leader() {
+        // A Region frozen for a merge sends no snapshot: a replica installed from one would not
+        // know of the merge. Its lagging replicas catch up from the CommitMerge instead.
+        if !p.is_leader() || p.merge_state.is_some() {
             return;
         }
         let (index, term) = (p.applied_index, p.applied_term);
@@ -519,6 +530,7 @@ impl Store {
             tablet_index: index,
             destroyed_peer_id: 0,
             conf_index: index,
+            merge_state: None,
         };
         lb.put_region_state(id, &state)?;
         lb.compact_to(id, index, term)?;
@@ -655,6 +667,11 @@ impl Store {
                 None => cb(Err(Error::RegionNotFound(region_id))),
                 Some(p) => p.propose_split(&epoch, &split_keys, &ids, cb),
             },
+            StoreMsg::PrepareMerge {
+                region_id,
+                target_id,
+                cb,
+            } => self.on_prepare_merge(region_id, target_id, cb),
             StoreMsg::TransferLeader { region_id, to } => {
                 if let Some(p) = self.peers.get_mut(&region_id) {
                     p.wake();
@@ -1099,6 +1116,7 @@ impl Store {
             self.on_split_check_tick();
         }
         self.report_to_pd(now);
+        self.on_merge_tick();
         let mut ticked = 0;
         let mut hibernating = Vec::new();
         for p in self.peers.values_mut() {
@@ -1284,10 +1302,22 @@ impl Store {
             let msgs = rd.take_messages();
             if !rd.snapshot().is_empty() {
                 let snapshot = rd.snapshot().clone();
+                // Replicas here of Regions merged into this one, still waiting for a
+                // CommitMerge the snapshot already contains: the snapshot replaces them.
+                for source in self.merge_sources_covered_by(id, &snapshot) {
+                    tracing::info!(
+                        region_id = id,
+                        source,
+                        "snapshot of a merged Region replaces its source's replica"
+                    );
+                    self.destroy_peer(source)?;
+                }
+                let p = self.peers.get_mut(&id).expect("listed above");
                 Self::install_snapshot(&self.engines, p, &snapshot)?;
                 self.neighbours_stale = true;
                 p.pd_dirty = true;
             }
+            let p = self.peers.get_mut(&id).expect("listed above");
             p.on_read_states(rd.take_read_states());
             let committed = rd.take_committed_entries();
             if !rd.entries().is_empty() {
@@ -1319,12 +1349,17 @@ impl Store {
         }
         let mut removed = Vec::new();
         for (id, rd, committed, persisted) in pending {
+            if !self.peers.contains_key(&id) {
+                continue; // merged away by a Region applied earlier in this round
+            }
             self.send_raft_messages(id, persisted);
             if self.apply(id, committed)? {
                 removed.push(id);
                 continue;
             }
-            let p = self.peers.get_mut(&id).expect("peer exists");
+            let Some(p) = self.peers.get_mut(&id) else {
+                continue;
+            };
             let mut light = p.raw.advance(rd);
             let msgs = light.take_messages();
             let committed = light.take_committed_entries();
@@ -1333,7 +1368,9 @@ impl Store {
                 removed.push(id);
                 continue;
             }
-            let p = self.peers.get_mut(&id).expect("peer exists");
+            let Some(p) = self.peers.get_mut(&id) else {
+                continue;
+            };
             let applied = p.applied_index;
             p.raw.advance_apply_to(applied);
             p.on_role_maybe_changed();
@@ -1353,21 +1390,35 @@ impl Store {
         self.stats
             .applied_entries
             .fetch_add(entries.len() as u64, Ordering::Relaxed);
-        let p = self.peers.get_mut(&id).expect("peer exists");
-        let outcome = p.apply(entries)?;
-        if outcome.region_changed {
-            self.neighbours_stale = true;
+        let mut entries = entries;
+        loop {
+            let Some(p) = self.peers.get_mut(&id) else {
+                return Ok(false); // merged away (see `merge.rs`)
+            };
+            let mut outcome = p.apply(entries)?;
+            if outcome.region_changed {
+                self.neighbours_stale = true;
+            }
+            if outcome.removed {
+                return Ok(true);
+            }
+            if let Some(index) = outcome.compact_to {
+                p.compact_log(index)?;
+            }
+            if !outcome.split.is_empty() {
+                self.create_split_peers(id, outcome.split)?;
+            }
+            match outcome.commit_merge.take() {
+                Some(mut pending) => {
+                    entries = std::mem::take(&mut pending.rest);
+                    self.commit_merge(id, pending)?;
+                    if entries.is_empty() {
+                        return Ok(false);
+                    }
+                }
+                None => return Ok(false),
+            }
         }
-        if outcome.removed {
-            return Ok(true);
-        }
-        if let Some(index) = outcome.compact_to {
-            p.compact_log(index)?;
-        }
-        if !outcome.split.is_empty() {
-            self.create_split_peers(id, outcome.split)?;
-        }
-        Ok(false)
     }
 
     /// Removes a replica that left its Region: its data and its log go; a tombstone stays so
@@ -1390,6 +1441,7 @@ impl Store {
             tablet_index: 0,
             destroyed_peer_id,
             conf_index: 0,
+            merge_state: None,
         };
         wb.put_region_state(id, &tomb)?;
         self.engines.raft.write(&mut wb, true)?;

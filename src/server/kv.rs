@@ -130,7 +130,12 @@ fn region_error(e: Error) -> Fail {
                 ..Default::default()
             });
         }
+        Error::ProposalInMergingMode(region_id) => {
+            kind = "proposal_in_merging_mode";
+            out.proposal_in_merging_mode = Some(errorpb::ProposalInMergingMode { region_id });
+        }
         Error::InvalidSplit(msg) => return Fail::Other(format!("invalid split: {msg}")),
+        Error::InvalidMerge(msg) => return Fail::Other(format!("invalid merge: {msg}")),
         Error::Storage(msg) => {
             crate::metrics::REGION_ERRORS
                 .with_label_values(&["storage"])

@@ -419,6 +419,58 @@ impl Cluster {
         panic!("split of Region {region_id} never succeeded; last error {last:?}");
     }
 
+    /// Asks the leader of `source` to prepare a merge into `target` (retrying while leadership
+    /// moves); returns once the PrepareMerge applied.
+    pub fn must_prepare_merge(&self, source: u64, target: u64) {
+        let deadline = Instant::now() + TIMEOUT;
+        let mut last = None;
+        while Instant::now() < deadline {
+            let s = self.must_leader(source);
+            let (tx, rx) = std::sync::mpsc::channel();
+            let sent = self.stores[&s].router.try_send(StoreMsg::PrepareMerge {
+                region_id: source,
+                target_id: target,
+                cb: Box::new(move |r| drop(tx.send(r))),
+            });
+            if sent.is_ok() {
+                match rx.recv_timeout(TIMEOUT) {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => last = Some(e),
+                    Err(_) => {}
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("merge of Region {source} into {target} never prepared; last error {last:?}");
+    }
+
+    /// Waits until no running store holds a replica of `source` and every replica of `target`
+    /// covers its range, then takes the routing table from store `from`.
+    pub fn must_merged(&mut self, source: u64, target: u64, from: StoreId) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let stores: Vec<StoreId> = self.stores.keys().copied().collect();
+        for s in stores {
+            loop {
+                if self.status(s, source).is_none() && self.status(s, target).is_some() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "store {s} still holds Region {source} (or lacks {target})"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.refresh_regions(from);
+    }
+
+    /// Merges `source` into its neighbour `target` and waits for it everywhere.
+    pub fn must_merge(&mut self, source: u64, target: u64) {
+        self.must_prepare_merge(source, target);
+        let from = *self.stores.keys().next().expect("a running store");
+        self.must_merged(source, target, from);
+    }
+
     pub fn data_dir(&self, s: StoreId) -> &std::path::Path {
         self.dirs[&s].path()
     }

@@ -1,0 +1,433 @@
+//! Merge: two adjacent Regions become one, driven by the source's leader.
+//!
+//! ```text
+//!  source (S)                                   target (T)
+//!  1. PrepareMerge{T as known here, min_index}
+//!     applied: S frozen (state Merging, epoch
+//!     bumped), writes/reads/splits refused
+//!  2. the leader of S asks this store's T
+//!     replica to lead (if it does not) ──────▶  3. CommitMerge{S, commit, S's entries
+//!                                                  after min_index, T's epoch at step 1}
+//!                                                  applied on each store: S's replica here
+//!                                                  catches up to `commit` (from the carried
+//!                                                  entries if it lags), T takes in S's data
+//!                                                  and range, S's replica is destroyed
+//!  or, once T's epoch moved past the one
+//!  recorded at step 1 (T split, changed
+//!  membership or merged): RollbackMerge
+//! ```
+//!
+//! **Never both commit and rollback** (the trap of TiKV issues #15242 and #15682). A
+//! CommitMerge applies only if T's epoch is exactly the one the PrepareMerge recorded; S's
+//! leader proposes a RollbackMerge only after this store's T replica has *applied* an epoch
+//! past that one. T's log is totally ordered: if a CommitMerge applied before that epoch change,
+//! this store's T applied it too, before the change, and destroyed S's replica here in the same
+//! step, so no leader of S is left here to roll back; and every CommitMerge ordered after the
+//! change fails its epoch check on every replica. When a CommitMerge applies, S's replica
+//! must be exactly as its PrepareMerge left it (same epoch, applied up to `commit`); anything
+//! else means the invariant broke, and the store stops rather than merge wrong data.
+//!
+//! **Data.** Partitioned: S's keys (small by PD's merge rules) are written into T's tablet,
+//! which is then flushed, all before the Region states change in raft-engine; a crash in
+//! between replays the CommitMerge, which writes the same keys again. raft-kv: the keys are
+//! already in the shared DB; T's range just grows.
+//!
+//! **Durability order** of a CommitMerge on one store: T's tablet holds S's data (flushed) →
+//! one synced raft-engine write with T's new Region (`conf_index` = the CommitMerge) and S's
+//! tombstone → S's log and tablet are removed. Replaying after a crash skips a CommitMerge at
+//! or below T's `conf_index`.
+
+use std::time::{Duration, Instant};
+
+use prkv_proto::metapb::{Region, RegionEpoch};
+use prkv_proto::serverpb::{
+    CommitMerge, PeerState, RaftCmdRequest, RegionLocalState, RollbackMerge,
+};
+use protobuf::Message as _;
+
+use super::{range_of, Store};
+use crate::config::EngineKind;
+use crate::raftlog::LogWriteBatch;
+use crate::raftstore::error::{Error, Result};
+use crate::raftstore::msg::WriteCallback;
+use crate::raftstore::peer::PendingCommitMerge;
+use crate::storage::{Cf, RegionEngine, RegionId, ScanDir, WriteBatch};
+
+/// How often the source's leader re-sends its CommitMerge (or leadership request) while the
+/// merge has not happened: often enough that a merge takes a few hundred milliseconds, rarely
+/// enough that a duplicate CommitMerge (harmless: it fails its epoch check) stays rare.
+const MERGE_RETRY: Duration = Duration::from_millis(500);
+
+/// Source keys are copied into the target's tablet in write batches of about this size, so a
+/// merge never holds the whole source in memory.
+const MERGE_COPY_BATCH_BYTES: usize = 4 << 20;
+
+fn same_epoch(a: Option<RegionEpoch>, b: Option<RegionEpoch>) -> bool {
+    let (a, b) = (a.unwrap_or_default(), b.unwrap_or_default());
+    a.version == b.version && a.conf_ver == b.conf_ver
+}
+
+/// `a` has moved past `b` (a split, merge or membership change applied since `b`).
+fn epoch_passed(a: Option<RegionEpoch>, b: Option<RegionEpoch>) -> bool {
+    let (a, b) = (a.unwrap_or_default(), b.unwrap_or_default());
+    (a.version > b.version || a.conf_ver > b.conf_ver)
+        && a.version >= b.version
+        && a.conf_ver >= b.conf_ver
+}
+
+impl Store {
+    /// `StoreMsg::PrepareMerge`: the source's leader proposes freezing it for a merge into the
+    /// target as this store's replica of the target knows it.
+    pub(super) fn on_prepare_merge(
+        &mut self,
+        source_id: RegionId,
+        target_id: RegionId,
+        cb: WriteCallback,
+    ) {
+        let target = match self.peers.get(&target_id) {
+            None => {
+                return cb(Err(Error::InvalidMerge(format!(
+                    "no replica of target Region {target_id} on this store"
+                ))))
+            }
+            Some(t) if t.merge_state.is_some() => {
+                return cb(Err(Error::ProposalInMergingMode(target_id)))
+            }
+            Some(t) => t.region.clone(),
+        };
+        match self.peers.get_mut(&source_id) {
+            None => cb(Err(Error::RegionNotFound(source_id))),
+            Some(p) => p.propose_prepare_merge(&target, cb),
+        }
+    }
+
+    /// Drives every merge whose source this store leads: ask for the target's leadership here,
+    /// propose the CommitMerge on it, or roll back once the target can no longer commit.
+    pub(super) fn on_merge_tick(&mut self) {
+        let now = Instant::now();
+        let sources: Vec<RegionId> = self
+            .peers
+            .values()
+            .filter(|p| p.merge_state.is_some() && p.is_leader())
+            .map(|p| p.region_id())
+            .collect();
+        self.merge_attempts.retain(|id, _| sources.contains(id));
+        for source_id in sources {
+            if self
+                .merge_attempts
+                .get(&source_id)
+                .is_some_and(|at| now.duration_since(*at) < MERGE_RETRY)
+            {
+                continue;
+            }
+            self.merge_attempts.insert(source_id, now);
+            if let Err(e) = self.drive_merge(source_id) {
+                tracing::warn!(region_id = source_id, error = %e, "driving a merge failed");
+            }
+        }
+    }
+
+    fn drive_merge(&mut self, source_id: RegionId) -> Result<()> {
+        let s = &self.peers[&source_id];
+        let ms = s.merge_state.clone().expect("listed as merging");
+        let recorded = ms.target.clone().unwrap_or_default();
+        let Some(t) = self.peers.get(&recorded.id) else {
+            tracing::info!(
+                region_id = source_id,
+                target = recorded.id,
+                "merge waits: no replica of the target on this store"
+            );
+            return Ok(());
+        };
+        if epoch_passed(t.region.region_epoch, recorded.region_epoch) {
+            // The target applied a change the CommitMerge was not made against: no CommitMerge
+            // can apply any more (see the module docs), so rolling back is safe.
+            tracing::info!(
+                region_id = source_id,
+                target = recorded.id,
+                "target changed since the merge was prepared: rolling back"
+            );
+            let cmd = RaftCmdRequest {
+                rollback_merge: Some(RollbackMerge { commit: ms.commit }),
+                ..Default::default()
+            };
+            let s = self.peers.get_mut(&source_id).expect("exists");
+            s.propose_merge_admin(
+                cmd,
+                Box::new(move |res| {
+                    if let Err(e) = res {
+                        tracing::info!(region_id = source_id, error = %e, "rollback not applied");
+                    }
+                }),
+            );
+            return Ok(());
+        }
+        if !same_epoch(t.region.region_epoch, recorded.region_epoch) {
+            return Ok(()); // this store's target replica lags: wait for it
+        }
+        if !t.is_leader() {
+            // Ask the target's leader to hand over to this store, where the CommitMerge is made.
+            let t = self.peers.get_mut(&recorded.id).expect("exists");
+            t.wake();
+            let me = t.meta.id;
+            t.raw.transfer_leader(me);
+            return Ok(());
+        }
+        // The source's entries a lagging replica may miss, carried in the CommitMerge.
+        let mut entries = Vec::new();
+        for e in self
+            .engines
+            .raft
+            .entries(source_id, ms.min_index + 1, ms.commit + 1, None)?
+        {
+            entries.push(
+                e.write_to_bytes()
+                    .map_err(|e| Error::Storage(format!("encoding a Raft entry: {e}")))?,
+            );
+        }
+        if entries.len() as u64 != ms.commit - ms.min_index {
+            return Err(Error::Storage(format!(
+                "Region {source_id}: the log no longer holds ({}, {}]",
+                ms.min_index, ms.commit
+            )));
+        }
+        let s = &self.peers[&source_id];
+        let cmd = RaftCmdRequest {
+            commit_merge: Some(CommitMerge {
+                source: Some(s.region.clone()),
+                commit: ms.commit,
+                entries,
+                target_epoch: recorded.region_epoch,
+            }),
+            ..Default::default()
+        };
+        let t = self.peers.get_mut(&recorded.id).expect("exists");
+        let target_id = recorded.id;
+        t.propose_merge_admin(
+            cmd,
+            Box::new(move |res| match res {
+                Ok(()) => tracing::info!(region_id = target_id, source = source_id, "merge committed"),
+                Err(e) => tracing::info!(region_id = target_id, source = source_id, error = %e, "CommitMerge did not apply"),
+            }),
+        );
+        Ok(())
+    }
+
+    /// Applies a CommitMerge on the target `target_id` (see the module docs for the order).
+    pub(super) fn commit_merge(
+        &mut self,
+        target_id: RegionId,
+        pending: PendingCommitMerge,
+    ) -> Result<()> {
+        let PendingCommitMerge {
+            index, term, cmd, ..
+        } = pending;
+        let t = self.peers.get(&target_id).expect("applying peer exists");
+        let source = cmd.source.clone().unwrap_or_default();
+        let refuse = if !same_epoch(t.region.region_epoch, cmd.target_epoch) {
+            Some(Error::EpochNotMatch {
+                current_regions: vec![t.region.clone()],
+            })
+        } else if t.merge_state.is_some() {
+            Some(Error::ProposalInMergingMode(target_id))
+        } else {
+            None
+        };
+        if let Some(e) = refuse {
+            let t = self.peers.get_mut(&target_id).expect("exists");
+            let (region, engine) = (t.region.clone(), t.engine.clone());
+            t.finish_commit_merge(region, engine, index, term, Err(e));
+            return Ok(());
+        }
+        self.catch_up_source(&cmd)?;
+        let s = self.peers.get(&source.id).unwrap_or_else(|| {
+            panic!(
+                "store {}: CommitMerge of Region {} into {target_id} at {index}, but the source has no replica here",
+                self.id, source.id
+            )
+        });
+        // The invariant of the module docs: the source is exactly as its PrepareMerge left it.
+        assert!(
+            s.applied_index >= cmd.commit
+                && same_epoch(s.region.region_epoch, source.region_epoch)
+                && s.merge_state.as_ref().is_some_and(|m| m.commit == cmd.commit),
+            "store {}: Region {} is not frozen at {} (applied {}, epoch {:?}, merge {:?}) when {target_id} commits its merge: commit and rollback both happened",
+            self.id,
+            source.id,
+            cmd.commit,
+            s.applied_index,
+            s.region.region_epoch,
+            s.merge_state,
+        );
+        let t = &self.peers[&target_id];
+        let mut merged = t.region.clone();
+        if source.end_key == merged.start_key {
+            merged.start_key = source.start_key.clone();
+        } else {
+            merged.end_key = source.end_key.clone();
+        }
+        let (tv, sv) = (
+            merged.region_epoch.unwrap_or_default(),
+            source.region_epoch.unwrap_or_default(),
+        );
+        merged.region_epoch = Some(RegionEpoch {
+            version: tv.version.max(sv.version) + 1,
+            conf_ver: tv.conf_ver,
+        });
+        let engine =
+            self.engines
+                .kv
+                .open_region(target_id, range_of(&merged), t.engine.tablet_index())?;
+        if self.engines.kv.kind() == EngineKind::PartitionedRaftKv {
+            copy_region_data(s.engine.as_ref(), engine.as_ref(), &source)?;
+        }
+        let mut lb = LogWriteBatch::new();
+        lb.put_region_state(
+            target_id,
+            &t.region_state(&merged, PeerState::Normal, None, index),
+        )?;
+        lb.put_region_state(
+            source.id,
+            &RegionLocalState {
+                state: PeerState::Tombstone as i32,
+                region: Some(s.region.clone()),
+                tablet_index: 0,
+                destroyed_peer_id: s.meta.id,
+                conf_index: 0,
+                merge_state: None,
+            },
+        )?;
+        // Durability boundary: from here on the target covers the source's range.
+        self.engines.raft.write(&mut lb, true)?;
+        let t = self.peers.get_mut(&target_id).expect("exists");
+        t.finish_commit_merge(merged.clone(), engine, index, term, Ok(()));
+        tracing::info!(
+            store_id = self.id,
+            region_id = target_id,
+            source = source.id,
+            index,
+            "merge applied"
+        );
+        crate::metrics::MERGES.inc();
+        self.destroy_peer(source.id)?;
+        self.neighbours_stale = true;
+        Ok(())
+    }
+
+    /// Local replicas of Regions prepared to merge into `target_id` whose whole range a
+    /// snapshot of `target_id` covers: the snapshot was taken after the merge committed.
+    pub(super) fn merge_sources_covered_by(
+        &self,
+        target_id: RegionId,
+        snapshot: &raft::eraftpb::Snapshot,
+    ) -> Vec<RegionId> {
+        use prost::Message as _;
+        let Ok(meta) = prkv_proto::serverpb::SnapshotMeta::decode(snapshot.data.as_ref()) else {
+            return Vec::new();
+        };
+        let Some(region) = meta.region else {
+            return Vec::new();
+        };
+        let covers = |r: &Region| {
+            r.start_key >= region.start_key
+                && (region.end_key.is_empty()
+                    || (!r.end_key.is_empty() && r.end_key <= region.end_key))
+        };
+        self.peers
+            .values()
+            .filter(|p| {
+                p.region_id() != target_id
+                    && p.merge_state
+                        .as_ref()
+                        .and_then(|m| m.target.as_ref())
+                        .is_some_and(|t| t.id == target_id)
+                    && covers(&p.region)
+            })
+            .map(|p| p.region_id())
+            .collect()
+    }
+
+    /// Brings this store's replica of the merge's source up to the PrepareMerge, from the
+    /// entries the CommitMerge carries, if it lags (its other replicas may be gone already).
+    fn catch_up_source(&mut self, cmd: &CommitMerge) -> Result<()> {
+        let source_id = cmd.source.as_ref().map_or(0, |r| r.id);
+        let Some(s) = self.peers.get(&source_id) else {
+            return Ok(());
+        };
+        let applied = s.applied_index;
+        if applied >= cmd.commit {
+            return Ok(());
+        }
+        let mut entries = Vec::new();
+        for bytes in &cmd.entries {
+            let mut e = raft::eraftpb::Entry::default();
+            e.merge_from_bytes(bytes)
+                .map_err(|e| Error::Storage(format!("CommitMerge entry: {e}")))?;
+            if e.index > applied && e.index <= cmd.commit {
+                entries.push(e);
+            }
+        }
+        assert!(
+            entries.first().is_some_and(|e| e.index == applied + 1)
+                && entries.last().is_some_and(|e| e.index == cmd.commit),
+            "store {}: Region {source_id} applied {applied}, the CommitMerge carries no entries from there to {}",
+            self.id,
+            cmd.commit
+        );
+        tracing::info!(
+            region_id = source_id,
+            from = applied + 1,
+            to = cmd.commit,
+            "catching up the merge source from the CommitMerge"
+        );
+        // The log first, so that a restart finds every applied entry in it.
+        let mut lb = LogWriteBatch::new();
+        lb.append(source_id, &entries)?;
+        self.engines.raft.write(&mut lb, true)?;
+        self.apply(source_id, entries)?;
+        Ok(())
+    }
+}
+
+/// Copies every key of `source`'s range from its engine into `target`'s (partitioned mode).
+fn copy_region_data(from: &dyn RegionEngine, to: &dyn RegionEngine, source: &Region) -> Result<()> {
+    let snap = from.snapshot();
+    let mut copied = 0u64;
+    for cf in Cf::ALL {
+        let mut wb = WriteBatch::new();
+        let mut failed = None;
+        snap.scan(
+            cf,
+            &source.start_key,
+            &source.end_key,
+            ScanDir::Forward,
+            &mut |k, v| {
+                wb.put(cf, k, v);
+                copied += 1;
+                if wb.data_bytes() >= MERGE_COPY_BATCH_BYTES {
+                    if let Err(e) = to.write(&wb) {
+                        failed = Some(e);
+                        return false;
+                    }
+                    wb.clear();
+                }
+                true
+            },
+        )?;
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        if !wb.is_empty() {
+            to.write(&wb)?;
+        }
+    }
+    // The tablet has no WAL: the copied keys must be on disk before the Region states say
+    // the target holds them.
+    to.flush(true)?;
+    tracing::debug!(
+        source = source.id,
+        keys = copied,
+        "merge copied the source's keys"
+    );
+    Ok(())
+}

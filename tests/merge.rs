@@ -1,0 +1,321 @@
+//! Region merge on the in-process cluster, for both engine kinds: merge on request (either
+//! side), data on every replica, a lagging replica caught up from the CommitMerge, a rollback
+//! when the target changes first, a leader change in the middle, and crashes afterwards.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::cluster::Cluster;
+use prkv::config::EngineKind;
+use prkv::raftstore::{Error, StoreMsg, Verdict};
+use prkv::storage::{Cf, ScanDir};
+
+fn key(i: usize) -> Vec<u8> {
+    format!("k{i:05}").into_bytes()
+}
+
+/// What store `s`'s engine of `region_id` holds (clipped to the Region's range).
+fn replica_keys(c: &Cluster, s: u64, region_id: u64) -> Vec<Vec<u8>> {
+    let engine = c.kv[&s].region(region_id).expect("engine of the Region");
+    let mut out = Vec::new();
+    engine
+        .scan(Cf::Default, &[], &[], ScanDir::Forward, &mut |k, _| {
+            out.push(k.to_vec());
+            true
+        })
+        .unwrap();
+    out
+}
+
+/// Waits until store `s`'s replica of `region_id` holds exactly `want`.
+fn must_hold(c: &Cluster, s: u64, region_id: u64, want: &[Vec<u8>]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let have = c.kv.get(&s).and_then(|kv| kv.region(region_id)).is_some();
+        if have && replica_keys(c, s, region_id) == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "store {s}'s replica of Region {region_id} never held the {} expected keys (has {})",
+            want.len(),
+            if have {
+                replica_keys(c, s, region_id).len()
+            } else {
+                0
+            }
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Three Regions [.., k30) [k30, k60) [k60, ..) with keys 0..90.
+fn three_regions(kind: EngineKind) -> Cluster {
+    three_regions_with(kind, |_| {})
+}
+
+fn three_regions_with(kind: EngineKind, tweak: impl FnOnce(&mut prkv::config::Config)) -> Cluster {
+    let mut c = Cluster::new(3, kind);
+    tweak(&mut c.cfg);
+    c.bootstrap(1, &[1, 2, 3]);
+    c.start();
+    for i in 0..90 {
+        c.must_put(&key(i), b"v1");
+    }
+    let regions = c.must_split(1, &[&key(30), &key(60)]);
+    assert_eq!(regions.len(), 3);
+    c
+}
+
+/// A write through the leader of the Region holding `key`, with the epoch we know.
+fn try_put(c: &Cluster, key: &[u8]) -> Result<(), Error> {
+    let r = c.region_for_key(key).clone();
+    let Some(s) = c.leader_store(r.id) else {
+        return Err(Error::NotLeader {
+            region_id: r.id,
+            leader: None,
+        });
+    };
+    c.put_on(s, key, b"v2")
+}
+
+/// Merge the middle Region into the left one (the source follows its target), then the result
+/// into the right one (the source precedes it): every key stays, every replica of the merged
+/// Region holds all of them, the sources are gone everywhere and stay gone after a crash of
+/// every store.
+fn merge_on_request(kind: EngineKind) {
+    let mut c = three_regions(kind);
+    let (left, mid, right) = (
+        c.regions[0].clone(),
+        c.regions[1].clone(),
+        c.regions[2].clone(),
+    );
+    c.must_merge(mid.id, left.id);
+    let merged = c.regions.iter().find(|r| r.id == left.id).unwrap().clone();
+    assert_eq!(merged.end_key, key(60));
+    let (lv, mv) = (
+        left.region_epoch.unwrap().version,
+        mid.region_epoch.unwrap().version,
+    );
+    assert!(merged.region_epoch.unwrap().version > lv.max(mv));
+    let want: Vec<Vec<u8>> = (0..60).map(key).collect();
+    for s in 1..=3 {
+        must_hold(&c, s, left.id, &want);
+        assert!(
+            c.kv[&s].region(mid.id).is_none(),
+            "store {s} kept the source's engine"
+        );
+    }
+    // The merged Region takes writes over the source's old range.
+    c.must_put(&key(45), b"v2");
+    assert_eq!(c.must_get(&key(45)).as_deref(), Some(&b"v2"[..]));
+    c.must_merge(left.id, right.id);
+    assert_eq!(c.regions.len(), 1);
+    let merged = c.regions[0].clone();
+    assert_eq!(merged.id, right.id);
+    assert!(merged.start_key.is_empty() && merged.end_key.is_empty());
+    let want: Vec<Vec<u8>> = (0..90).map(key).collect();
+    for s in 1..=3 {
+        must_hold(&c, s, right.id, &want);
+    }
+    // A crash of every store: the merges are on disk, the sources do not come back.
+    for s in 1..=3 {
+        c.stop_store(s);
+    }
+    for s in 1..=3 {
+        c.start_store(s);
+    }
+    for i in 0..90 {
+        let v: &[u8] = if i == 45 { b"v2" } else { b"v1" };
+        assert_eq!(c.must_get(&key(i)).as_deref(), Some(v), "key {i}");
+    }
+    for s in 1..=3 {
+        assert!(c.status(s, mid.id).is_none() && c.status(s, left.id).is_none());
+        must_hold(&c, s, right.id, &want);
+    }
+    c.must_put(&key(89), b"v3");
+}
+
+/// A replica of the source that missed the last writes (its store was down) catches up from
+/// the entries the CommitMerge carries: the source's other replicas are gone by then.
+fn lagging_replica_catches_up(kind: EngineKind) {
+    // No log GC: store 3's replica must still be within the log when the merge is prepared
+    // (otherwise it needs a snapshot first, and the merge is refused until it has one).
+    let mut c = three_regions_with(kind, |cfg| cfg.raftstore.raft_log_gc_threshold = 100_000);
+    let (left, mid) = (c.regions[0].clone(), c.regions[1].clone());
+    // The source's leader must have heard from store 3's replica in its term (a leader knows
+    // nothing of a replica it never heard from, and a merge waits for it).
+    c.must_put(&key(30), b"v1");
+    c.must_replicate(3, &key(30), b"v1");
+    std::thread::sleep(Duration::from_millis(300));
+    c.stop_store(3);
+    for i in 30..40 {
+        c.must_put(&key(i), b"v2");
+    }
+    c.must_prepare_merge(mid.id, left.id);
+    c.must_merged(mid.id, left.id, 1);
+    c.start_store(3);
+    let want: Vec<Vec<u8>> = (0..60).map(key).collect();
+    must_hold(&c, 3, left.id, &want);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.status(3, mid.id).is_some() {
+        assert!(Instant::now() < deadline, "store 3 kept the source");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Store 3's copy has the writes it missed: read it alone.
+    let engine = c.kv[&3].region(left.id).unwrap();
+    for i in 30..40 {
+        assert_eq!(
+            engine.get(Cf::Default, &key(i)).unwrap().as_deref(),
+            Some(&b"v2"[..]),
+            "key {i} on store 3"
+        );
+    }
+}
+
+/// The target splits after the source prepared its merge (its replica on the source leader's
+/// store cut off meanwhile, so no CommitMerge gets in first): the source rolls back and takes
+/// writes again; no replica of the target took the source in.
+fn rollback_when_target_changes(kind: EngineKind) {
+    let mut c = three_regions(kind);
+    let (left, mid) = (c.regions[0].clone(), c.regions[1].clone());
+    c.must_transfer_leader(mid.id, 1);
+    c.must_transfer_leader(left.id, 2);
+    // Store 1's replica of the target hears nothing: it can neither lead nor see the split.
+    let target = left.id;
+    c.net.add_filter(
+        "cut-target-on-1",
+        Arc::new(move |m| {
+            if m.region_id == target && (m.to_store == 1 || m.from_store == 1) {
+                Verdict::Drop
+            } else {
+                Verdict::Deliver
+            }
+        }),
+    );
+    c.must_prepare_merge(mid.id, left.id);
+    // Writes to the frozen source are refused meanwhile.
+    match try_put(&c, &key(35)) {
+        Err(Error::ProposalInMergingMode(id)) => assert_eq!(id, mid.id),
+        other => panic!("a merging Region took a write: {other:?}"),
+    }
+    c.must_split(left.id, &[&key(10)]);
+    c.net.remove_filter("cut-target-on-1");
+    // The source rolls back: it takes writes again, with a new version.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        c.refresh_regions(2);
+        if try_put(&c, &key(35)).is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the source never rolled back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let now = c.regions.iter().find(|r| r.id == mid.id).unwrap();
+    assert_eq!(
+        now.region_epoch.unwrap().version,
+        mid.region_epoch.unwrap().version + 2,
+        "prepare and rollback each bump the version"
+    );
+    for s in 1..=3 {
+        let want: Vec<Vec<u8>> = (30..60).map(key).collect();
+        must_hold(&c, s, mid.id, &want);
+        let want: Vec<Vec<u8>> = (0..10).map(key).collect();
+        must_hold(&c, s, left.id, &want);
+    }
+    assert_eq!(c.must_get(&key(35)).as_deref(), Some(&b"v2"[..]));
+}
+
+/// The source's leader moves right after the PrepareMerge: the new leader finishes the merge;
+/// then a store crashes right after and recovers the merged Region.
+fn merge_survives_leader_change(kind: EngineKind) {
+    let mut c = three_regions(kind);
+    let (left, mid) = (c.regions[0].clone(), c.regions[1].clone());
+    c.must_transfer_leader(mid.id, 1);
+    c.must_transfer_leader(left.id, 1);
+    // Store 1 cannot reach its target replica's peers: the merge cannot commit from there.
+    let target = left.id;
+    c.net.add_filter(
+        "cut-target-on-1",
+        Arc::new(move |m| {
+            if m.region_id == target && (m.to_store == 1 || m.from_store == 1) {
+                Verdict::Drop
+            } else {
+                Verdict::Deliver
+            }
+        }),
+    );
+    c.must_prepare_merge(mid.id, left.id);
+    // The source's leadership moves to store 2, which drives the merge from there.
+    let s2 = c.status(2, mid.id).unwrap().peer;
+    let leader = c.must_leader(mid.id);
+    c.stores[&leader]
+        .router
+        .try_send(StoreMsg::TransferLeader {
+            region_id: mid.id,
+            to: s2,
+        })
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.status(2, mid.id).is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the merge never committed on store 2"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.net.remove_filter("cut-target-on-1");
+    c.must_merged(mid.id, left.id, 2);
+    c.restart_store(2);
+    let want: Vec<Vec<u8>> = (0..60).map(key).collect();
+    for s in 1..=3 {
+        must_hold(&c, s, left.id, &want);
+    }
+    for i in 0..60 {
+        assert_eq!(c.must_get(&key(i)).as_deref(), Some(&b"v1"[..]), "key {i}");
+    }
+}
+
+/// Merges that cannot be made are refused with a typed error and change nothing.
+fn bad_merges_are_refused(kind: EngineKind) {
+    let c = three_regions(kind);
+    let (left, right) = (c.regions[0].clone(), c.regions[2].clone());
+    let s = c.must_leader(left.id);
+    let (tx, rx) = std::sync::mpsc::channel();
+    c.stores[&s]
+        .router
+        .try_send(StoreMsg::PrepareMerge {
+            region_id: left.id,
+            target_id: right.id,
+            cb: Box::new(move |r| drop(tx.send(r))),
+        })
+        .unwrap();
+    match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+        Err(Error::InvalidMerge(_)) => {}
+        other => panic!("a merge of non-adjacent Regions: {other:?}"),
+    }
+    c.must_put(&key(5), b"v2");
+}
+
+macro_rules! both_kinds {
+    ($($name:ident),*) => {
+        mod partitioned {
+            use prkv::config::EngineKind::PartitionedRaftKv as K;
+            $(#[test] fn $name() { super::$name(K) })*
+        }
+        mod raft_kv {
+            use prkv::config::EngineKind::RaftKv as K;
+            $(#[test] fn $name() { super::$name(K) })*
+        }
+    };
+}
+
+both_kinds!(
+    merge_on_request,
+    lagging_replica_catches_up,
+    rollback_when_target_changes,
+    merge_survives_leader_change,
+    bad_merges_are_refused
+);
