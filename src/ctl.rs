@@ -90,6 +90,23 @@ pub fn split_region(pd: SocketAddr, id: u64) -> Result<String, String> {
     }
 }
 
+/// Asks PD to merge Region `source` into its neighbour `target`.
+pub fn merge_region(pd: SocketAddr, source: u64, target: u64) -> Result<String, String> {
+    let path = format!("/pd/api/v1/region/merge/{source}/{target}");
+    let (status, line, body) = http_request(pd, "POST", &path)?;
+    if status == 200 {
+        Ok(format!(
+            "PD asked Region {source}'s leader to merge it into {target} (watch with `prkv ctl regions`)\n"
+        ))
+    } else {
+        let reason = serde_json::from_str::<Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or(line);
+        Err(format!("PD refused to merge Region {source} into {target}: {reason}"))
+    }
+}
+
 /// Asks PD to delete (scale in) a store.
 pub fn delete_store(pd: SocketAddr, id: u64) -> Result<String, String> {
     let (status, line, body) = http_request(pd, "DELETE", &format!("/pd/api/v1/store/{id}"))?;

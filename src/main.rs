@@ -95,6 +95,9 @@ enum CtlCommand {
     StoreDelete { id: u64 },
     /// Split a Region in half (PD sends the split to its leader).
     SplitRegion { id: u64 },
+    /// Merge Region SOURCE into its neighbour TARGET (PD sends the merge to SOURCE's leader;
+    /// their replicas must be on the same stores).
+    MergeRegion { source: u64, target: u64 },
     /// The Raft state a stopped store holds for a Region (reads its data dir; no PD needed).
     RaftState {
         #[arg(long)]
@@ -280,6 +283,9 @@ fn main() -> ExitCode {
                 CtlCommand::Regions => prkv::ctl::regions(pd),
                 CtlCommand::StoreDelete { id } => prkv::ctl::delete_store(pd, id),
                 CtlCommand::SplitRegion { id } => prkv::ctl::split_region(pd, id),
+                CtlCommand::MergeRegion { source, target } => {
+                    prkv::ctl::merge_region(pd, source, target)
+                }
                 CtlCommand::RaftState { data_dir, region } => {
                     prkv::ctl::raft_state(&data_dir, region)
                 }

@@ -92,6 +92,9 @@ pub struct Cluster {
     /// `update_region`, so the schedulers never walk every Region).
     pub(super) store_regions: HashMap<u64, usize>,
     pub(super) store_leaders: HashMap<u64, usize>,
+    /// When each Region's version last changed as PD saw it (split or merge): the merge
+    /// checker leaves Regions alone for `schedule.split-merge-interval` after that.
+    pub(super) version_changed: HashMap<u64, Instant>,
     /// When this PD started: a store not heard from since counts as silent from then.
     started: Instant,
 }
@@ -138,6 +141,7 @@ impl Cluster {
             schedule_cfg,
             store_regions: HashMap::new(),
             store_leaders: HashMap::new(),
+            version_changed: HashMap::new(),
             started: Instant::now(),
             meta,
         };
@@ -358,12 +362,17 @@ impl Cluster {
         let new = epoch(&info.region);
         let id = info.region.id;
         let mut changed = true;
+        let mut version_changed = true;
         if let Some(old) = self.regions.get(&id) {
             let old_epoch = epoch(&old.region);
             if new.version < old_epoch.version || new.conf_ver < old_epoch.conf_ver {
                 return Ok(false);
             }
             changed = old.region != info.region;
+            version_changed = new.version != old_epoch.version;
+        }
+        if version_changed {
+            self.version_changed.insert(id, Instant::now());
         }
         if changed {
             let overlaps: Vec<u64> = self
@@ -381,6 +390,7 @@ impl Cluster {
                 if let Some(r) = self.regions.remove(&o) {
                     self.tree.remove(&r.region.start_key);
                     self.ops.remove(&o);
+                    self.version_changed.remove(&o);
                     self.meta.delete_region(o)?;
                     count_region(&mut self.store_regions, &mut self.store_leaders, &r, -1);
                 }

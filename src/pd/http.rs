@@ -12,6 +12,7 @@
 //! | `GET /pd/api/v1/region/id/{id}` | one `region`, or 404 |
 //! | `GET /pd/api/v1/store/{id}` | one store, or 404 |
 //! | `POST /pd/api/v1/region/split/{id}` | splits the Region in half (an operator sent to its leader) |
+//! | `POST /pd/api/v1/region/merge/{source}/{target}` | merges Region `source` into its neighbour `target` |
 //! | `DELETE /pd/api/v1/store/{id}` | scale in: the store goes Offline, its replicas move away, then it is Tombstone |
 //!
 //! A store's `state_name` is Up, Disconnected (no heartbeat for 20 s), Down (none for
@@ -141,6 +142,30 @@ impl PdHttp {
             };
         }
         if method == http::Method::POST {
+            if let Some(ids) = path.strip_prefix("/pd/api/v1/region/merge/") {
+                let parsed = ids
+                    .split_once('/')
+                    .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
+                let Some((source, target)) = parsed else {
+                    return respond(
+                        http::StatusCode::BAD_REQUEST,
+                        json!({"error": format!("{ids:?} is not <source id>/<target id>")}),
+                    );
+                };
+                return match self.state.cluster.lock().merge_region(source, target) {
+                    Ok(()) => respond(
+                        http::StatusCode::OK,
+                        json!({"merge": source, "into": target}),
+                    ),
+                    Err(ClusterError::RegionNotFound(id)) => {
+                        not_found(format!("Region {id} not found"))
+                    }
+                    Err(e) => respond(
+                        http::StatusCode::BAD_REQUEST,
+                        json!({"error": e.to_string()}),
+                    ),
+                };
+            }
             // `POST /pd/api/v1/region/split/{id}`: split the Region in half.
             let Some(id) = path.strip_prefix("/pd/api/v1/region/split/") else {
                 return not_found(format!("no such endpoint: {path}"));

@@ -47,6 +47,16 @@ pub struct ScheduleConfig {
     pub region_schedule_limit: usize,
     /// Replica moves in flight that add to or remove from one store.
     pub store_limit: usize,
+    /// A Region at most this large (MiB) and with at most `max-merge-region-keys` keys is
+    /// merged into a neighbour that is small too; 0 turns merging off.
+    pub max_merge_region_size: u64,
+    pub max_merge_region_keys: u64,
+    /// Merges in flight in the cluster.
+    pub merge_schedule_limit: usize,
+    /// A Region whose version changed (it split or merged) this recently is not merged: a
+    /// Region just split is not small for long, and merging it back would undo the split.
+    #[serde(with = "humantime_secs")]
+    pub split_merge_interval: Duration,
 }
 
 impl Default for ScheduleConfig {
@@ -58,6 +68,12 @@ impl Default for ScheduleConfig {
             region_schedule_limit: 64,
             // Each move is a snapshot; four at once per store keeps foreground traffic first.
             store_limit: 4,
+            // PD's defaults: well below the split size (96 MiB, 960k keys), so that a merged
+            // Region does not split again at once.
+            max_merge_region_size: 20,
+            max_merge_region_keys: 200_000,
+            merge_schedule_limit: 8,
+            split_merge_interval: Duration::from_secs(3600),
         }
     }
 }
@@ -89,6 +105,13 @@ pub enum Step {
     /// Split at `keys` (in half when empty); done once the Region's version passes `version`.
     Split {
         keys: Vec<Vec<u8>>,
+        version: u64,
+    },
+    /// Merge the Region into its neighbour `target`. Done when the Region is gone (the target's
+    /// report covers it; PD then drops the Region and this operator) or rolled back (its
+    /// version passed `version + 1`: PrepareMerge and RollbackMerge each bump it).
+    Merge {
+        target: prkv_proto::metapb::Region,
         version: u64,
     },
 }
@@ -154,6 +177,7 @@ fn step_done(step: &Step, info: &RegionInfo) -> bool {
         Step::TransferLeader(p) => info.leader.is_some_and(|l| l.id == p.id),
         Step::RemovePeer(p) => !r.peers.iter().any(|x| x.id == p.id),
         Step::Split { version, .. } => r.region_epoch.is_some_and(|e| e.version > *version),
+        Step::Merge { version, .. } => r.region_epoch.is_some_and(|e| e.version > *version + 1),
     }
 }
 
@@ -188,6 +212,11 @@ fn step_response(info: &RegionInfo, leader: &Peer, step: &Step) -> pdpb::RegionH
                 keys: keys.clone(),
             })
         }
+        Step::Merge { target, .. } => {
+            resp.merge = Some(pdpb::Merge {
+                target: Some(target.clone()),
+            })
+        }
     }
     resp
 }
@@ -216,11 +245,18 @@ impl Cluster {
             }
             // Finished (or timed out): plan the next thing at once.
         }
+        if self.merge_target_of_op(region_id) {
+            // A merge into this Region is in flight: any change here would roll it back.
+            return Ok(None);
+        }
         let op = match self.check_replicas(&info, &leader)? {
             Some(op) => Some(op),
             None => match self.balance_region(&info, &leader)? {
                 Some(op) => Some(op),
-                None => self.balance_leader(&info, &leader),
+                None => match self.balance_leader(&info, &leader) {
+                    Some(op) => Some(op),
+                    None => self.check_merge(&info),
+                },
             },
         };
         let Some(op) = op else { return Ok(None) };
@@ -275,6 +311,122 @@ impl Cluster {
         }
         op.last_sent = Some(Instant::now());
         Some(step_response(info, leader, &step))
+    }
+
+    /// Whether an operator in flight merges another Region into `region_id`.
+    fn merge_target_of_op(&self, region_id: u64) -> bool {
+        self.ops.values().any(|o| {
+            o.steps
+                .iter()
+                .any(|s| matches!(s, Step::Merge { target, .. } if target.id == region_id))
+        })
+    }
+
+    fn merges_in_flight(&self) -> usize {
+        self.ops.values().filter(|o| o.kind == "merge-region").count()
+    }
+
+    /// A Region that may take part in a merge: small, settled (voters only, all caught up,
+    /// none down, as many as configured), with a known leader, not recently split or merged,
+    /// and with no operator of its own.
+    fn mergeable(&self, info: &RegionInfo) -> bool {
+        let cfg = &self.schedule_cfg;
+        let small = info.approximate_size <= cfg.max_merge_region_size * 1024 * 1024
+            && info.approximate_keys <= cfg.max_merge_region_keys;
+        let settled = info.leader.is_some()
+            && info.pending_peers.is_empty()
+            && info.down_peers.is_empty()
+            && info.region.peers.len() == self.max_replicas
+            && info
+                .region
+                .peers
+                .iter()
+                .all(|p| p.role == PeerRole::Voter as i32 && !store_must_drain(self, p.store_id));
+        let recent = self
+            .version_changed
+            .get(&info.region.id)
+            .is_some_and(|t| t.elapsed() < cfg.split_merge_interval);
+        small && settled && !recent && !self.ops.contains_key(&info.region.id)
+    }
+
+    /// Merge checker: a small Region merges into the smaller of its small neighbours whose
+    /// replicas are on the same stores (moving replicas to line them up first is not done yet).
+    fn check_merge(&self, info: &RegionInfo) -> Option<Operator> {
+        let cfg = &self.schedule_cfg;
+        if cfg.max_merge_region_size == 0 || self.merges_in_flight() >= cfg.merge_schedule_limit {
+            return None;
+        }
+        if !self.mergeable(info) {
+            return None;
+        }
+        let stores = |r: &prkv_proto::metapb::Region| {
+            let mut v: Vec<u64> = r.peers.iter().map(|p| p.store_id).collect();
+            v.sort_unstable();
+            v
+        };
+        let r = &info.region;
+        let next = (!r.end_key.is_empty())
+            .then(|| self.region_by_key(&r.end_key))
+            .flatten();
+        let prev = (!r.start_key.is_empty())
+            .then(|| self.prev_region(&r.start_key))
+            .flatten();
+        let target = [prev, next]
+            .into_iter()
+            .flatten()
+            .filter(|t| {
+                t.region.id != r.id
+                    && self.mergeable(t)
+                    && !self.merge_target_of_op(t.region.id)
+                    && stores(&t.region) == stores(r)
+            })
+            .min_by_key(|t| (t.approximate_size, t.approximate_keys))?;
+        let version = r.region_epoch.map_or(0, |e| e.version);
+        Some(Operator::new(
+            "merge-region",
+            vec![Step::Merge {
+                target: target.region.clone(),
+                version,
+            }],
+        ))
+    }
+
+    /// Asks the leader of `source` to merge it into its neighbour `target`, on its next
+    /// heartbeat (the merge checker's rules on size and timing do not apply; the Raftstore's
+    /// do: adjacent, replicas on the same stores).
+    pub fn merge_region(&mut self, source: u64, target: u64) -> Result<()> {
+        use super::cluster::ClusterError;
+        let s = self
+            .regions
+            .get(&source)
+            .ok_or(ClusterError::RegionNotFound(source))?;
+        let t = self
+            .regions
+            .get(&target)
+            .ok_or(ClusterError::RegionNotFound(target))?;
+        let adjacent = (!s.region.end_key.is_empty() && s.region.end_key == t.region.start_key)
+            || (!t.region.end_key.is_empty() && t.region.end_key == s.region.start_key);
+        if !adjacent {
+            return Err(ClusterError::Invalid(format!(
+                "Regions {source} and {target} are not adjacent"
+            )));
+        }
+        if self.ops.contains_key(&source) || self.ops.contains_key(&target) {
+            return Err(ClusterError::Invalid(format!(
+                "Region {source} or {target} has an operator in flight"
+            )));
+        }
+        let version = s.region.region_epoch.map_or(0, |e| e.version);
+        let op = Operator::new(
+            "merge-region",
+            vec![Step::Merge {
+                target: t.region.clone(),
+                version,
+            }],
+        );
+        tracing::info!(source, target, "merge requested through PD");
+        self.ops.insert(source, op);
+        Ok(())
     }
 
     fn replica_ops_in_flight(&self) -> usize {
@@ -498,7 +650,16 @@ impl Cluster {
     }
 
     fn balance_leader(&self, info: &RegionInfo, leader: &Peer) -> Option<Operator> {
-        let transfers = self.ops.values().filter(|o| !o.moves_replicas()).count();
+        let transfers = self
+            .ops
+            .values()
+            .filter(|o| {
+                o.steps
+                    .iter()
+                    .any(|s| matches!(s, Step::TransferLeader(_)))
+                    && !o.moves_replicas()
+            })
+            .count();
         if transfers >= self.schedule_cfg.leader_schedule_limit {
             return None;
         }
@@ -724,6 +885,103 @@ mod tests {
             assert!(r.peers.iter().all(|p| p.store_id != 2));
             assert!(r.peers.iter().all(|p| p.role == PeerRole::Voter as i32));
         }
+    }
+
+    /// Small neighbours merge (the merge checker), big ones stay, and a Region that just split
+    /// is left alone for `split-merge-interval`.
+    #[test]
+    fn small_neighbours_merge_until_none_is_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Arc::new(MetaStore::open(dir.path()).unwrap());
+        let cfg = ScheduleConfig {
+            max_merge_region_keys: 10,
+            max_merge_region_size: 1,
+            split_merge_interval: Duration::ZERO,
+            ..Default::default()
+        };
+        let mut c = Cluster::open(meta, 3, cfg).unwrap();
+        let voter = |id, store_id| Peer {
+            id,
+            store_id,
+            role: PeerRole::Voter as i32,
+            is_witness: false,
+        };
+        // Regions 1..=4 are empty, 5..=8 hold 1000 keys each.
+        let mut regions: Vec<Region> = (1..=8u64)
+            .map(|i| Region {
+                id: i,
+                start_key: if i == 1 { vec![] } else { vec![i as u8] },
+                end_key: if i == 8 { vec![] } else { vec![i as u8 + 1] },
+                region_epoch: Some(RegionEpoch {
+                    conf_ver: 1,
+                    version: 1,
+                }),
+                peers: (1..=3).map(|s| voter(i * 10 + s, s)).collect(),
+            })
+            .collect();
+        c.bootstrap(store(1), regions[0].clone()).unwrap();
+        for s in 2..=3 {
+            c.put_store(store(s)).unwrap();
+        }
+        let keys = |id: u64| if id <= 4 { 0 } else { 1000 };
+        let mut leaders: HashMap<u64, Peer> = regions
+            .iter()
+            .map(|r| (r.id, r.peers[(r.id % 3) as usize]))
+            .collect();
+        for _ in 0..100 {
+            let mut merged = None;
+            for r in &regions {
+                c.update_region(RegionInfo {
+                    region: r.clone(),
+                    leader: Some(leaders[&r.id]),
+                    approximate_keys: keys(r.id),
+                    ..Default::default()
+                })
+                .unwrap();
+                let Some(resp) = c.schedule(r.id).unwrap() else {
+                    continue;
+                };
+                if let Some(tl) = resp.transfer_leader {
+                    leaders.insert(r.id, tl.peer.unwrap());
+                }
+                if let Some(m) = resp.merge {
+                    merged = Some((r.id, m.target.unwrap().id));
+                    break;
+                }
+            }
+            let Some((source, target)) = merged else {
+                if c.ops.is_empty() {
+                    break;
+                }
+                continue; // leader transfers in flight: their next heartbeats finish them
+            };
+            // What the Raftstore does: the target takes the range, its version passes both.
+            let s = regions.iter().find(|r| r.id == source).unwrap().clone();
+            assert!(source <= 4 && target <= 4, "a big Region took part in a merge");
+            let t = regions.iter_mut().find(|r| r.id == target).unwrap();
+            if s.end_key == t.start_key {
+                t.start_key = s.start_key.clone();
+            } else {
+                assert_eq!(t.end_key, s.start_key, "merged Regions are adjacent");
+                t.end_key = s.end_key.clone();
+            }
+            let e = t.region_epoch.as_mut().unwrap();
+            e.version = e.version.max(s.region_epoch.unwrap().version + 1) + 1;
+            regions.retain(|r| r.id != source);
+        }
+        assert_eq!(regions.len(), 5, "the four empty Regions became one: {regions:?}");
+        assert!(regions[0].start_key.is_empty() && regions[0].end_key == vec![5]);
+        // With the default interval, Regions PD just saw change version are not merged.
+        c.schedule_cfg.split_merge_interval = Duration::from_secs(3600);
+        let mut r = regions[0].clone();
+        r.region_epoch.as_mut().unwrap().version += 1;
+        c.update_region(RegionInfo {
+            region: r.clone(),
+            leader: Some(r.peers[0]),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(c.check_merge(&c.regions[&r.id].clone()).is_none());
     }
 
     /// A store silent for `max-store-down-time` is Down: each Region's replica there is

@@ -416,6 +416,19 @@ fn on_operator(router: &StoreRouter, r: pdpb::RegionHeartbeatResponse) {
         };
         let _ = router.try_send(msg);
     }
+    if let Some(m) = r.merge {
+        let Some(target) = m.target else { return };
+        tracing::info!(region_id, target = target.id, "merge from PD");
+        let _ = router.try_send(StoreMsg::PrepareMerge {
+            region_id,
+            target_id: target.id,
+            cb: Box::new(move |res| {
+                if let Err(e) = res {
+                    tracing::info!(region_id, error = %e, "merge from PD not prepared");
+                }
+            }),
+        });
+    }
     if let Some(tl) = r.transfer_leader {
         if let Some(to) = tl.peer {
             let _ = router.try_send(StoreMsg::TransferLeader { region_id, to });
