@@ -103,7 +103,9 @@ pub fn merge_region(pd: SocketAddr, source: u64, target: u64) -> Result<String, 
             .ok()
             .and_then(|v| v["error"].as_str().map(str::to_owned))
             .unwrap_or(line);
-        Err(format!("PD refused to merge Region {source} into {target}: {reason}"))
+        Err(format!(
+            "PD refused to merge Region {source} into {target}: {reason}"
+        ))
     }
 }
 

@@ -323,7 +323,10 @@ impl Cluster {
     }
 
     fn merges_in_flight(&self) -> usize {
-        self.ops.values().filter(|o| o.kind == "merge-region").count()
+        self.ops
+            .values()
+            .filter(|o| o.kind == "merge-region")
+            .count()
     }
 
     /// A Region that may take part in a merge: small, settled (voters only, all caught up,
@@ -333,15 +336,14 @@ impl Cluster {
         let cfg = &self.schedule_cfg;
         let small = info.approximate_size <= cfg.max_merge_region_size * 1024 * 1024
             && info.approximate_keys <= cfg.max_merge_region_keys;
-        let settled = info.leader.is_some()
-            && info.pending_peers.is_empty()
-            && info.down_peers.is_empty()
-            && info.region.peers.len() == self.max_replicas
-            && info
-                .region
-                .peers
-                .iter()
-                .all(|p| p.role == PeerRole::Voter as i32 && !store_must_drain(self, p.store_id));
+        let settled =
+            info.leader.is_some()
+                && info.pending_peers.is_empty()
+                && info.down_peers.is_empty()
+                && info.region.peers.len() == self.max_replicas
+                && info.region.peers.iter().all(|p| {
+                    p.role == PeerRole::Voter as i32 && !store_must_drain(self, p.store_id)
+                });
         let recent = self
             .version_changed
             .get(&info.region.id)
@@ -654,10 +656,7 @@ impl Cluster {
             .ops
             .values()
             .filter(|o| {
-                o.steps
-                    .iter()
-                    .any(|s| matches!(s, Step::TransferLeader(_)))
-                    && !o.moves_replicas()
+                o.steps.iter().any(|s| matches!(s, Step::TransferLeader(_))) && !o.moves_replicas()
             })
             .count();
         if transfers >= self.schedule_cfg.leader_schedule_limit {
@@ -957,7 +956,10 @@ mod tests {
             };
             // What the Raftstore does: the target takes the range, its version passes both.
             let s = regions.iter().find(|r| r.id == source).unwrap().clone();
-            assert!(source <= 4 && target <= 4, "a big Region took part in a merge");
+            assert!(
+                source <= 4 && target <= 4,
+                "a big Region took part in a merge"
+            );
             let t = regions.iter_mut().find(|r| r.id == target).unwrap();
             if s.end_key == t.start_key {
                 t.start_key = s.start_key.clone();
@@ -969,7 +971,11 @@ mod tests {
             e.version = e.version.max(s.region_epoch.unwrap().version + 1) + 1;
             regions.retain(|r| r.id != source);
         }
-        assert_eq!(regions.len(), 5, "the four empty Regions became one: {regions:?}");
+        assert_eq!(
+            regions.len(),
+            5,
+            "the four empty Regions became one: {regions:?}"
+        );
         assert!(regions[0].start_key.is_empty() && regions[0].end_key == vec![5]);
         // With the default interval, Regions PD just saw change version are not merged.
         c.schedule_cfg.split_merge_interval = Duration::from_secs(3600);

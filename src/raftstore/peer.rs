@@ -138,6 +138,11 @@ pub struct Peer {
 /// (a few entries behind at any instant) are not pending.
 const PENDING_LAG: u64 = 64;
 
+/// Regions estimated to hold at most this many keys report an exact count to PD (a scan of
+/// at most this many keys per column family, once per PD heartbeat): cheap, and it is what
+/// lets emptied Regions be seen as empty (see `Peer::approximate_keys`).
+const EXACT_KEY_COUNT_BELOW: u64 = 1024;
+
 /// A PrepareMerge is proposed only if every replica has all but this many entries: the
 /// CommitMerge carries the entries after the slowest replica's, in one Raft entry.
 const MAX_MERGE_CATCH_UP: u64 = 128;
@@ -642,8 +647,36 @@ impl Peer {
             term: self.term(),
             pending_peers,
             approximate_size: self.engine.approximate_size().unwrap_or(0),
-            approximate_keys: self.engine.approximate_keys().unwrap_or(0),
+            approximate_keys: self.approximate_keys(),
         })
+    }
+
+    /// The engine's estimate of this Region's keys, counted exactly when it is small: the
+    /// estimate counts keys deleted since the last flush (and a split-born tablet's keys
+    /// outside its range until it is trimmed), so an emptied Region would look as full as it
+    /// was, and PD's merge checker, which looks for nearly empty Regions, would never pick it.
+    fn approximate_keys(&self) -> u64 {
+        let estimate = self.engine.approximate_keys().unwrap_or(0);
+        if estimate > EXACT_KEY_COUNT_BELOW {
+            return estimate;
+        }
+        let mut n = 0u64;
+        for cf in crate::storage::Cf::ALL {
+            let counted = self.engine.scan(
+                cf,
+                &[],
+                &[],
+                crate::storage::ScanDir::Forward,
+                &mut |_, _| {
+                    n += 1;
+                    n <= EXACT_KEY_COUNT_BELOW
+                },
+            );
+            if counted.is_err() {
+                return estimate;
+            }
+        }
+        n
     }
 
     /// Drives Raft's clock. Returns whether the peer did anything beyond ticking.
