@@ -145,8 +145,11 @@ fn lagging_replica_catches_up(kind: EngineKind) {
     // (otherwise it needs a snapshot first, and the merge is refused until it has one).
     let mut c = three_regions_with(kind, |cfg| cfg.raftstore.raft_log_gc_threshold = 100_000);
     let (left, mid) = (c.regions[0].clone(), c.regions[1].clone());
-    // The source's leader must have heard from store 3's replica in its term (a leader knows
-    // nothing of a replica it never heard from, and a merge waits for it).
+    // The source's leader (not on store 3, which goes down) must have heard from store 3's
+    // replica in its term: a leader knows nothing of a replica it never heard from, and a
+    // merge waits for it.
+    c.must_transfer_leader(mid.id, 1);
+    c.must_transfer_leader(left.id, 1);
     c.must_put(&key(30), b"v1");
     c.must_replicate(3, &key(30), b"v1");
     std::thread::sleep(Duration::from_millis(300));

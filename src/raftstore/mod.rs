@@ -16,9 +16,8 @@
 //! checks and tablet trims), [`transport`] (the network, real or simulated), [`error`] (what
 //! callers are told).
 //!
-//! [`snap`] (snapshots: generation, transfer, install) completes the picture.
-//!
-//! Not here yet: merge.
+//! [`snap`] (snapshots: generation, transfer, install) and `store/merge.rs` (merging two
+//! Regions: prepare, commit, rollback) complete the picture.
 
 pub mod error;
 pub mod msg;
