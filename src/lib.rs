@@ -20,3 +20,4 @@ pub mod raftlog;
 pub mod raftstore;
 pub mod server;
 pub mod storage;
+pub mod txn;

@@ -172,12 +172,27 @@ pub fn find_split_keys(snap: &dyn Snapshot, cfg: &SplitCheckConfig) -> Result<Ve
         let mut since_cut = 0u64;
         let mut by_keys = Vec::new();
         let mut by_size = Vec::new();
+        let mut first: Option<Vec<u8>> = None;
         snap.scan(cf, &[], &[], ScanDir::Forward, &mut |k, v| {
-            if n > 0 && n.is_multiple_of(cfg.split_keys.max(1)) && by_keys.len() < MAX_SPLIT_KEYS {
-                by_keys.push(k.to_vec());
+            let at = split_point(cf, k);
+            let first = first.get_or_insert_with(|| at.to_vec());
+            // A cut must fall between two keys, never between two versions of one key.
+            let new_cut = |cuts: &Vec<Vec<u8>>| {
+                at != first.as_slice() && cuts.last().is_none_or(|l: &Vec<u8>| l.as_slice() < at)
+            };
+            if n > 0
+                && n.is_multiple_of(cfg.split_keys.max(1))
+                && by_keys.len() < MAX_SPLIT_KEYS
+                && new_cut(&by_keys)
+            {
+                by_keys.push(at.to_vec());
             }
-            if n > 0 && since_cut >= cfg.split_size && by_size.len() < MAX_SPLIT_KEYS {
-                by_size.push(k.to_vec());
+            if n > 0
+                && since_cut >= cfg.split_size
+                && by_size.len() < MAX_SPLIT_KEYS
+                && new_cut(&by_size)
+            {
+                by_size.push(at.to_vec());
                 since_cut = 0;
             }
             let sz = (k.len() + v.len()) as u64;
@@ -199,6 +214,16 @@ pub fn find_split_keys(snap: &dyn Snapshot, cfg: &SplitCheckConfig) -> Result<Ve
         }
     }
     Ok(best.map(|(_, k)| k).unwrap_or_default())
+}
+
+/// Where a Region may be cut at key `k` of `cf`: transactional keys carry their version
+/// (`enc(key)` + timestamp) in `write` and `default`, and every version of a key must stay in
+/// one Region, so the cut is at `enc(key)`.
+fn split_point(cf: Cf, k: &[u8]) -> &[u8] {
+    match cf {
+        Cf::Write | Cf::Default => crate::txn::codec::truncate_ts_for_split(k).unwrap_or(k),
+        Cf::Lock => k,
+    }
 }
 
 /// The key in the middle of a Region (by key count, in the column family holding the most
@@ -225,9 +250,12 @@ pub fn find_middle_key(snap: &dyn Snapshot) -> Result<Option<Vec<u8>>> {
     }
     let mut i = 0u64;
     let mut mid = None;
+    let mut first: Option<Vec<u8>> = None;
     snap.scan(cf, &[], &[], ScanDir::Forward, &mut |k, _| {
-        if i == n / 2 {
-            mid = Some(k.to_vec());
+        let at = split_point(cf, k);
+        let first = first.get_or_insert_with(|| at.to_vec());
+        if i >= n / 2 && at != first.as_slice() {
+            mid = Some(at.to_vec());
             return false;
         }
         i += 1;

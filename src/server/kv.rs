@@ -29,6 +29,8 @@ use tokio::sync::{oneshot, Mutex, OwnedMutexGuard};
 use tonic::{Request, Response, Status};
 
 use super::raw::{self, RawConfig, MAX_SCAN_LIMIT};
+
+mod txn;
 use crate::raftstore::{Error, RegionSnapshot, StoreMsg, StoreRouter};
 use crate::storage::{Cf, ScanDir};
 
@@ -463,6 +465,146 @@ fn split_pairs(f: Fail) -> (Option<errorpb::Error>, Vec<kvrpcpb::KvPair>) {
 
 #[tonic::async_trait]
 impl Tikv for KvService {
+    async fn kv_get(
+        &self,
+        req: Request<kvrpcpb::GetRequest>,
+    ) -> Result<Response<kvrpcpb::GetResponse>, Status> {
+        count("kv_get");
+        self.txn_get(req).await
+    }
+
+    async fn kv_scan(
+        &self,
+        req: Request<kvrpcpb::ScanRequest>,
+    ) -> Result<Response<kvrpcpb::ScanResponse>, Status> {
+        count("kv_scan");
+        self.txn_scan(req).await
+    }
+
+    async fn kv_batch_get(
+        &self,
+        req: Request<kvrpcpb::BatchGetRequest>,
+    ) -> Result<Response<kvrpcpb::BatchGetResponse>, Status> {
+        count("kv_batch_get");
+        self.txn_batch_get(req).await
+    }
+
+    async fn kv_prewrite(
+        &self,
+        req: Request<kvrpcpb::PrewriteRequest>,
+    ) -> Result<Response<kvrpcpb::PrewriteResponse>, Status> {
+        count("kv_prewrite");
+        self.txn_prewrite(req).await
+    }
+
+    async fn kv_pessimistic_lock(
+        &self,
+        req: Request<kvrpcpb::PessimisticLockRequest>,
+    ) -> Result<Response<kvrpcpb::PessimisticLockResponse>, Status> {
+        count("kv_pessimistic_lock");
+        self.txn_pessimistic_lock(req).await
+    }
+
+    async fn kv_pessimistic_rollback(
+        &self,
+        req: Request<kvrpcpb::PessimisticRollbackRequest>,
+    ) -> Result<Response<kvrpcpb::PessimisticRollbackResponse>, Status> {
+        count("kv_pessimistic_rollback");
+        self.txn_pessimistic_rollback(req).await
+    }
+
+    async fn kv_txn_heart_beat(
+        &self,
+        req: Request<kvrpcpb::TxnHeartBeatRequest>,
+    ) -> Result<Response<kvrpcpb::TxnHeartBeatResponse>, Status> {
+        count("kv_txn_heart_beat");
+        self.txn_heart_beat(req).await
+    }
+
+    async fn kv_check_txn_status(
+        &self,
+        req: Request<kvrpcpb::CheckTxnStatusRequest>,
+    ) -> Result<Response<kvrpcpb::CheckTxnStatusResponse>, Status> {
+        count("kv_check_txn_status");
+        self.txn_check_txn_status(req).await
+    }
+
+    async fn kv_check_secondary_locks(
+        &self,
+        req: Request<kvrpcpb::CheckSecondaryLocksRequest>,
+    ) -> Result<Response<kvrpcpb::CheckSecondaryLocksResponse>, Status> {
+        count("kv_check_secondary_locks");
+        self.txn_check_secondary_locks(req).await
+    }
+
+    async fn kv_commit(
+        &self,
+        req: Request<kvrpcpb::CommitRequest>,
+    ) -> Result<Response<kvrpcpb::CommitResponse>, Status> {
+        count("kv_commit");
+        self.txn_commit(req).await
+    }
+
+    async fn kv_cleanup(
+        &self,
+        req: Request<kvrpcpb::CleanupRequest>,
+    ) -> Result<Response<kvrpcpb::CleanupResponse>, Status> {
+        count("kv_cleanup");
+        self.txn_cleanup(req).await
+    }
+
+    async fn kv_batch_rollback(
+        &self,
+        req: Request<kvrpcpb::BatchRollbackRequest>,
+    ) -> Result<Response<kvrpcpb::BatchRollbackResponse>, Status> {
+        count("kv_batch_rollback");
+        self.txn_batch_rollback(req).await
+    }
+
+    async fn kv_scan_lock(
+        &self,
+        req: Request<kvrpcpb::ScanLockRequest>,
+    ) -> Result<Response<kvrpcpb::ScanLockResponse>, Status> {
+        count("kv_scan_lock");
+        self.txn_scan_lock(req).await
+    }
+
+    async fn kv_resolve_lock(
+        &self,
+        req: Request<kvrpcpb::ResolveLockRequest>,
+    ) -> Result<Response<kvrpcpb::ResolveLockResponse>, Status> {
+        count("kv_resolve_lock");
+        self.txn_resolve_lock(req).await
+    }
+
+    async fn kv_gc(
+        &self,
+        req: Request<kvrpcpb::GcRequest>,
+    ) -> Result<Response<kvrpcpb::GcResponse>, Status> {
+        count("kv_gc");
+        self.txn_gc(req).await
+    }
+
+    async fn kv_delete_range(
+        &self,
+        req: Request<kvrpcpb::DeleteRangeRequest>,
+    ) -> Result<Response<kvrpcpb::DeleteRangeResponse>, Status> {
+        count("kv_delete_range");
+        self.txn_delete_range(req).await
+    }
+
+    async fn unsafe_destroy_range(
+        &self,
+        _req: Request<kvrpcpb::UnsafeDestroyRangeRequest>,
+    ) -> Result<Response<kvrpcpb::UnsafeDestroyRangeResponse>, Status> {
+        count("unsafe_destroy_range");
+        // TiKV deletes the range below Raft on every store; prkv has no such path yet.
+        Ok(Response::new(kvrpcpb::UnsafeDestroyRangeResponse {
+            region_error: None,
+            error: "UnsafeDestroyRange is not served by prkv yet; use DeleteRange".into(),
+        }))
+    }
+
     async fn raw_get(
         &self,
         req: Request<kvrpcpb::RawGetRequest>,
