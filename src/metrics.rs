@@ -142,6 +142,13 @@ pub static MERGES: LazyLock<IntCounter> = LazyLock::new(|| {
     )
 });
 
+pub static GC_VERSIONS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "prkv_gc_versions_total",
+        "MVCC versions removed by GC below PD's safe point",
+    )
+});
+
 /// PD operators by outcome (finished or timed out).
 pub static PD_OPERATORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(

@@ -23,7 +23,8 @@ fn config(kind: &str, api_version: u8) -> String {
     format!(
         "[storage]\nengine = \"{kind}\"\napi-version = {api_version}\n\
          [coprocessor]\nregion-max-keys = 30\nregion-split-keys = 20\n\
-         [raftstore]\nsplit-region-check-tick-interval = \"100ms\"\nregion-split-check-diff = \"1B\"\n"
+         [raftstore]\nsplit-region-check-tick-interval = \"100ms\"\nregion-split-check-diff = \"1B\"\n\
+         [gc]\npoll-safe-point-interval = \"500ms\"\n"
     )
 }
 
@@ -583,6 +584,48 @@ async fn snapshot_reads_and_gc(kind: &str) {
     );
     let mut t = client.begin_optimistic().await.unwrap();
     assert_eq!(t.get("g".to_owned()).await.unwrap(), Some(b"v2".to_vec()));
+    t.rollback().await.unwrap();
+    // GC driven by PD's safe point, as applications run it: `gc` resolves old locks and moves
+    // the safe point; the stores notice and collect.
+    retry_txn!(client, TransactionOptions::new_optimistic(), |txn| {
+        txn.put("h".to_owned(), "h1").await?;
+        Ok(())
+    });
+    let old = client.current_timestamp().await.unwrap();
+    retry_txn!(client, TransactionOptions::new_optimistic(), |txn| {
+        txn.put("h".to_owned(), "h2").await?;
+        Ok(())
+    });
+    let mut snap = client.snapshot(
+        old.clone(),
+        TransactionOptions::new_optimistic().read_only(),
+    );
+    assert_eq!(
+        snap.get("h".to_owned()).await.unwrap(),
+        Some(b"h1".to_vec())
+    );
+    let now = client.current_timestamp().await.unwrap();
+    assert!(
+        client.gc(now).await.unwrap(),
+        "PD did not take the new safe point"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut snap = client.snapshot(
+            old.clone(),
+            TransactionOptions::new_optimistic().read_only(),
+        );
+        if snap.get("h".to_owned()).await.unwrap().is_none() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stores never collected below the safe point"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut t = client.begin_optimistic().await.unwrap();
+    assert_eq!(t.get("h".to_owned()).await.unwrap(), Some(b"h2".to_vec()));
     t.rollback().await.unwrap();
 }
 

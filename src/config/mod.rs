@@ -101,6 +101,25 @@ pub struct Config {
     pub coprocessor: CoprocessorConfig,
     pub server: ServerConfig,
     pub pd: PdConfig,
+    pub gc: GcConfig,
+}
+
+/// `[gc]`: removing old MVCC versions below PD's GC safe point.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct GcConfig {
+    /// How often the store asks PD for the GC safe point, and collects its leaders' Regions
+    /// up to it when it moved.
+    pub poll_safe_point_interval: ReadableDuration,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig {
+            // TiKV's: the safe point moves every few minutes; ten seconds of lag is nothing.
+            poll_safe_point_interval: ReadableDuration::millis(10_000),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -338,6 +357,12 @@ impl Config {
 
     /// Checks the relations between values that the types alone cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.gc.poll_safe_point_interval.0.is_zero() {
+            return Err(ConfigError::invalid(
+                "gc.poll-safe-point-interval",
+                "must be > 0",
+            ));
+        }
         let r = &self.rocksdb;
         if r.write_buffer_size.0 == 0 {
             return Err(ConfigError::invalid(

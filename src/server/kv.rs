@@ -33,6 +33,7 @@ use super::raw::{self, RawConfig, MAX_SCAN_LIMIT};
 mod txn;
 use crate::raftstore::{Error, RegionSnapshot, StoreMsg, StoreRouter};
 use crate::storage::{Cf, ScanDir};
+pub use txn::gc_leaders;
 
 /// How long a request may wait for the Raftstore before the client is told the server is busy.
 /// Below the client's own 2 s default deadline would cut legitimate slow commits; this bounds

@@ -321,6 +321,41 @@ pub async fn run(
         cfg.storage.max_key_size.0,
     );
     let kv = kv::KvService::new(router.clone(), raw_cfg);
+    // GC: when PD's safe point moves, collect every Region this store leads up to it.
+    {
+        let (pd, kv, router) = (pd.clone(), kv.clone(), router.clone());
+        let interval = cfg.gc.poll_safe_point_interval.0;
+        let api_version = cfg.storage.api_version;
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut done = 0u64;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = stop.wait_for(|v| *v) => return,
+                }
+                let sp = match pd.gc_safe_point().await {
+                    Ok(sp) => sp,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "reading the GC safe point failed");
+                        continue;
+                    }
+                };
+                if sp <= done {
+                    continue;
+                }
+                match kv::gc_leaders(&kv, &router, api_version, sp).await {
+                    Ok(removed) => {
+                        tracing::info!(safe_point = sp, removed, "GC round done");
+                        done = sp;
+                    }
+                    Err(e) => {
+                        tracing::info!(safe_point = sp, error = %e, "GC round incomplete; retrying")
+                    }
+                }
+            }
+        });
+    }
     let raft = transport::RaftService {
         router: router.clone(),
         snap: snap_transfer::Receiver::new(router.clone(), &cfg.storage.data_dir),

@@ -222,6 +222,21 @@ impl PdClient {
         })
     }
 
+    /// PD's GC safe point: versions below it that a newer one hides may be removed.
+    pub async fn gc_safe_point(&self) -> Result<u64> {
+        let r = self
+            .grpc
+            .clone()
+            .get_gc_safe_point(pdpb::GetGcSafePointRequest {
+                header: self.header(),
+            })
+            .await
+            .map_err(rpc_err("GetGCSafePoint"))?
+            .into_inner();
+        check("GetGCSafePoint", r.header)?;
+        Ok(r.safe_point)
+    }
+
     pub async fn store_heartbeat(&self, stats: pdpb::StoreStats) -> Result<()> {
         let r = self
             .grpc

@@ -824,6 +824,53 @@ impl KvService {
     }
 }
 
+/// One GC round on this store: every Region it leads, up to `safe_point`. Returns how many
+/// versions went; an error if some Region could not be collected (the next round retries).
+pub async fn gc_leaders(
+    kv: &KvService,
+    router: &crate::raftstore::StoreRouter,
+    api_version: u8,
+    safe_point: u64,
+) -> Result<usize, String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    router
+        .try_send(crate::raftstore::StoreMsg::QueryRegions {
+            cb: Box::new(move |st| drop(tx.send(st))),
+        })
+        .map_err(|e| e.to_string())?;
+    let statuses = rx.await.map_err(|e| e.to_string())?;
+    let mut removed = 0;
+    let mut failed = 0;
+    for st in statuses.into_iter().filter(|s| s.leader_id == s.peer.id) {
+        let ctx = Context {
+            region_id: st.region.id,
+            region_epoch: st.region.region_epoch,
+            peer: Some(st.peer),
+            api_version: if api_version == 2 {
+                kvrpcpb::ApiVersion::V2
+            } else {
+                kvrpcpb::ApiVersion::V1
+            } as i32,
+            ..Default::default()
+        };
+        loop {
+            match kv.gc_batch(&ctx, safe_point).await {
+                Ok(0) => break,
+                Ok(n) => removed += n,
+                Err(_) => {
+                    failed += 1;
+                    break;
+                }
+            }
+        }
+    }
+    crate::metrics::GC_VERSIONS.inc_by(removed as u64);
+    if failed > 0 {
+        return Err(format!("{failed} Regions could not be collected"));
+    }
+    Ok(removed)
+}
+
 fn bound(key: &[u8]) -> Vec<u8> {
     if key.is_empty() {
         Vec::new()
