@@ -119,8 +119,10 @@ async fn crud(kind: &str) {
         .map(|kv| Vec::<u8>::from(kv.0))
         .collect();
     assert_eq!(rev.len(), 1000, "reverse scan across Regions");
+    let descending = rev.windows(2).all(|w| w[0] > w[1]);
     rev.sort();
     assert!(rev == want, "reverse scan keys");
+    assert!(descending, "reverse scan order");
     snap.rollback().await.unwrap();
     // Update and delete, then read them back.
     let mut t = client.begin_optimistic().await.unwrap();
@@ -232,6 +234,48 @@ async fn without_keyspace(kind: &str) {
     let pairs: Vec<_> = t.scan(key(0)..key(300), 300).await.unwrap().collect();
     assert_eq!(pairs.len(), 300);
     assert_eq!(pairs[150].1, b"p".to_vec());
+    t.rollback().await.unwrap();
+}
+
+/// `unsafe_destroy_range` (sent to every store) removes a range across Regions; the rest
+/// stays.
+async fn destroy_range(kind: &str) {
+    let _serial = SERIAL.lock().await;
+    let (_dir, c, client) = start(kind).await;
+    for chunk in (0..300).collect::<Vec<_>>().chunks(100) {
+        retry_txn!(client, TransactionOptions::new_optimistic(), |txn| {
+            for i in chunk {
+                txn.put(key(*i), format!("v{i}")).await?;
+            }
+            Ok(())
+        });
+    }
+    let started = Instant::now();
+    while http_json(c.pd_addr, "/pd/api/v1/regions")["count"]
+        .as_u64()
+        .unwrap()
+        < 5
+    {
+        assert!(started.elapsed() < Duration::from_secs(60), "never split");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    procs::wait_cluster(c.pd_addr, 3, 3, Duration::from_secs(60));
+    client
+        .unsafe_destroy_range(key(100)..key(200))
+        .await
+        .unwrap();
+    let mut t = client.begin_optimistic().await.unwrap();
+    let keys: Vec<Vec<u8>> = t
+        .scan_keys(key(0)..key(300), 300)
+        .await
+        .unwrap()
+        .map(Vec::<u8>::from)
+        .collect();
+    let want: Vec<Vec<u8>> = (0..100)
+        .chain(200..300)
+        .map(|i| key(i).into_bytes())
+        .collect();
+    assert!(keys == want, "{} keys left, not 200", keys.len());
     t.rollback().await.unwrap();
 }
 
@@ -645,6 +689,7 @@ macro_rules! both_kinds {
 both_kinds!(
     crud;
     without_keyspace;
+    destroy_range;
     write_conflict;
     bank, 60;
     dead_client_locks_are_resolved;

@@ -596,14 +596,10 @@ impl Tikv for KvService {
 
     async fn unsafe_destroy_range(
         &self,
-        _req: Request<kvrpcpb::UnsafeDestroyRangeRequest>,
+        req: Request<kvrpcpb::UnsafeDestroyRangeRequest>,
     ) -> Result<Response<kvrpcpb::UnsafeDestroyRangeResponse>, Status> {
         count("unsafe_destroy_range");
-        // TiKV deletes the range below Raft on every store; prkv has no such path yet.
-        Ok(Response::new(kvrpcpb::UnsafeDestroyRangeResponse {
-            region_error: None,
-            error: "UnsafeDestroyRange is not served by prkv yet; use DeleteRange".into(),
-        }))
+        self.txn_unsafe_destroy_range(req).await
     }
 
     async fn raw_get(

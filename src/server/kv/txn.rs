@@ -9,7 +9,7 @@
 //! Not served: async commit and one-phase commit (declined the way TiKV declines them when they
 //! are off: the prewrite answers without `min_commit_ts`/`one_pc_commit_ts`, and the client
 //! commits in two phases); waiting for pessimistic locks (a conflicting lock is reported at
-//! once, so no deadlock detection is needed).
+//! once, so no deadlock detection is needed; `wait_timeout` is ignored).
 
 use prkv_proto::kvrpcpb::{self, Context, KeyError};
 use prkv_proto::serverpb::{mutation, Mutation};
@@ -819,6 +819,76 @@ impl KvService {
             let (region, keys) = parts(f);
             resp.region_error = region;
             resp.error = keys.first().map(|k| k.abort.clone()).unwrap_or_default();
+        }
+        Ok(Response::new(resp))
+    }
+}
+
+impl KvService {
+    /// `UnsafeDestroyRange`, which the client sends to every store: each store deletes the
+    /// range's data (every column family, through Raft) in the Regions it leads. A Region whose
+    /// leadership moves between two stores' turns can be missed; the caller may send it again.
+    pub(super) async fn txn_unsafe_destroy_range(
+        &self,
+        req: Request<kvrpcpb::UnsafeDestroyRangeRequest>,
+    ) -> Result<Response<kvrpcpb::UnsafeDestroyRangeResponse>, Status> {
+        let r = req.into_inner();
+        let (lo, hi) = (bound(&r.start_key), bound(&r.end_key));
+        let mut resp = kvrpcpb::UnsafeDestroyRangeResponse::default();
+        if !hi.is_empty() && hi <= lo {
+            return Ok(Response::new(resp));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = self
+            .inner
+            .router
+            .try_send(crate::raftstore::StoreMsg::QueryRegions {
+                cb: Box::new(move |st| drop(tx.send(st))),
+            });
+        let statuses = match sent {
+            Ok(()) => rx.await.unwrap_or_default(),
+            Err(e) => {
+                resp.error = e.to_string();
+                return Ok(Response::new(resp));
+            }
+        };
+        let mut failed = Vec::new();
+        for st in statuses.into_iter().filter(|s| s.leader_id == s.peer.id) {
+            let reg = &st.region;
+            let start = lo.clone().max(reg.start_key.clone());
+            let end = match (hi.is_empty(), reg.end_key.is_empty()) {
+                (true, _) => reg.end_key.clone(),
+                (false, true) => hi.clone(),
+                (false, false) => hi.clone().min(reg.end_key.clone()),
+            };
+            if !end.is_empty() && start >= end {
+                continue; // the Region is outside the range
+            }
+            let ms: Vec<Mutation> = ["default", "lock", "write"]
+                .iter()
+                .map(|cf| Mutation {
+                    op: mutation::Op::DeleteRange as i32,
+                    cf: cf.to_string(),
+                    key: start.clone(),
+                    value: end.clone(),
+                })
+                .collect();
+            let ctx = Context {
+                region_id: reg.id,
+                region_epoch: reg.region_epoch,
+                peer: Some(st.peer),
+                ..Default::default()
+            };
+            if let Err(f) = self.write(&ctx, ms, 0).await {
+                failed.push((reg.id, parts(f.into())));
+            }
+        }
+        if !failed.is_empty() {
+            resp.error = format!(
+                "{} Regions not destroyed (retry): {:?}",
+                failed.len(),
+                failed.iter().map(|(id, _)| id).collect::<Vec<_>>()
+            );
         }
         Ok(Response::new(resp))
     }
