@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use prkv::bench::engine::{self as engine_bench, EngineBenchOptions};
 use prkv::bench::raftstore::{self as raftstore_bench, RaftstoreBenchOptions};
-use prkv::config::{EngineKind, ReadableSize};
+use prkv::config::{EngineKind, ReadableDuration, ReadableSize};
 
 #[derive(Parser)]
 #[command(
@@ -109,6 +109,39 @@ enum CtlCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// YCSB's core workloads (load, insert, a-f) against a prkv cluster or an etcd cluster,
+    /// with the same generator: ops/s, latency percentiles, errors.
+    Ycsb {
+        /// `prkv://PD_HOST:PORT,...` or `etcd://HOST:PORT,...`.
+        #[arg(long)]
+        target: String,
+        /// load, insert, a, b, c, d, e or f.
+        #[arg(long, default_value = "a")]
+        workload: String,
+        /// raw or txn (prkv only; etcd has one mode).
+        #[arg(long, default_value = "raw")]
+        mode: String,
+        #[arg(long, default_value_t = 100_000)]
+        records: u64,
+        /// Stop after this many operations (0: run for --duration).
+        #[arg(long, default_value_t = 0)]
+        operations: u64,
+        #[arg(long, default_value = "30s", value_parser = ReadableDuration::parse)]
+        duration: ReadableDuration,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 256)]
+        threads: usize,
+        #[arg(long, default_value_t = 16)]
+        key_size: usize,
+        #[arg(long, default_value_t = 256)]
+        value_size: usize,
+        /// uniform, zipfian or latest (default: the workload's own).
+        #[arg(long)]
+        distribution: Option<String>,
+        /// Write the result as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// The storage layer alone: write data over many Regions with each engine kind and compare
     /// throughput and write amplification.
     Engine {
@@ -339,6 +372,72 @@ fn main() -> ExitCode {
                     Ok(results) => {
                         println!("{}", engine_bench::render_table(&results));
                         write_json(json.as_deref(), &results)
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            BenchCommand::Ycsb {
+                target,
+                workload,
+                mode,
+                records,
+                operations,
+                duration,
+                threads,
+                key_size,
+                value_size,
+                distribution,
+                json,
+            } => {
+                use prkv::bench::ycsb::{self, Distribution, Mode, TargetSpec, YcsbOptions};
+                let target = match TargetSpec::parse(&target) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
+                let mode = match mode.as_str() {
+                    "raw" => Mode::Raw,
+                    "txn" => Mode::Txn,
+                    other => {
+                        eprintln!("error: --mode {other:?}: raw or txn");
+                        return ExitCode::from(2);
+                    }
+                };
+                let distribution = match distribution.as_deref() {
+                    None => None,
+                    Some("uniform") => Some(Distribution::Uniform),
+                    Some("zipfian") => Some(Distribution::Zipfian),
+                    Some("latest") => Some(Distribution::Latest),
+                    Some(other) => {
+                        eprintln!("error: --distribution {other:?}: uniform, zipfian or latest");
+                        return ExitCode::from(2);
+                    }
+                };
+                if key_size == 0 || key_size > 4096 || value_size > 1 << 20 {
+                    eprintln!("error: --key-size must be in 1..=4096, --value-size at most 1MiB");
+                    return ExitCode::from(2);
+                }
+                let opts = YcsbOptions {
+                    target,
+                    workload,
+                    mode,
+                    records,
+                    operations,
+                    duration: duration.0,
+                    threads,
+                    key_size,
+                    value_size,
+                    distribution,
+                };
+                match ycsb::run(&opts) {
+                    Ok(result) => {
+                        println!("{}", ycsb::render_table(&result));
+                        write_json(json.as_deref(), &result)
                     }
                     Err(e) => {
                         eprintln!("error: {e}");

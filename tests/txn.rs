@@ -186,6 +186,26 @@ async fn crud(kind: &str) {
         .await
         .expect_err("pessimistic insert of an existing key");
     assert!(format!("{err:?}").contains("AlreadyExist"), "{err:?}");
+    // A pessimistic lock waits for a conflicting one (up to its wait timeout): here the holder
+    // rolls back while the other waits, which then gets the lock.
+    let mut q1 = client.begin_pessimistic().await.unwrap();
+    q1.get_for_update(key(10)).await.unwrap();
+    let c2 = client.clone();
+    let waiter = tokio::spawn(async move {
+        let mut q2 = c2.begin_pessimistic().await.unwrap();
+        let started = Instant::now();
+        let v = q2.get_for_update(key(10)).await;
+        let _ = q2.rollback().await;
+        (v.map_err(|e| format!("{e:?}")), started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    q1.rollback().await.unwrap();
+    let (v, waited) = waiter.await.unwrap();
+    assert_eq!(v, Ok(Some(b"v10".to_vec())), "after waiting {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(200),
+        "it did not wait: {waited:?}"
+    );
     // batch_mutate.
     let mut t = client.begin_optimistic().await.unwrap();
     t.batch_mutate(vec![

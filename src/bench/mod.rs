@@ -5,3 +5,4 @@ pub mod add_replica;
 pub mod engine;
 pub mod raftstore;
 pub mod split;
+pub mod ycsb;

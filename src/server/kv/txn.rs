@@ -8,8 +8,9 @@
 //!
 //! Not served: async commit and one-phase commit (declined the way TiKV declines them when they
 //! are off: the prewrite answers without `min_commit_ts`/`one_pc_commit_ts`, and the client
-//! commits in two phases); waiting for pessimistic locks (a conflicting lock is reported at
-//! once, so no deadlock detection is needed; `wait_timeout` is ignored).
+//! commits in two phases); deadlock detection (a pessimistic lock request waits for a
+//! conflicting lock up to its `wait_timeout`, by polling; two transactions waiting on each other
+//! both time out with `KeyIsLocked` instead of one getting `Deadlock`).
 
 use prkv_proto::kvrpcpb::{self, Context, KeyError};
 use prkv_proto::serverpb::{mutation, Mutation};
@@ -29,6 +30,11 @@ const MAX_KEYS_PER_COMMAND: usize = 10_240;
 /// Largest value a transaction may write (TiKV's `txn-entry-size-limit`): one value must fit
 /// in one Raft entry together with its command.
 const MAX_VALUE_SIZE: u64 = 8 << 20;
+/// How long a pessimistic lock request waits for a conflicting lock by default (TiKV's
+/// `pessimistic-txn.wait-for-lock-timeout`), the most it may ask for, and how often it looks.
+const DEFAULT_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+const MAX_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+const LOCK_WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 /// Mutations per Raft proposal when GC or a range delete rewrites a Region.
 const GC_BATCH: usize = 4096;
 
@@ -541,14 +547,33 @@ impl KvService {
             need_value: r.return_values || r.check_existence,
             lock_only_if_exists: r.lock_only_if_exists,
         };
+        // Waiting for locks (TiKV's semantics of `wait_timeout`: < 0 no wait, 0 the default).
+        // The wait polls: a lock held by another transaction is retried every few milliseconds
+        // until it is gone or the wait is over; then `KeyIsLocked` goes back as without waiting.
+        // Two transactions waiting on each other both time out (no deadlock detection).
+        let wait = match r.wait_timeout {
+            t if t < 0 => std::time::Duration::ZERO,
+            0 => DEFAULT_LOCK_WAIT,
+            t => std::time::Duration::from_millis(t as u64).min(MAX_LOCK_WAIT),
+        };
+        let deadline = std::time::Instant::now() + wait;
         let mut values = Vec::new();
-        let res = self
-            .txn_write_each(ctx, &keys, |reader, txn, i| {
-                let v = mvcc::pessimistic_lock(reader, txn, keys[i], &props)?;
-                values.push(v);
-                Ok(())
-            })
-            .await;
+        let res = loop {
+            values.clear();
+            let res = self
+                .txn_write_each(ctx, &keys, |reader, txn, i| {
+                    let v = mvcc::pessimistic_lock(reader, txn, keys[i], &props)?;
+                    values.push(v);
+                    Ok(())
+                })
+                .await;
+            let only_locked = matches!(&res, Err(TxnFail::Keys(errs))
+                if errs.iter().all(|e| e.locked.is_some()));
+            if !only_locked || std::time::Instant::now() >= deadline {
+                break res;
+            }
+            tokio::time::sleep(LOCK_WAIT_POLL).await;
+        };
         let mut resp = kvrpcpb::PessimisticLockResponse::default();
         match res {
             Ok(()) => {
