@@ -11,6 +11,7 @@
 //! Start reading at [`storage`].
 
 pub mod bench;
+pub mod check;
 pub mod config;
 pub mod ctl;
 pub mod metrics;
