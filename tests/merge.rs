@@ -51,6 +51,21 @@ fn must_hold(c: &Cluster, s: u64, region_id: u64, want: &[Vec<u8>]) {
     }
 }
 
+/// Drops every message of `region_id` to or from `store` (a filter named
+/// `cut-<region>-on-<store>`).
+fn cut_region_on_store(c: &Cluster, region_id: u64, store: u64) {
+    c.net.add_filter(
+        &format!("cut-{region_id}-on-{store}"),
+        Arc::new(move |m| {
+            if m.region_id == region_id && (m.to_store == store || m.from_store == store) {
+                Verdict::Drop
+            } else {
+                Verdict::Deliver
+            }
+        }),
+    );
+}
+
 /// Three Regions [.., k30) [k30, k60) [k60, ..) with keys 0..90.
 fn three_regions(kind: EngineKind) -> Cluster {
     three_regions_with(kind, |_| {})
@@ -187,17 +202,7 @@ fn rollback_when_target_changes(kind: EngineKind) {
     c.must_transfer_leader(mid.id, 1);
     c.must_transfer_leader(left.id, 2);
     // Store 1's replica of the target hears nothing: it can neither lead nor see the split.
-    let target = left.id;
-    c.net.add_filter(
-        "cut-target-on-1",
-        Arc::new(move |m| {
-            if m.region_id == target && (m.to_store == 1 || m.from_store == 1) {
-                Verdict::Drop
-            } else {
-                Verdict::Deliver
-            }
-        }),
-    );
+    cut_region_on_store(&c, left.id, 1);
     c.must_prepare_merge(mid.id, left.id);
     // Writes to the frozen source are refused meanwhile.
     match try_put(&c, &key(35)) {
@@ -205,7 +210,7 @@ fn rollback_when_target_changes(kind: EngineKind) {
         other => panic!("a merging Region took a write: {other:?}"),
     }
     c.must_split(left.id, &[&key(10)]);
-    c.net.remove_filter("cut-target-on-1");
+    c.net.remove_filter(&format!("cut-{}-on-1", left.id));
     // The source rolls back: it takes writes again, with a new version.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -239,17 +244,7 @@ fn merge_survives_leader_change(kind: EngineKind) {
     c.must_transfer_leader(mid.id, 1);
     c.must_transfer_leader(left.id, 1);
     // Store 1 cannot reach its target replica's peers: the merge cannot commit from there.
-    let target = left.id;
-    c.net.add_filter(
-        "cut-target-on-1",
-        Arc::new(move |m| {
-            if m.region_id == target && (m.to_store == 1 || m.from_store == 1) {
-                Verdict::Drop
-            } else {
-                Verdict::Deliver
-            }
-        }),
-    );
+    cut_region_on_store(&c, left.id, 1);
     c.must_prepare_merge(mid.id, left.id);
     // The source's leadership moves to store 2, which drives the merge from there.
     let s2 = c.status(2, mid.id).unwrap().peer;
@@ -269,7 +264,7 @@ fn merge_survives_leader_change(kind: EngineKind) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    c.net.remove_filter("cut-target-on-1");
+    c.net.remove_filter(&format!("cut-{}-on-1", left.id));
     c.must_merged(mid.id, left.id, 2);
     c.restart_store(2);
     let want: Vec<Vec<u8>> = (0..60).map(key).collect();

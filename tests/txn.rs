@@ -76,13 +76,10 @@ macro_rules! retry_txn {
     }};
 }
 
-/// CRUD, optimistic and pessimistic; insert of an existing key fails; get_for_update,
-/// lock_keys, batch_mutate; scans both ways across 40+ Regions.
-async fn crud(kind: &str) {
-    let _serial = SERIAL.lock().await;
-    let (_dir, c, client) = start(kind).await;
-    // 1,000 keys: with region-max-keys = 30, many Regions.
-    for chunk in (0..1000).collect::<Vec<_>>().chunks(100) {
+/// Writes `key(i)` = `v{i}` for `i < n` in transactions of 100 keys, then waits until PD
+/// knows at least `regions` Regions.
+async fn load(client: &TransactionClient, c: &ProcCluster, n: usize, regions: u64) {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
         retry_txn!(client, TransactionOptions::new_optimistic(), |txn| {
             for i in chunk {
                 txn.put(key(*i), format!("v{i}")).await?;
@@ -94,11 +91,20 @@ async fn crud(kind: &str) {
     while http_json(c.pd_addr, "/pd/api/v1/regions")["count"]
         .as_u64()
         .unwrap()
-        < 40
+        < regions
     {
         assert!(started.elapsed() < Duration::from_secs(60), "never split");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// CRUD, optimistic and pessimistic; insert of an existing key fails; get_for_update,
+/// lock_keys, batch_mutate; scans both ways across 40+ Regions.
+async fn crud(kind: &str) {
+    let _serial = SERIAL.lock().await;
+    let (_dir, c, client) = start(kind).await;
+    // 1,000 keys: with region-max-keys = 30, many Regions.
+    load(&client, &c, 1000, 40).await;
     // Reads.
     let mut snap = client.begin_optimistic().await.unwrap();
     assert_eq!(snap.get(key(7)).await.unwrap(), Some(b"v7".to_vec()));
@@ -226,23 +232,7 @@ async fn crud(kind: &str) {
 async fn without_keyspace(kind: &str) {
     let _serial = SERIAL.lock().await;
     let (_dir, c, client) = start_api(kind, 1).await;
-    for chunk in (0..300).collect::<Vec<_>>().chunks(100) {
-        retry_txn!(client, TransactionOptions::new_optimistic(), |txn| {
-            for i in chunk {
-                txn.put(key(*i), format!("v{i}")).await?;
-            }
-            Ok(())
-        });
-    }
-    let started = Instant::now();
-    while http_json(c.pd_addr, "/pd/api/v1/regions")["count"]
-        .as_u64()
-        .unwrap()
-        < 5
-    {
-        assert!(started.elapsed() < Duration::from_secs(60), "never split");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    load(&client, &c, 300, 5).await;
     let mut t = client.begin_pessimistic().await.unwrap();
     assert_eq!(
         t.get_for_update(key(150)).await.unwrap(),
@@ -262,23 +252,7 @@ async fn without_keyspace(kind: &str) {
 async fn destroy_range(kind: &str) {
     let _serial = SERIAL.lock().await;
     let (_dir, c, client) = start(kind).await;
-    for chunk in (0..300).collect::<Vec<_>>().chunks(100) {
-        retry_txn!(client, TransactionOptions::new_optimistic(), |txn| {
-            for i in chunk {
-                txn.put(key(*i), format!("v{i}")).await?;
-            }
-            Ok(())
-        });
-    }
-    let started = Instant::now();
-    while http_json(c.pd_addr, "/pd/api/v1/regions")["count"]
-        .as_u64()
-        .unwrap()
-        < 5
-    {
-        assert!(started.elapsed() < Duration::from_secs(60), "never split");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    load(&client, &c, 300, 5).await;
     procs::wait_cluster(c.pd_addr, 3, 3, Duration::from_secs(60));
     client
         .unsafe_destroy_range(key(100)..key(200))

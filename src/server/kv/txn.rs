@@ -82,8 +82,10 @@ fn parts(f: TxnFail) -> (Option<prkv_proto::errorpb::Error>, Vec<KeyError>) {
     }
 }
 
-fn first(errors: Vec<KeyError>) -> Option<KeyError> {
-    errors.into_iter().next()
+/// Like `parts`, for responses that carry one key error.
+fn part(f: TxnFail) -> (Option<prkv_proto::errorpb::Error>, Option<KeyError>) {
+    let (region, keys) = parts(f);
+    (region, keys.into_iter().next())
 }
 
 impl KvService {
@@ -217,11 +219,7 @@ impl KvService {
         match res {
             Ok(Some(v)) => resp.value = v,
             Ok(None) => resp.not_found = true,
-            Err(f) => {
-                let (region, keys) = parts(f);
-                resp.region_error = region;
-                resp.error = first(keys);
-            }
+            Err(f) => (resp.region_error, resp.error) = part(f),
         }
         Ok(Response::new(resp))
     }
@@ -261,11 +259,7 @@ impl KvService {
         let mut resp = kvrpcpb::BatchGetResponse::default();
         match res {
             Ok(pairs) => resp.pairs = pairs,
-            Err(f) => {
-                let (region, keys) = parts(f);
-                resp.region_error = region;
-                resp.error = first(keys);
-            }
+            Err(f) => (resp.region_error, resp.error) = part(f),
         }
         Ok(Response::new(resp))
     }
@@ -321,11 +315,7 @@ impl KvService {
         let mut resp = kvrpcpb::ScanResponse::default();
         match res {
             Ok(pairs) => resp.pairs = pairs,
-            Err(f) => {
-                let (region, keys) = parts(f);
-                resp.region_error = region;
-                resp.error = first(keys);
-            }
+            Err(f) => (resp.region_error, resp.error) = part(f),
         }
         Ok(Response::new(resp))
     }
@@ -392,11 +382,7 @@ impl KvService {
         let mut resp = kvrpcpb::CommitResponse::default();
         match res {
             Ok(()) => resp.commit_version = r.commit_version,
-            Err(f) => {
-                let (region, keys) = parts(f);
-                resp.region_error = region;
-                resp.error = first(keys);
-            }
+            Err(f) => (resp.region_error, resp.error) = part(f),
         }
         Ok(Response::new(resp))
     }
@@ -431,11 +417,7 @@ impl KvService {
                 });
             }
             Ok(None) => {}
-            Err(f) => {
-                let (region, keys) = parts(f);
-                resp.region_error = region;
-                resp.error = first(keys);
-            }
+            Err(f) => (resp.region_error, resp.error) = part(f),
         }
         Ok(Response::new(resp))
     }
@@ -460,9 +442,7 @@ impl KvService {
             .await;
         let mut resp = kvrpcpb::BatchRollbackResponse::default();
         if let Err(f) = res {
-            let (region, keys) = parts(f);
-            resp.region_error = region;
-            resp.error = first(keys);
+            (resp.region_error, resp.error) = part(f);
         }
         Ok(Response::new(resp))
     }
@@ -494,11 +474,7 @@ impl KvService {
                 resp.action = st.action as i32;
                 resp.lock_info = st.lock_info;
             }
-            Err(f) => {
-                let (region, keys) = parts(f);
-                resp.region_error = region;
-                resp.error = first(keys);
-            }
+            Err(f) => (resp.region_error, resp.error) = part(f),
         }
         Ok(Response::new(resp))
     }
@@ -523,11 +499,7 @@ impl KvService {
         let mut resp = kvrpcpb::TxnHeartBeatResponse::default();
         match res {
             Ok(ttl) => resp.lock_ttl = ttl,
-            Err(f) => {
-                let (region, keys) = parts(f);
-                resp.region_error = region;
-                resp.error = first(keys);
-            }
+            Err(f) => (resp.region_error, resp.error) = part(f),
         }
         Ok(Response::new(resp))
     }
@@ -653,9 +625,7 @@ impl KvService {
         .await;
         let mut resp = kvrpcpb::ResolveLockResponse::default();
         if let Err(f) = res {
-            let (region, keys) = parts(f);
-            resp.region_error = region;
-            resp.error = first(keys);
+            (resp.region_error, resp.error) = part(f);
         }
         Ok(Response::new(resp))
     }
@@ -688,11 +658,7 @@ impl KvService {
         let mut resp = kvrpcpb::ScanLockResponse::default();
         match res {
             Ok(locks) => resp.locks = locks,
-            Err(f) => {
-                let (region, keys) = parts(f);
-                resp.region_error = region;
-                resp.error = first(keys);
-            }
+            Err(f) => (resp.region_error, resp.error) = part(f),
         }
         Ok(Response::new(resp))
     }
@@ -731,11 +697,7 @@ impl KvService {
                 resp.locks = locks;
                 resp.commit_ts = commit_ts;
             }
-            Err(f) => {
-                let (region, keys) = parts(f);
-                resp.region_error = region;
-                resp.error = first(keys);
-            }
+            Err(f) => (resp.region_error, resp.error) = part(f),
         }
         Ok(Response::new(resp))
     }
@@ -795,9 +757,7 @@ impl KvService {
                 Ok(0) => break,
                 Ok(_) => continue,
                 Err(f) => {
-                    let (region, keys) = parts(f);
-                    resp.region_error = region;
-                    resp.error = first(keys);
+                    (resp.region_error, resp.error) = part(f);
                     break;
                 }
             }
