@@ -79,13 +79,21 @@ async fn registers_under_kills(kind: &str, seed: u64, secs: u64) {
                         };
                         let out = client.compare_and_swap(key.clone(), old, new).await;
                         let rec = match out {
+                            // tikv-client retries a CAS whose answer was lost (its store
+                            // was killed): if the first try applied, the retry reports false.
+                            // So "false" is recorded as an unknown outcome (it may have
+                            // swapped); "true" is certain.
                             Ok((_, swapped)) => Operation {
                                 client: cl,
                                 key,
                                 call,
                                 ret: Some(now()),
                                 input,
-                                output: Output::Swapped(swapped),
+                                output: if swapped {
+                                    Output::Swapped(true)
+                                } else {
+                                    Output::Unknown
+                                },
                             },
                             Err(_) => Operation {
                                 client: cl,
