@@ -274,6 +274,11 @@ impl Store {
             version: tv.version.max(sv.version) + 1,
             conf_ver: tv.conf_ver,
         });
+        // A split-born tablet still holds its parent's keys outside its range until trimmed;
+        // widened over the source's range, those stale keys would come back. Trim first.
+        if t.engine.needs_trim()? {
+            t.engine.trim()?;
+        }
         let engine =
             self.engines
                 .kv
