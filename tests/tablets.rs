@@ -306,3 +306,47 @@ fn swap_to_new_generation_and_clean_up() {
         Some(&b"new"[..])
     );
 }
+
+/// A trim through an older, narrower view of a tablet (a queued background trim) after a merge
+/// widened the tablet must not delete the keys the merge copied in: the widened range owns
+/// them now.
+#[test]
+fn trim_through_stale_view_keeps_widened_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = registry(dir.path(), 64, 8, true);
+    let range = |s: &[u8], e: &[u8]| KeyRange {
+        start: s.to_vec(),
+        end: e.to_vec(),
+    };
+    let narrow = reg.open_region(9, range(b"m", b""), 0).unwrap();
+    // A key outside the narrow range, as a split parent leaves behind: garbage for `narrow`.
+    let all = reg.open_region(9, KeyRange::all(), 0).unwrap();
+    let mut wb = WriteBatch::new();
+    wb.put(Cf::Default, b"a-garbage", b"x");
+    all.write(&wb).unwrap();
+    let narrow = {
+        drop(narrow);
+        reg.open_region(9, range(b"m", b""), 0).unwrap()
+    };
+    assert!(narrow.needs_trim().unwrap());
+    // The merge: the tablet widens to [f, ∞) and takes the source's key.
+    let wide = reg.open_region(9, range(b"f", b""), 0).unwrap();
+    let mut wb = WriteBatch::new();
+    wb.put(Cf::Default, b"g-merged", b"v");
+    wide.write(&wb).unwrap();
+    // The trim queued through the narrow view runs now.
+    narrow.trim().unwrap();
+    assert_eq!(
+        wide.get(Cf::Default, b"g-merged").unwrap().as_deref(),
+        Some(&b"v"[..]),
+        "a stale view's trim deleted a merged key"
+    );
+    // The current view still trims what it does not own.
+    assert!(wide.needs_trim().unwrap());
+    wide.trim().unwrap();
+    assert!(!wide.needs_trim().unwrap());
+    assert_eq!(
+        wide.get(Cf::Default, b"g-merged").unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
+}

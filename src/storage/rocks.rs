@@ -155,6 +155,11 @@ pub(crate) struct DbHandle {
     db: Option<DB>,
     pub(crate) path: PathBuf,
     destroy_on_drop: AtomicBool,
+    /// A tablet's range as its newest view has it (None for the shared DB). A trim holds this
+    /// lock from reading the range to the end of its flush, and a view that changes the range
+    /// (a merge widening the tablet) takes it too: a trim started through an older, narrower
+    /// view must not delete the keys a merge copies in for the wider range.
+    owner_range: parking_lot::Mutex<Option<KeyRange>>,
 }
 
 impl DbHandle {
@@ -169,6 +174,7 @@ impl DbHandle {
             db: Some(db),
             path: path.to_path_buf(),
             destroy_on_drop: AtomicBool::new(false),
+            owner_range: parking_lot::Mutex::new(None),
         }))
     }
 
@@ -315,6 +321,10 @@ impl RocksRegion {
     ) -> Result<RocksRegion> {
         let data_start = keys::data_key(&range.start);
         let data_end = keys::data_end_key(&range.end);
+        if layout == Layout::Tablet {
+            // The newest view defines what the tablet owns (waits for a running trim).
+            *handle.owner_range.lock() = Some(range.clone());
+        }
         let region = RocksRegion {
             handle,
             region_id,
@@ -625,6 +635,16 @@ impl RegionEngine for RocksRegion {
         if self.layout == Layout::Shared {
             return Ok(());
         }
+        let owner = self.handle.owner_range.lock();
+        if owner.as_ref() != Some(&self.range) {
+            // A newer view (a merge widened the tablet) owns it now; trimming by this one would
+            // delete keys the tablet now owns. The newer view trims when asked.
+            tracing::info!(
+                region_id = self.region_id,
+                "trim skipped: the tablet's range changed since this view"
+            );
+            return Ok(());
+        }
         let ranges = self.outside_ranges();
         if ranges.is_empty() {
             return Ok(());
@@ -643,6 +663,8 @@ impl RegionEngine for RocksRegion {
         db.write_opt(wb, &wo)
             .map_err(|e| rocks_err(&self.handle.path, e))?;
         self.handle.flush(true)?;
+        // Compaction rewrites but never resurrects: the range may change from here on.
+        drop(owner);
         for (lo, hi) in &ranges {
             for cf in Cf::ALL {
                 db.compact_range_cf(self.handle.cf(cf), Some(lo), Some(hi));

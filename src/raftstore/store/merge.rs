@@ -352,8 +352,11 @@ impl Store {
             .collect()
     }
 
-    /// Brings this store's replica of the merge's source up to the PrepareMerge, from the
-    /// entries the CommitMerge carries, if it lags (its other replicas may be gone already).
+    /// Brings this store's replica of the merge's source up to the PrepareMerge if it lags:
+    /// entries up to the merge's `min_index` from its own log (every replica had matched them
+    /// when the merge was prepared, so they are committed and this log holds them: it is never
+    /// truncated above the tablet's durable apply index), the rest from the CommitMerge (the
+    /// other replicas, and the source's leader, may be gone already).
     fn catch_up_source(&mut self, cmd: &CommitMerge) -> Result<()> {
         let source_id = cmd.source.as_ref().map_or(0, |r| r.id);
         let Some(s) = self.peers.get(&source_id) else {
@@ -363,19 +366,40 @@ impl Store {
         if applied >= cmd.commit {
             return Ok(());
         }
-        let mut entries = Vec::new();
+        let mut carried = Vec::new();
         for bytes in &cmd.entries {
             let mut e = raft::eraftpb::Entry::default();
             e.merge_from_bytes(bytes)
                 .map_err(|e| Error::Storage(format!("CommitMerge entry: {e}")))?;
             if e.index > applied && e.index <= cmd.commit {
-                entries.push(e);
+                carried.push(e);
             }
         }
+        // The first index the CommitMerge carries: min_index + 1.
+        let first_carried = cmd.commit + 1 - cmd.entries.len() as u64;
+        let local = if applied + 1 < first_carried {
+            let local = self
+                .engines
+                .raft
+                .entries(source_id, applied + 1, first_carried, None)?;
+            assert!(
+                local.len() as u64 == first_carried - applied - 1,
+                "store {}: Region {source_id} applied {applied}, its log lacks entries up to the merge's {}",
+                self.id,
+                first_carried - 1
+            );
+            local
+        } else {
+            Vec::new()
+        };
+        let mut entries = local;
+        let from_log = entries.len();
+        entries.extend(carried.iter().cloned());
         assert!(
             entries.first().is_some_and(|e| e.index == applied + 1)
-                && entries.last().is_some_and(|e| e.index == cmd.commit),
-            "store {}: Region {source_id} applied {applied}, the CommitMerge carries no entries from there to {}",
+                && entries.last().is_some_and(|e| e.index == cmd.commit)
+                && entries.windows(2).all(|w| w[1].index == w[0].index + 1),
+            "store {}: Region {source_id} applied {applied}, no gapless entries from there to the merge's {}",
             self.id,
             cmd.commit
         );
@@ -383,12 +407,15 @@ impl Store {
             region_id = source_id,
             from = applied + 1,
             to = cmd.commit,
-            "catching up the merge source from the CommitMerge"
+            from_log,
+            "catching up the merge source"
         );
         // The log first, so that a restart finds every applied entry in it.
-        let mut lb = LogWriteBatch::new();
-        lb.append(source_id, &entries)?;
-        self.engines.raft.write(&mut lb, true)?;
+        if !carried.is_empty() {
+            let mut lb = LogWriteBatch::new();
+            lb.append(source_id, &carried)?;
+            self.engines.raft.write(&mut lb, true)?;
+        }
         self.apply(source_id, entries)?;
         Ok(())
     }
