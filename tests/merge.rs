@@ -276,6 +276,70 @@ fn merge_survives_leader_change(kind: EngineKind) {
     }
 }
 
+/// The store holding both leaders crashes right after the PrepareMerge, before it could make
+/// the CommitMerge: the other stores elect new leaders and finish the merge. The crashed store
+/// comes back with its memtables lost; its frozen source replica catches up and gives way to
+/// the merged target, whose every replica holds exactly the keys.
+fn merge_survives_target_store_crash(kind: EngineKind) {
+    let mut c = three_regions(kind);
+    let (left, mid) = (c.regions[0].clone(), c.regions[1].clone());
+    c.must_transfer_leader(mid.id, 1);
+    c.must_transfer_leader(left.id, 1);
+    // Writes the crash takes out of store 1's memtables: it must replay them from its log.
+    for i in 30..40 {
+        c.must_put(&key(i), b"v2");
+    }
+    cut_region_on_store(&c, left.id, 1);
+    c.must_prepare_merge(mid.id, left.id);
+    c.stop_store(1);
+    c.net.remove_filter(&format!("cut-{}-on-1", left.id));
+    c.must_merged(mid.id, left.id, 2);
+    c.start_store(1);
+    let want: Vec<Vec<u8>> = (0..60).map(key).collect();
+    for s in 1..=3 {
+        must_hold(&c, s, left.id, &want);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.status(1, mid.id).is_some() {
+        assert!(Instant::now() < deadline, "store 1 kept the source");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let engine = c.kv[&1].region(left.id).unwrap();
+    for i in 0..60 {
+        let want = if (30..40).contains(&i) { "v2" } else { "v1" };
+        assert_eq!(
+            engine.get(Cf::Default, &key(i)).unwrap().as_deref(),
+            Some(want.as_bytes()),
+            "key {i} on store 1"
+        );
+    }
+    c.must_put(&key(35), b"v3");
+    assert_eq!(c.must_get(&key(35)).as_deref(), Some(&b"v3"[..]));
+}
+
+/// The target's leadership moves while a merge waits to commit (the source's leader cannot
+/// reach the target's replicas yet): the merge completes once they can talk.
+fn merge_survives_target_leader_change(kind: EngineKind) {
+    let mut c = three_regions(kind);
+    let (left, mid) = (c.regions[0].clone(), c.regions[1].clone());
+    c.must_transfer_leader(mid.id, 1);
+    c.must_transfer_leader(left.id, 2);
+    cut_region_on_store(&c, left.id, 1);
+    c.must_prepare_merge(mid.id, left.id);
+    std::thread::sleep(Duration::from_millis(700));
+    c.must_transfer_leader(left.id, 3);
+    // Still not merged: the CommitMerge is made where the source leads, on store 1.
+    assert!(c.status(1, mid.id).is_some());
+    c.net.remove_filter(&format!("cut-{}-on-1", left.id));
+    c.must_merged(mid.id, left.id, 3);
+    let want: Vec<Vec<u8>> = (0..60).map(key).collect();
+    for s in 1..=3 {
+        must_hold(&c, s, left.id, &want);
+    }
+    c.must_put(&key(45), b"v3");
+    assert_eq!(c.must_get(&key(45)).as_deref(), Some(&b"v3"[..]));
+}
+
 /// Merges that cannot be made are refused with a typed error and change nothing.
 fn bad_merges_are_refused(kind: EngineKind) {
     let c = three_regions(kind);
@@ -315,5 +379,7 @@ both_kinds!(
     lagging_replica_catches_up,
     rollback_when_target_changes,
     merge_survives_leader_change,
+    merge_survives_target_store_crash,
+    merge_survives_target_leader_change,
     bad_merges_are_refused
 );

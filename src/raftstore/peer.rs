@@ -1129,7 +1129,7 @@ impl Peer {
             target: Some(target),
             commit: index,
         };
-        self.persist_region(&region, PeerState::Merging, Some(ms.clone()), index)?;
+        self.persist_region(&region, PeerState::Merging, Some(ms.clone()), index, term)?;
         self.region = region;
         self.merge_state = Some(ms);
         self.applied_index = index;
@@ -1151,7 +1151,7 @@ impl Peer {
         let mut epoch = region.region_epoch.unwrap_or_default();
         epoch.version += 1;
         region.region_epoch = Some(epoch);
-        self.persist_region(&region, PeerState::Normal, None, index)?;
+        self.persist_region(&region, PeerState::Normal, None, index, term)?;
         self.region = region;
         self.merge_state = None;
         self.applied_index = index;
@@ -1220,7 +1220,9 @@ impl Peer {
         state: PeerState,
         merge_state: Option<MergeState>,
         index: u64,
+        term: u64,
     ) -> Result<()> {
+        self.make_durable_through(index, term)?;
         let rs = self.region_state(region, state, merge_state, index);
         let mut lb = LogWriteBatch::new();
         lb.put_region_state(region.id, &rs)?;
@@ -1252,6 +1254,34 @@ impl Peer {
         self.conf_index = index;
         self.split_check_bytes = u64::MAX / 2;
         self.split_check_keys = u64::MAX / 2;
+    }
+
+    /// Makes the engine durable through `index` (its apply state says so, on disk) before a
+    /// Region state persisted at `index` changes the epoch or the merge state.
+    ///
+    /// A restart replays the log from the engine's durable apply index under the Region state
+    /// it finds in raft-engine. An entry made against an older state (an older epoch, or before
+    /// a PrepareMerge froze the Region) is refused there; its writes, which were in memtables
+    /// only, would be lost. So no replay may cross a Region-state change. (Before this, a
+    /// crash right after a PrepareMerge lost the source's last writes, and the merge copied
+    /// their old values, or deleted keys, into the target.)
+    pub(crate) fn make_durable_through(&mut self, index: u64, term: u64) -> Result<()> {
+        let mut wb = WriteBatch::new();
+        self.flush_apply(&mut wb, index, term)?;
+        if self.kv.kind() == crate::config::EngineKind::PartitionedRaftKv {
+            self.engine.flush(true)?;
+        }
+        // Tablets: what the flushed SSTs hold; raft-kv: the shared WAL, synced.
+        let durable = self
+            .engine
+            .persisted_apply_state()?
+            .map_or(0, |s| s.applied_index);
+        assert!(
+            durable >= index,
+            "Region {}: engine durable through {durable}, not {index}, at a Region state change",
+            self.region.id
+        );
+        Ok(())
     }
 
     /// Writes `wb` with the apply state `index`/`term`, if anything moved.

@@ -32,16 +32,19 @@
 //! between replays the CommitMerge, which writes the same keys again. raft-kv: the keys are
 //! already in the shared DB; T's range just grows.
 //!
-//! **Durability order** of a CommitMerge on one store: T's tablet holds S's data (flushed) →
-//! one synced raft-engine write with T's new Region (`conf_index` = the CommitMerge) and S's
-//! tombstone → S's log and tablet are removed. Replaying after a crash skips a CommitMerge at
-//! or below T's `conf_index`.
+//! **Durability order** of a CommitMerge on one store: T's tablet holds S's data and an apply
+//! state at the CommitMerge (flushed) → one synced raft-engine write with T's new Region
+//! (`conf_index` = the CommitMerge) and S's tombstone → S's log and tablet are removed.
+//! Replaying after a crash skips a CommitMerge at or below T's `conf_index`. PrepareMerge and
+//! RollbackMerge likewise make the engine durable through their index before the Region state
+//! changes: a replay never crosses a Region-state change, so no entry made against the old
+//! state is ever replayed (and refused) under the new one.
 
 use std::time::{Duration, Instant};
 
 use prkv_proto::metapb::{Region, RegionEpoch};
 use prkv_proto::serverpb::{
-    CommitMerge, PeerState, RaftCmdRequest, RegionLocalState, RollbackMerge,
+    CommitMerge, PeerState, RaftApplyState, RaftCmdRequest, RegionLocalState, RollbackMerge,
 };
 use protobuf::Message as _;
 
@@ -283,9 +286,30 @@ impl Store {
             self.engines
                 .kv
                 .open_region(target_id, range_of(&merged), t.engine.tablet_index())?;
-        if self.engines.kv.kind() == EngineKind::PartitionedRaftKv {
+        let partitioned = self.engines.kv.kind() == EngineKind::PartitionedRaftKv;
+        if partitioned {
             copy_region_data(s.engine.as_ref(), engine.as_ref(), &source)?;
         }
+        // The target's engine durable through the CommitMerge before its new Region state is
+        // (see `Peer::make_durable_through`): the copied keys, the target's own writes before
+        // it, and an apply state saying so. Tablets have no WAL: flush; raft-kv: sync the WAL.
+        let mut wb = WriteBatch::new();
+        wb.set_apply_state(RaftApplyState {
+            applied_index: index,
+            applied_term: term,
+            ..Default::default()
+        });
+        engine.write(&wb)?;
+        if partitioned {
+            engine.flush(true)?;
+        }
+        let durable = engine
+            .persisted_apply_state()?
+            .map_or(0, |s| s.applied_index);
+        assert!(
+            durable >= index,
+            "Region {target_id}: engine durable through {durable}, not {index}, at its CommitMerge"
+        );
         let mut lb = LogWriteBatch::new();
         lb.put_region_state(
             target_id,
@@ -453,9 +477,8 @@ fn copy_region_data(from: &dyn RegionEngine, to: &dyn RegionEngine, source: &Reg
             to.write(&wb)?;
         }
     }
-    // The tablet has no WAL: the copied keys must be on disk before the Region states say
-    // the target holds them.
-    to.flush(true)?;
+    // The caller flushes: the copied keys must be on disk before the Region states say the
+    // target holds them (the tablet has no WAL).
     tracing::debug!(
         source = source.id,
         keys = copied,
