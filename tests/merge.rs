@@ -340,6 +340,32 @@ fn merge_survives_target_leader_change(kind: EngineKind) {
     assert_eq!(c.must_get(&key(45)).as_deref(), Some(&b"v3"[..]));
 }
 
+/// The last Region merges into the first of two: the merged Region is the whole key space.
+/// (Both have an empty key at their outer end; the merge once took the source for the
+/// target's left neighbour and made an empty Region, and every store stopped. Found by the
+/// nemesis.)
+fn last_merges_into_first(kind: EngineKind) {
+    let mut c = Cluster::new(3, kind);
+    c.bootstrap(1, &[1, 2, 3]);
+    c.start();
+    for i in 0..60 {
+        c.must_put(&key(i), b"v1");
+    }
+    let regions = c.must_split(1, &[&key(30)]);
+    let (first, last) = (regions[0].clone(), regions[1].clone());
+    assert!(first.start_key.is_empty() && last.end_key.is_empty());
+    c.must_merge(last.id, first.id);
+    let merged = c.region_for_key(&key(45)).clone();
+    assert_eq!(merged.id, first.id);
+    assert!(merged.start_key.is_empty() && merged.end_key.is_empty());
+    let want: Vec<Vec<u8>> = (0..60).map(key).collect();
+    for s in 1..=3 {
+        must_hold(&c, s, first.id, &want);
+    }
+    c.must_put(&key(75), b"v2");
+    assert_eq!(c.must_get(&key(75)).as_deref(), Some(&b"v2"[..]));
+}
+
 /// Merges that cannot be made are refused with a typed error and change nothing.
 fn bad_merges_are_refused(kind: EngineKind) {
     let c = three_regions(kind);
@@ -381,5 +407,6 @@ both_kinds!(
     merge_survives_leader_change,
     merge_survives_target_store_crash,
     merge_survives_target_leader_change,
+    last_merges_into_first,
     bad_merges_are_refused
 );

@@ -1,7 +1,20 @@
-//! A short nemesis run (issue 8's beginning): clients do get / put / compare-and-swap on a few
-//! keys of a 3-store cluster of real processes while stores are SIGKILLed and restarted on a
-//! seeded schedule; the recorded history must be linearizable (`prkv::check`). The seed is
-//! printed, so a failure reproduces.
+//! The nemesis: clients work on a 3-store cluster of real processes while faults hit it on a
+//! seeded schedule, and checkers judge what the clients saw.
+//!
+//! Workloads, run together:
+//! * **registers**: get / put / compare-and-swap on 16 keys; the history must be linearizable
+//!   (`prkv::check::linearizability`);
+//! * **set**: inserts of unique keys; every acknowledged insert must be readable at the end.
+//!
+//! Faults, one at a time, each undone before the next: SIGKILL and restart of a store; SIGSTOP
+//! and SIGCONT of a store; a network partition isolating a store from the others (the stores'
+//! `/fault/partition`, see `server::fault`); SIGKILL and restart of PD; a split and a merge
+//! asked of PD.
+//!
+//! CI runs a short run per engine with fixed seeds. The long run is a command:
+//! `PRKV_NEMESIS_RUNS=200 cargo test --release --test nemesis -- --ignored --nocapture`
+//! prints "N runs, 0 violations, 0 lost writes" (or the seed of each failure).
+//! `PRKV_NEMESIS_SEED` replays one seed.
 
 mod common;
 
@@ -9,15 +22,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::procs::{self, ProcCluster};
+use common::procs::{self, http_json, ProcCluster};
 use prkv::check::linearizability::{self, Input, Operation, Output};
 use tikv_client::{Config, RawClient};
 
 const KEYS: u64 = 16;
+const REGISTER_CLIENTS: u64 = 8;
+const SET_CLIENTS: u64 = 2;
 
 /// One cluster at a time: on 2 cores, two would measure each other.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-const CLIENTS: u64 = 8;
 
 struct Rng(u64);
 impl Rng {
@@ -29,10 +43,200 @@ impl Rng {
     }
 }
 
-async fn registers_under_kills(kind: &str, seed: u64, secs: u64) {
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    KillStore,
+    PauseStore,
+    IsolateStore,
+    KillPd,
+    Split,
+    Merge,
+}
+
+const FAULTS: [Fault; 6] = [
+    Fault::KillStore,
+    Fault::PauseStore,
+    Fault::IsolateStore,
+    Fault::KillPd,
+    Fault::Split,
+    Fault::Merge,
+];
+
+/// What one run found.
+struct Report {
+    seed: u64,
+    acknowledged: usize,
+    faults: Vec<String>,
+    violation: Option<String>,
+    lost: Vec<Vec<u8>>,
+}
+
+/// One register operation by client `cl`; `None` when it is not worth recording (a failed
+/// read changed nothing).
+async fn register_op(
+    client: &RawClient,
+    rng: &mut Rng,
+    cl: u64,
+    n: &mut u64,
+    now: &(dyn Fn() -> u64 + Send + Sync),
+) -> Option<Operation> {
+    let key = format!("reg{}", rng.next() % KEYS).into_bytes();
+    let call = now();
+    let (input, output, ret) = match rng.next() % 3 {
+        0 => match client.get(key.clone()).await {
+            Ok(v) => (Input::Get, Output::Value(v), Some(now())),
+            Err(_) => return None,
+        },
+        1 => {
+            *n += 1;
+            let v = format!("c{cl}-{n}").into_bytes();
+            match client.put(key.clone(), v.clone()).await {
+                Ok(()) => (Input::Put(v), Output::Ok, Some(now())),
+                Err(_) => (Input::Put(v), Output::Unknown, None),
+            }
+        }
+        _ => {
+            *n += 1;
+            let new = format!("c{cl}-{n}").into_bytes();
+            // Swap from what this client last saw of the key, or from absent.
+            let old = client.get(key.clone()).await.ok().flatten();
+            let call = now();
+            let input = Input::Cas {
+                old: old.clone(),
+                new: new.clone(),
+            };
+            // tikv-client retries a CAS whose answer was lost (its store was killed): if the
+            // first try applied, the retry reports false. So "false" is recorded as an unknown
+            // outcome (it may have swapped); "true" is certain.
+            let (output, ret) = match client.compare_and_swap(key.clone(), old, new).await {
+                Ok((_, true)) => (Output::Swapped(true), Some(now())),
+                _ => (Output::Unknown, None),
+            };
+            return Some(Operation {
+                client: cl,
+                key,
+                call,
+                ret,
+                input,
+                output,
+            });
+        }
+    };
+    Some(Operation {
+        client: cl,
+        key,
+        call,
+        ret,
+        input,
+        output,
+    })
+}
+
+/// The Regions PD knows, in key order: `(id, start_key, end_key)` (keys in hex).
+fn regions(c: &ProcCluster) -> Vec<(u64, String, String)> {
+    let Ok(body) = procs::http_get(c.pd_addr, "/pd/api/v1/regions") else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let mut out: Vec<(u64, String, String)> = v["regions"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| {
+                    (
+                        r["id"].as_u64().unwrap_or(0),
+                        r["start_key"].as_str().unwrap_or("").to_string(),
+                        r["end_key"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort_by(|a, b| a.1.cmp(&b.1));
+    out
+}
+
+fn pd_post(c: &ProcCluster, path: &str) -> String {
+    match prkv::playground::http_request(c.pd_addr, "POST", path) {
+        Ok((status, _, body)) => {
+            let body = serde_json::from_str::<serde_json::Value>(&body)
+                .map_or_else(|_| body.trim().to_string(), |v| v.to_string());
+            format!("{status} {body}")
+        }
+        Err(e) => e,
+    }
+}
+
+/// Applies `fault`, holds it for a while, undoes it; returns what was done.
+async fn inflict(c: &mut ProcCluster, rng: &mut Rng, fault: Fault) -> String {
+    let victim = 1 + (rng.next() % 3) as usize;
+    let hold = Duration::from_millis(1000 + rng.next() % 1500);
+    match fault {
+        Fault::KillStore => {
+            c.kill_store(victim);
+            tokio::time::sleep(hold).await;
+            c.start_store(victim);
+            format!("kill store {victim} for {hold:?}")
+        }
+        Fault::PauseStore => {
+            c.pause_store(victim, true);
+            tokio::time::sleep(hold).await;
+            c.pause_store(victim, false);
+            format!("pause store {victim} for {hold:?}")
+        }
+        Fault::IsolateStore => {
+            c.isolate_store(victim);
+            tokio::time::sleep(hold).await;
+            c.heal();
+            format!("isolate store {victim} for {hold:?}")
+        }
+        Fault::KillPd => {
+            c.kill_pd();
+            tokio::time::sleep(hold).await;
+            c.start_pd();
+            format!("kill PD for {hold:?}")
+        }
+        Fault::Split => {
+            let rs = regions(c);
+            if rs.is_empty() {
+                return "split: no Regions known".into();
+            }
+            let (id, _, _) = &rs[(rng.next() % rs.len() as u64) as usize];
+            let res = pd_post(c, &format!("/pd/api/v1/region/split/{id}"));
+            format!("split Region {id}: {res}")
+        }
+        Fault::Merge => {
+            let rs = regions(c);
+            let pairs: Vec<(u64, u64)> = rs
+                .windows(2)
+                .filter(|w| w[0].2 == w[1].1)
+                .map(|w| (w[0].0, w[1].0))
+                .collect();
+            if pairs.is_empty() {
+                return "merge: no adjacent Regions".into();
+            }
+            let (a, b) = pairs[(rng.next() % pairs.len() as u64) as usize];
+            // Either side may be the source.
+            let (s, t) = if rng.next().is_multiple_of(2) {
+                (a, b)
+            } else {
+                (b, a)
+            };
+            let res = pd_post(c, &format!("/pd/api/v1/region/merge/{s}/{t}"));
+            format!("merge Region {s} into {t}: {res}")
+        }
+    }
+}
+
+async fn run(kind: &str, seed: u64, secs: u64) -> Report {
     let _serial = SERIAL.lock().await;
     println!("nemesis seed {seed} ({kind})");
     let dir = tempfile::tempdir().unwrap();
+    if std::env::var("PRKV_TEST_KEEP").is_ok() {
+        // Logs and data stay for a post-mortem.
+        println!("data and logs in {}", dir.path().display());
+    }
+    let dir = scopeguard_keep(dir);
     let cfg = format!("[storage]\nengine = \"{kind}\"\napi-version = 2\n");
     let mut c = ProcCluster::start(dir.path(), 3, &cfg);
     procs::wait_cluster(c.pd_addr, 3, 3, Duration::from_secs(60));
@@ -42,108 +246,126 @@ async fn registers_under_kills(kind: &str, seed: u64, secs: u64) {
             .unwrap()
             .with_atomic_for_cas();
     let started = Instant::now();
-    let now = move || started.elapsed().as_micros() as u64;
+    let now: Arc<dyn Fn() -> u64 + Send + Sync> =
+        Arc::new(move || started.elapsed().as_micros() as u64);
     let history = Arc::new(Mutex::new(Vec::<Operation>::new()));
+    let inserted = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
-    for cl in 0..CLIENTS {
-        let (client, history, stop) = (client.clone(), history.clone(), stop.clone());
+    for cl in 0..REGISTER_CLIENTS {
+        let (client, history, stop, now) =
+            (client.clone(), history.clone(), stop.clone(), now.clone());
         workers.push(tokio::spawn(async move {
             let mut rng = Rng(seed ^ (cl + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let key = format!("reg{}", rng.next() % KEYS).into_bytes();
-                let call = now();
-                let (input, output, ret) = match rng.next() % 3 {
-                    0 => match client.get(key.clone()).await {
-                        Ok(v) => (Input::Get, Output::Value(v), Some(now())),
-                        Err(_) => continue, // a failed read changed nothing
-                    },
-                    1 => {
-                        n += 1;
-                        let v = format!("c{cl}-{n}").into_bytes();
-                        match client.put(key.clone(), v.clone()).await {
-                            Ok(()) => (Input::Put(v), Output::Ok, Some(now())),
-                            Err(_) => (Input::Put(v), Output::Unknown, None),
-                        }
-                    }
-                    _ => {
-                        n += 1;
-                        let new = format!("c{cl}-{n}").into_bytes();
-                        // Swap from what this client last saw of the key, or from absent.
-                        let old = client.get(key.clone()).await.ok().flatten();
-                        let call = now();
-                        let input = Input::Cas {
-                            old: old.clone(),
-                            new: new.clone(),
-                        };
-                        let out = client.compare_and_swap(key.clone(), old, new).await;
-                        let rec = match out {
-                            // tikv-client retries a CAS whose answer was lost (its store
-                            // was killed): if the first try applied, the retry reports false.
-                            // So "false" is recorded as an unknown outcome (it may have
-                            // swapped); "true" is certain.
-                            Ok((_, swapped)) => Operation {
-                                client: cl,
-                                key,
-                                call,
-                                ret: Some(now()),
-                                input,
-                                output: if swapped {
-                                    Output::Swapped(true)
-                                } else {
-                                    Output::Unknown
-                                },
-                            },
-                            Err(_) => Operation {
-                                client: cl,
-                                key,
-                                call,
-                                ret: None,
-                                input,
-                                output: Output::Unknown,
-                            },
-                        };
-                        history.lock().unwrap().push(rec);
-                        continue;
-                    }
-                };
-                history.lock().unwrap().push(Operation {
-                    client: cl,
-                    key,
-                    call,
-                    ret,
-                    input,
-                    output,
-                });
+                if let Some(op) = register_op(&client, &mut rng, cl, &mut n, &*now).await {
+                    history.lock().unwrap().push(op);
+                }
             }
         }));
     }
-    // The nemesis: every 3-5 s, SIGKILL a random store, and restart it 1-2 s later.
+    for cl in 0..SET_CLIENTS {
+        let (client, inserted, stop) = (client.clone(), inserted.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let key = format!("set/{cl}/{n:08}").into_bytes();
+                if client.put(key.clone(), b"x".to_vec()).await.is_ok() {
+                    inserted.lock().unwrap().push(key);
+                }
+            }
+        }));
+    }
     let mut rng = Rng(seed);
     let deadline = Instant::now() + Duration::from_secs(secs);
-    let mut kills = 0;
+    let mut faults = Vec::new();
     while Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(3000 + rng.next() % 2000)).await;
-        let victim = 1 + (rng.next() % 3) as usize;
-        c.kill_store(victim);
-        kills += 1;
-        tokio::time::sleep(Duration::from_millis(1000 + rng.next() % 1000)).await;
-        c.start_store(victim);
+        tokio::time::sleep(Duration::from_millis(1000 + rng.next() % 2000)).await;
+        let fault = FAULTS[(rng.next() % FAULTS.len() as u64) as usize];
+        let what = inflict(&mut c, &mut rng, fault).await;
+        println!("  {:>6.1}s {what}", started.elapsed().as_secs_f64());
+        faults.push(what);
     }
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         w.await.unwrap();
     }
+    // Every fault is undone; the cluster settles before the set is read back.
+    procs::wait_cluster(c.pd_addr, 3, 3, Duration::from_secs(60));
     let history = history.lock().unwrap().clone();
-    let done = history.iter().filter(|o| o.ret.is_some()).count();
+    let acknowledged = history.iter().filter(|o| o.ret.is_some()).count();
+    let inserted = inserted.lock().unwrap().clone();
+    let mut lost = Vec::new();
+    for key in &inserted {
+        let mut got = Err(String::new());
+        for _ in 0..50 {
+            match client.get(key.clone()).await {
+                Ok(v) => {
+                    got = Ok(v);
+                    break;
+                }
+                Err(e) => {
+                    got = Err(e.to_string());
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+            }
+        }
+        match got {
+            Ok(Some(_)) => {}
+            Ok(None) => lost.push(key.clone()),
+            Err(e) => panic!(
+                "seed {seed}: reading {} back kept failing: {e}; PD: {}",
+                String::from_utf8_lossy(key),
+                http_json(c.pd_addr, "/pd/api/v1/regions")
+            ),
+        }
+    }
     println!(
-        "seed {seed}: {} operations ({done} acknowledged), {kills} kills",
-        history.len()
+        "seed {seed}: {} register operations ({acknowledged} acknowledged), {} inserts, {} faults",
+        history.len(),
+        inserted.len(),
+        faults.len()
     );
-    assert!(done > 100, "only {done} operations completed");
-    if let Err(v) = linearizability::check(&history) {
-        panic!("seed {seed}: {v}");
+    assert!(
+        acknowledged > 50 && inserted.len() > 50,
+        "seed {seed}: too little got done ({acknowledged} register operations, {} inserts): {:?}",
+        inserted.len(),
+        http_json(c.pd_addr, "/pd/api/v1/regions")["count"]
+    );
+    let violation = linearizability::check(&history)
+        .err()
+        .map(|v| v.to_string());
+    Report {
+        seed,
+        acknowledged,
+        faults,
+        violation,
+        lost,
+    }
+}
+
+/// The directory, kept after the run if `PRKV_TEST_KEEP` is set.
+fn scopeguard_keep(dir: tempfile::TempDir) -> KeptDir {
+    KeptDir(Some(dir))
+}
+
+struct KeptDir(Option<tempfile::TempDir>);
+
+impl KeptDir {
+    fn path(&self) -> &std::path::Path {
+        self.0.as_ref().expect("set until drop").path()
+    }
+}
+
+impl Drop for KeptDir {
+    fn drop(&mut self) {
+        if std::env::var("PRKV_TEST_KEEP").is_ok() {
+            if let Some(d) = self.0.take() {
+                let _ = d.keep();
+            }
+        }
     }
 }
 
@@ -154,12 +376,66 @@ fn seed() -> u64 {
         .unwrap_or(20261125)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn registers_under_kills_partitioned() {
-    registers_under_kills("partitioned-raft-kv", seed(), 20).await
+fn must_pass(r: Report) {
+    assert!(
+        r.violation.is_none() && r.lost.is_empty(),
+        "seed {}: violation {:?}; {} acknowledged inserts lost (first: {:?}); faults {:?}",
+        r.seed,
+        r.violation,
+        r.lost.len(),
+        r.lost
+            .first()
+            .map(|k| String::from_utf8_lossy(k).into_owned()),
+        r.faults
+    );
+    assert!(r.acknowledged > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn registers_under_kills_raft_kv() {
-    registers_under_kills("raft-kv", seed() + 1, 20).await
+async fn nemesis_partitioned() {
+    must_pass(run("partitioned-raft-kv", seed(), 30).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nemesis_raft_kv() {
+    must_pass(run("raft-kv", seed() + 1, 30).await)
+}
+
+/// The long run: `PRKV_NEMESIS_RUNS` runs (default 200), engines alternating, seeds from
+/// `PRKV_NEMESIS_SEED` on. Prints "N runs, V violations, L lost writes" and fails if either is
+/// not zero.
+#[ignore]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nemesis_long() {
+    let runs: u64 = std::env::var("PRKV_NEMESIS_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    let secs: u64 = std::env::var("PRKV_NEMESIS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let (mut violations, mut lost, mut failed) = (0, 0, Vec::new());
+    for i in 0..runs {
+        let kind = if i % 2 == 0 {
+            "partitioned-raft-kv"
+        } else {
+            "raft-kv"
+        };
+        let r = run(kind, seed() + i, secs).await;
+        if let Some(v) = &r.violation {
+            println!("seed {} ({kind}): VIOLATION {v}", r.seed);
+            violations += 1;
+        }
+        if !r.lost.is_empty() {
+            println!("seed {} ({kind}): {} lost writes", r.seed, r.lost.len());
+            lost += r.lost.len();
+        }
+        if r.violation.is_some() || !r.lost.is_empty() {
+            failed.push(r.seed);
+        }
+        println!("run {}/{runs} done", i + 1);
+    }
+    println!("{runs} runs, {violations} violations, {lost} lost writes");
+    assert!(failed.is_empty(), "failing seeds: {failed:?}");
 }

@@ -15,6 +15,7 @@
 //!
 //! Read [`kv`] for how requests become Raft proposals and reads.
 
+pub mod fault;
 pub mod kv;
 pub mod pd_client;
 pub mod raw;

@@ -2,6 +2,7 @@
 //! `GET /region/{id}/checksum`: a checksum of this store's replica of a Region (every column
 //! family, read from the local engine, not through Raft) with its applied index, so that
 //! replicas can be compared (`{"region_id", "applied_index", "keys", "crc32"}`).
+//! `/fault/partition` injects network partitions for fault tests (see `server::fault`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -60,6 +61,9 @@ fn region_checksum(info: &StatusInfo, region_id: u64) -> Option<serde_json::Valu
 }
 
 fn handle(req: &Request<Body>, info: &StatusInfo) -> Response<Body> {
+    if req.uri().path() == "/fault/partition" {
+        return fault_partition(req);
+    }
     if req.method() != Method::GET {
         return Response::builder()
             .status(StatusCode::METHOD_NOT_ALLOWED)
@@ -115,6 +119,34 @@ fn handle(req: &Request<Body>, info: &StatusInfo) -> Response<Body> {
             .status(StatusCode::NOT_FOUND)
             .body(Body::from(format!("no such endpoint: {other}\n")))
             .unwrap_or_default(),
+    }
+}
+
+/// `/fault/partition` (see `server::fault`): 403 unless faults are on.
+fn fault_partition(req: &Request<Body>) -> Response<Body> {
+    let json_response = |status: StatusCode, body: serde_json::Value| {
+        Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap_or_default()
+    };
+    if !super::fault::enabled() {
+        return json_response(
+            StatusCode::FORBIDDEN,
+            json!({"error": "faults are off (start the store with PRKV_FAULTS=1)"}),
+        );
+    }
+    match *req.method() {
+        Method::GET => json_response(StatusCode::OK, json!({"cut": super::fault::cut_stores()})),
+        Method::POST => match super::fault::set_partition(req.uri().query().unwrap_or("")) {
+            Ok(cut) => json_response(StatusCode::OK, json!({ "cut": cut })),
+            Err(e) => json_response(StatusCode::BAD_REQUEST, json!({ "error": e })),
+        },
+        _ => json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            json!({"error": "GET or POST"}),
+        ),
     }
 }
 

@@ -105,6 +105,10 @@ impl GrpcTransport {
 impl Transport for GrpcTransport {
     fn send(&self, msg: RaftMessage) {
         let to = msg.to_store;
+        if super::fault::is_cut(to) {
+            RAFT_MESSAGES_DROPPED.with_label_values(&["fault"]).inc();
+            return;
+        }
         let tx = {
             let mut q = self.queues.lock();
             q.entry(to)
@@ -130,6 +134,10 @@ impl Transport for GrpcTransport {
 
     /// Snapshots go on their own stream (see `snap_transfer.rs`), one task per transfer.
     fn send_snapshot(&self, msg: RaftMessage, done: SnapshotDoneCb) {
+        if super::fault::is_cut(msg.to_store) {
+            RAFT_MESSAGES_DROPPED.with_label_values(&["fault"]).inc();
+            return done(false);
+        }
         let (pd, limiter, max_msg) = (self.pd.clone(), self.snap_limiter.clone(), self.max_msg);
         self.rt.spawn(async move {
             let (region_id, to_store) = (msg.region_id, msg.to_store);
@@ -248,6 +256,10 @@ impl StoreTransport for RaftService {
         while let Some(batch) = input.next().await {
             let batch = batch?;
             for m in batch.msgs {
+                if super::fault::is_cut(m.from_store) {
+                    RAFT_MESSAGES_DROPPED.with_label_values(&["fault"]).inc();
+                    continue;
+                }
                 if m.to_store != self.router.store_id {
                     RAFT_MESSAGES_DROPPED
                         .with_label_values(&["wrong_store"])

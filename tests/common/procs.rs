@@ -110,12 +110,22 @@ impl Proc {
                 "PRKV_LOG",
                 std::env::var("PRKV_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            // The status port's `/fault/partition` (network partitions for the nemesis).
+            .env("PRKV_FAULTS", "1")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
             .unwrap();
         Proc { child }
+    }
+
+    /// SIGSTOP (`pause`) or SIGCONT: the process stays, frozen, with its sockets open.
+    pub fn pause(&mut self, pause: bool) {
+        let sig = if pause { libc::SIGSTOP } else { libc::SIGCONT };
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
     }
 
     pub fn sigkill(&mut self) {
@@ -258,6 +268,53 @@ impl ProcCluster {
     pub fn kill_store(&mut self, i: usize) {
         if let Some(mut p) = self.stores[i - 1].take() {
             p.sigkill();
+        }
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) store `i`.
+    pub fn pause_store(&mut self, i: usize, pause: bool) {
+        if let Some(p) = self.stores[i - 1].as_mut() {
+            p.pause(pause);
+        }
+    }
+
+    pub fn kill_pd(&mut self) {
+        if let Some(mut p) = self.pd.take() {
+            p.sigkill();
+        }
+    }
+
+    /// Cuts Raft traffic between store `i` and every other store (both sides drop it); the
+    /// stores' clients and PD still reach it. Stores not running are skipped.
+    pub fn isolate_store(&self, i: usize) {
+        let n = self.stores.len();
+        for s in 1..=n {
+            let cut: Vec<String> = if s == i {
+                (1..=n).filter(|o| *o != i).map(|o| o.to_string()).collect()
+            } else {
+                vec![i.to_string()]
+            };
+            self.fault_partition(s, &cut.join(","));
+        }
+    }
+
+    /// Heals every partition.
+    pub fn heal(&self) {
+        for s in 1..=self.stores.len() {
+            self.fault_partition(s, "");
+        }
+    }
+
+    fn fault_partition(&self, s: usize, stores: &str) {
+        if self.stores[s - 1].is_none() {
+            return;
+        }
+        let path = format!("/fault/partition?stores={stores}");
+        match prkv::playground::http_request(self.status_addr(s), "POST", &path) {
+            Ok((200, _, _)) => {}
+            // A store just restarted may not listen yet; it starts healed.
+            Ok((_, head, body)) => println!("store {s}: POST {path}: {head} {body}"),
+            Err(e) => println!("store {s}: POST {path}: {e}"),
         }
     }
 

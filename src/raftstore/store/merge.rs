@@ -264,7 +264,10 @@ impl Store {
         );
         let t = &self.peers[&target_id];
         let mut merged = t.region.clone();
-        if source.end_key == merged.start_key {
+        // The source precedes the target iff its end is the target's start; an empty end is
+        // +inf, never anyone's start (the last Region merging into the first of two must not
+        // take this branch: their empty keys compare equal).
+        if !source.end_key.is_empty() && source.end_key == merged.start_key {
             merged.start_key = source.start_key.clone();
         } else {
             merged.end_key = source.end_key.clone();
