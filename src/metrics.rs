@@ -34,6 +34,23 @@ pub static MEMTABLE_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
 pub static TABLETS_OPEN: LazyLock<IntGauge> =
     LazyLock::new(|| gauge("prkv_engine_tablets_open", "Tablets currently open"));
 
+/// Free bytes on the data directory's file system (measured once a second when
+/// `storage.reserve-space` is set).
+pub static DISK_AVAILABLE_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "prkv_disk_available_bytes",
+        "Bytes available on the file system of the data directory",
+    )
+});
+
+/// 1 while free space is below `storage.reserve-space` and writes are refused.
+pub static DISK_FULL: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "prkv_disk_full",
+        "1 while free disk space is below storage.reserve-space (writes refused)",
+    )
+});
+
 /// Flushes scheduled by the write-buffer controller.
 pub static MEMORY_FLUSHES: LazyLock<IntCounter> = LazyLock::new(|| {
     counter(

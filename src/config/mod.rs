@@ -137,6 +137,9 @@ pub struct StorageConfig {
     pub enable_ttl: bool,
     /// Largest key a request may write; bigger keys are rejected before they reach Raft.
     pub max_key_size: ReadableSize,
+    /// Free space the store keeps on its disk: below it, data writes are refused with
+    /// `DiskFull` (reads, deletes and Raft go on) until space returns. 0 turns it off.
+    pub reserve_space: ReadableSize,
 }
 
 impl Default for StorageConfig {
@@ -148,6 +151,9 @@ impl Default for StorageConfig {
             enable_ttl: false,
             // TiKV's default: keys are index entries and row ids, not payloads.
             max_key_size: ReadableSize::kib(8),
+            // TiKV's default: room for compactions to finish and Raft logs to be applied and
+            // collected after writes stop, so that space can come back.
+            reserve_space: ReadableSize::gib(5),
         }
     }
 }

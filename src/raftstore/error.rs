@@ -53,6 +53,14 @@ pub enum Error {
     /// A merge that cannot be made (not adjacent, replicas not aligned, another merge running).
     #[error("invalid merge: {0}")]
     InvalidMerge(String),
+    /// Free disk space on this store is below `storage.reserve-space`: data writes are refused
+    /// until space returns (reads go on).
+    #[error("store {store_id}: disk full ({available} bytes free, storage.reserve-space is {reserve} bytes): writes refused, reads go on")]
+    DiskFull {
+        store_id: u64,
+        available: u64,
+        reserve: u64,
+    },
     /// PD could not be asked (for split ids); retry later.
     #[error("PD: {0}")]
     Pd(String),

@@ -35,6 +35,7 @@ use super::transport::Transport;
 use super::worker::{self, Job, WorkerHandle};
 use crate::config::{Config, EngineKind};
 use crate::raftlog::LogWriteBatch;
+use crate::storage::disk::DiskMonitor;
 use crate::storage::{Engines, KeyRange, RegionId};
 
 mod merge;
@@ -255,6 +256,8 @@ struct Store {
     snap_requests: Vec<RegionId>,
     /// Merges this store leads the source of: when each was last driven (see `merge.rs`).
     merge_attempts: HashMap<RegionId, Instant>,
+    /// Free space against `storage.reserve-space` (see `storage::disk`).
+    disk: DiskMonitor,
 }
 
 /// Opens every Region replica found in the engines and starts the store loop.
@@ -269,6 +272,7 @@ pub fn start_store(
     let stats = Arc::new(StoreStats::default());
     let worker = worker::start(id, tx.clone());
     let cfg_data_dir = cfg.storage.data_dir.clone();
+    let reserve_space = cfg.storage.reserve_space.0;
     let mut store = Store {
         id,
         tick_interval: cfg.raftstore.raft_base_tick_interval.0,
@@ -294,6 +298,7 @@ pub fn start_store(
         snap_dirs: SnapDirs::new(&cfg_data_dir),
         snap_requests: Vec::new(),
         merge_attempts: HashMap::new(),
+        disk: DiskMonitor::new(&cfg_data_dir, reserve_space),
     };
     store.recover()?;
     let thread = std::thread::Builder::new()
@@ -610,6 +615,18 @@ impl Store {
                 cb,
             } => {
                 self.stats.proposals.fetch_add(1, Ordering::Relaxed);
+                // Below the reserve, only writes that free space (deletes) are taken.
+                let adds_data = mutations
+                    .iter()
+                    .any(|m| m.op == prkv_proto::serverpb::mutation::Op::Put as i32);
+                if self.disk.is_full() && adds_data {
+                    cb(Err(Error::DiskFull {
+                        store_id: self.id,
+                        available: self.disk.available(),
+                        reserve: self.disk.reserve(),
+                    }));
+                    return false;
+                }
                 match self.peers.get_mut(&region_id) {
                     None => cb(Err(Error::RegionNotFound(region_id))),
                     Some(p) => {
@@ -1069,6 +1086,7 @@ impl Store {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
+        self.disk.refresh();
         let election_timeout =
             self.tick_interval * self.cfg.raftstore.raft_election_timeout_ticks as u32;
         // Store heartbeats: one message per other store, however many Regions we share.

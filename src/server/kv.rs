@@ -133,6 +133,13 @@ fn region_error(e: Error) -> Fail {
                 ..Default::default()
             });
         }
+        Error::DiskFull { store_id, .. } => {
+            kind = "disk_full";
+            out.disk_full = Some(errorpb::DiskFull {
+                store_id: vec![store_id],
+                reason: out.message.clone(),
+            });
+        }
         Error::ProposalInMergingMode(region_id) => {
             kind = "proposal_in_merging_mode";
             out.proposal_in_merging_mode = Some(errorpb::ProposalInMergingMode { region_id });

@@ -271,6 +271,13 @@ impl ProcCluster {
         }
     }
 
+    /// Store `i` was started and has not exited.
+    pub fn store_running(&mut self, i: usize) -> bool {
+        self.stores[i - 1]
+            .as_mut()
+            .is_some_and(|p| matches!(p.child.try_wait(), Ok(None)))
+    }
+
     /// Freezes (SIGSTOP) or thaws (SIGCONT) store `i`.
     pub fn pause_store(&mut self, i: usize, pause: bool) {
         if let Some(p) = self.stores[i - 1].as_mut() {
