@@ -8,8 +8,8 @@
 //!
 //! Faults, one at a time, each undone before the next: SIGKILL and restart of a store; SIGSTOP
 //! and SIGCONT of a store; a network partition isolating a store from the others (the stores'
-//! `/fault/partition`, see `server::fault`); SIGKILL and restart of PD; a split and a merge
-//! asked of PD.
+//! `/fault/partition`, see `server::fault`); SIGKILL and restart of PD; a split, a merge, a
+//! leader transfer and a replica removal (added back by PD's replica checker) asked of PD.
 //!
 //! The crash loop runs the same workloads with SIGKILLs only (of one store or of all at once)
 //! and also fails if any store exits by itself.
@@ -56,15 +56,20 @@ enum Fault {
     KillPd,
     Split,
     Merge,
+    TransferLeader,
+    /// A replica removed; PD's replica checker adds one back (a snapshot).
+    RemovePeer,
 }
 
-const FAULTS: [Fault; 6] = [
+const FAULTS: [Fault; 8] = [
     Fault::KillStore,
     Fault::PauseStore,
     Fault::IsolateStore,
     Fault::KillPd,
     Fault::Split,
     Fault::Merge,
+    Fault::TransferLeader,
+    Fault::RemovePeer,
 ];
 
 /// What one run found.
@@ -267,6 +272,35 @@ async fn inflict(c: &mut ProcCluster, rng: &mut Rng, fault: Fault, plan: &Plan) 
             let (id, _, _) = &rs[(rng.next() % rs.len() as u64) as usize];
             let res = pd_post(c, &format!("/pd/api/v1/region/split/{id}"));
             format!("split Region {id}: {res}")
+        }
+        Fault::TransferLeader | Fault::RemovePeer => {
+            let rs = regions(c);
+            if rs.is_empty() {
+                return format!("{fault:?}: no Regions known");
+            }
+            let (id, _, _) = &rs[(rng.next() % rs.len() as u64) as usize];
+            // Store ids are PD's, not the process numbers: take one the Region has.
+            let stores: Vec<u64> =
+                procs::http_get(c.pd_addr, &format!("/pd/api/v1/region/id/{id}"))
+                    .ok()
+                    .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+                    .and_then(|v| {
+                        v["peers"]
+                            .as_array()
+                            .map(|a| a.iter().filter_map(|p| p["store_id"].as_u64()).collect())
+                    })
+                    .unwrap_or_default();
+            if stores.is_empty() {
+                return format!("{fault:?}: Region {id} has no known replicas");
+            }
+            let store = stores[(rng.next() % stores.len() as u64) as usize];
+            let what = if matches!(fault, Fault::TransferLeader) {
+                "transfer-leader"
+            } else {
+                "remove-peer"
+            };
+            let res = pd_post(c, &format!("/pd/api/v1/region/{what}/{id}/{store}"));
+            format!("{what} Region {id} store {store}: {res}")
         }
         Fault::Merge => {
             let rs = regions(c);

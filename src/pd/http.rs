@@ -13,6 +13,8 @@
 //! | `GET /pd/api/v1/store/{id}` | one store, or 404 |
 //! | `POST /pd/api/v1/region/split/{id}` | splits the Region in half (an operator sent to its leader) |
 //! | `POST /pd/api/v1/region/merge/{source}/{target}` | merges Region `source` into its neighbour `target` |
+//! | `POST /pd/api/v1/region/transfer-leader/{id}/{store}` | moves the Region's leadership to its replica on `store` |
+//! | `POST /pd/api/v1/region/remove-peer/{id}/{store}` | removes the Region's replica on `store` (the replica checker adds one back if it is short) |
 //! | `DELETE /pd/api/v1/store/{id}` | scale in: the store goes Offline, its replicas move away, then it is Tombstone |
 //!
 //! A store's `state_name` is Up, Disconnected (no heartbeat for 20 s), Down (none for
@@ -156,6 +158,43 @@ impl PdHttp {
                     Ok(()) => respond(
                         http::StatusCode::OK,
                         json!({"merge": source, "into": target}),
+                    ),
+                    Err(ClusterError::RegionNotFound(id)) => {
+                        not_found(format!("Region {id} not found"))
+                    }
+                    Err(e) => respond(
+                        http::StatusCode::BAD_REQUEST,
+                        json!({"error": e.to_string()}),
+                    ),
+                };
+            }
+            // `POST /pd/api/v1/region/{transfer-leader,remove-peer}/{id}/{store}`.
+            for (prefix, what) in [
+                ("/pd/api/v1/region/transfer-leader/", "transfer-leader"),
+                ("/pd/api/v1/region/remove-peer/", "remove-peer"),
+            ] {
+                let Some(ids) = path.strip_prefix(prefix) else {
+                    continue;
+                };
+                let parsed = ids
+                    .split_once('/')
+                    .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
+                let Some((region, store)) = parsed else {
+                    return respond(
+                        http::StatusCode::BAD_REQUEST,
+                        json!({"error": format!("{ids:?} is not <region id>/<store id>")}),
+                    );
+                };
+                let mut c = self.state.cluster.lock();
+                let res = if what == "transfer-leader" {
+                    c.transfer_leader(region, store)
+                } else {
+                    c.remove_peer(region, store)
+                };
+                return match res {
+                    Ok(()) => respond(
+                        http::StatusCode::OK,
+                        json!({ what: region, "store": store }),
                     ),
                     Err(ClusterError::RegionNotFound(id)) => {
                         not_found(format!("Region {id} not found"))

@@ -687,6 +687,86 @@ impl Cluster {
 
     /// Asks the Region's leader to split it at `keys` (in half when empty), on its next
     /// heartbeat. Refused while another operator runs on the Region.
+    /// Moves the leadership of `region_id` to its replica on `store_id`, by hand.
+    pub fn transfer_leader(&mut self, region_id: u64, store_id: u64) -> Result<()> {
+        let info = self.hand_op_target(region_id)?;
+        let to = info
+            .region
+            .peers
+            .iter()
+            .find(|p| p.store_id == store_id && p.role == PeerRole::Voter as i32)
+            .copied()
+            .ok_or_else(|| {
+                super::cluster::ClusterError::Invalid(format!(
+                    "Region {region_id} has no voter on store {store_id}"
+                ))
+            })?;
+        if info.leader.is_some_and(|l| l.id == to.id) {
+            return Ok(()); // already there
+        }
+        let op = Operator::new("transfer-leader", vec![Step::TransferLeader(to)]);
+        tracing::info!(region_id, store_id, "leader transfer requested through PD");
+        self.ops.insert(region_id, op);
+        Ok(())
+    }
+
+    /// Removes the replica of `region_id` on `store_id`, by hand (its leadership moves first if
+    /// it leads). The replica checker adds a replica back if the Region is then short of
+    /// `replication.max-replicas`.
+    pub fn remove_peer(&mut self, region_id: u64, store_id: u64) -> Result<()> {
+        let info = self.hand_op_target(region_id)?;
+        let victim = info
+            .region
+            .peers
+            .iter()
+            .find(|p| p.store_id == store_id)
+            .copied()
+            .ok_or_else(|| {
+                super::cluster::ClusterError::Invalid(format!(
+                    "Region {region_id} has no replica on store {store_id}"
+                ))
+            })?;
+        if info.region.peers.len() < 2 {
+            return Err(super::cluster::ClusterError::Invalid(format!(
+                "Region {region_id} has a single replica: removing it would lose the Region"
+            )));
+        }
+        let mut steps = Vec::new();
+        if info.leader.is_some_and(|l| l.id == victim.id) {
+            let other = info
+                .region
+                .peers
+                .iter()
+                .find(|p| p.id != victim.id && p.role == PeerRole::Voter as i32)
+                .copied()
+                .ok_or_else(|| {
+                    super::cluster::ClusterError::Invalid(format!(
+                        "Region {region_id} has no other voter to lead"
+                    ))
+                })?;
+            steps.push(Step::TransferLeader(other));
+        }
+        steps.push(Step::RemovePeer(victim));
+        tracing::info!(region_id, store_id, "replica removal requested through PD");
+        self.ops
+            .insert(region_id, Operator::new("remove-peer", steps));
+        Ok(())
+    }
+
+    /// The Region a hand-made operator is for: known, and with no operator in flight.
+    fn hand_op_target(&self, region_id: u64) -> Result<&RegionInfo> {
+        let info = self
+            .regions
+            .get(&region_id)
+            .ok_or(super::cluster::ClusterError::RegionNotFound(region_id))?;
+        if self.ops.contains_key(&region_id) {
+            return Err(super::cluster::ClusterError::Invalid(format!(
+                "Region {region_id} has an operator in flight"
+            )));
+        }
+        Ok(info)
+    }
+
     pub fn split_region(&mut self, region_id: u64, keys: Vec<Vec<u8>>) -> Result<()> {
         let info = self
             .regions
