@@ -171,15 +171,27 @@ fn split_checker_by_keys(kind: EngineKind) {
             c.refresh_regions(1);
         }
     }
+    // Splitting goes on until no Region is over the limit: wait until the routing table has
+    // held still for a second (reading with an older one meets EpochNotMatch, as a client
+    // would, but `must_get` does not reload it), with at least N / 10 Regions.
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut still = (0, Instant::now());
     loop {
         c.refresh_regions(1);
-        if c.regions.len() >= N / 10 {
+        let versions: usize = c
+            .regions
+            .iter()
+            .map(|r| r.region_epoch.map_or(0, |e| e.version) as usize)
+            .sum();
+        if versions != still.0 {
+            still = (versions, Instant::now());
+        }
+        if c.regions.len() >= N / 10 && still.1.elapsed() > Duration::from_secs(1) {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "only {} Regions after writing {N} keys",
+            "only {} Regions after writing {N} keys (or they never stopped splitting)",
             c.regions.len()
         );
         std::thread::sleep(Duration::from_millis(100));
