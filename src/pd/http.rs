@@ -59,6 +59,12 @@ fn peer_json(p: &Peer) -> Value {
     json!({"id": p.id, "store_id": p.store_id, "role_name": role})
 }
 
+/// `"<a>/<b>"` as two ids (the tail of the two-id POST endpoints).
+fn two_ids(ids: &str) -> Option<(u64, u64)> {
+    let (a, b) = ids.split_once('/')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
 pub fn region_json(i: &RegionInfo) -> Value {
     let e = i.region.region_epoch.unwrap_or_default();
     json!({
@@ -145,10 +151,7 @@ impl PdHttp {
         }
         if method == http::Method::POST {
             if let Some(ids) = path.strip_prefix("/pd/api/v1/region/merge/") {
-                let parsed = ids
-                    .split_once('/')
-                    .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
-                let Some((source, target)) = parsed else {
+                let Some((source, target)) = two_ids(ids) else {
                     return respond(
                         http::StatusCode::BAD_REQUEST,
                         json!({"error": format!("{ids:?} is not <source id>/<target id>")}),
@@ -176,10 +179,7 @@ impl PdHttp {
                 let Some(ids) = path.strip_prefix(prefix) else {
                     continue;
                 };
-                let parsed = ids
-                    .split_once('/')
-                    .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
-                let Some((region, store)) = parsed else {
+                let Some((region, store)) = two_ids(ids) else {
                     return respond(
                         http::StatusCode::BAD_REQUEST,
                         json!({"error": format!("{ids:?} is not <region id>/<store id>")}),

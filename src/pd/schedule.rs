@@ -768,15 +768,7 @@ impl Cluster {
     }
 
     pub fn split_region(&mut self, region_id: u64, keys: Vec<Vec<u8>>) -> Result<()> {
-        let info = self
-            .regions
-            .get(&region_id)
-            .ok_or(super::cluster::ClusterError::RegionNotFound(region_id))?;
-        if self.ops.contains_key(&region_id) {
-            return Err(super::cluster::ClusterError::Invalid(format!(
-                "Region {region_id} has an operator in flight"
-            )));
-        }
+        let info = self.hand_op_target(region_id)?;
         let version = info.region.region_epoch.map_or(0, |e| e.version);
         let op = Operator::new("split-region", vec![Step::Split { keys, version }]);
         tracing::info!(region_id, "split requested through PD");
