@@ -51,6 +51,14 @@ pub static DISK_FULL: LazyLock<IntGauge> = LazyLock::new(|| {
     )
 });
 
+/// Replicas refused because their data failed a check at start-up, until PD replaces them.
+pub static DAMAGED_REPLICAS: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "prkv_damaged_replicas",
+        "Replicas refused because their data on disk failed a check, waiting to be rebuilt",
+    )
+});
+
 /// Flushes scheduled by the write-buffer controller.
 pub static MEMORY_FLUSHES: LazyLock<IntCounter> = LazyLock::new(|| {
     counter(

@@ -570,13 +570,23 @@ async fn nemesis_long() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(30);
     let (mut violations, mut lost, mut failed) = (0, 0, Vec::new());
+    let mut harness_errors = Vec::new();
     for i in 0..runs {
         let kind = if i % 2 == 0 {
             "partitioned-raft-kv"
         } else {
             "raft-kv"
         };
-        let r = run(kind, seed() + i, nemesis_plan(secs)).await;
+        // A run that panics (a cluster that never came up, a store that did not restart) is a
+        // failed run, reported by seed; the next run still goes.
+        let r = match tokio::spawn(run(kind, seed() + i, nemesis_plan(secs))).await {
+            Ok(r) => r,
+            Err(e) => {
+                println!("seed {} ({kind}): RUN FAILED: {e}", seed() + i);
+                harness_errors.push(seed() + i);
+                continue;
+            }
+        };
         if let Some(v) = &r.violation {
             println!("seed {} ({kind}): VIOLATION {v}", r.seed);
             violations += 1;
@@ -591,5 +601,12 @@ async fn nemesis_long() {
         println!("run {}/{runs} done", i + 1);
     }
     println!("{runs} runs, {violations} violations, {lost} lost writes");
+    if !harness_errors.is_empty() {
+        println!(
+            "{} runs failed without a verdict (seeds {harness_errors:?})",
+            harness_errors.len()
+        );
+    }
     assert!(failed.is_empty(), "failing seeds: {failed:?}");
+    assert!(harness_errors.is_empty(), "failed runs: {harness_errors:?}");
 }

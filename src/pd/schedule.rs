@@ -523,6 +523,30 @@ impl Cluster {
 
     fn check_replicas(&mut self, info: &RegionInfo, leader: &Peer) -> Result<Option<Operator>> {
         let region = &info.region;
+        // A replica its store refused as damaged holds nothing and never answers: remove it
+        // first (with every store already holding a replica, there may be nowhere else to
+        // build one), and the checks below add a replica back, from a snapshot. The report is
+        // forgotten once acted on, so that a heartbeat sent before the replacement existed
+        // cannot condemn the replacement.
+        if let Some(bad) = self.damaged_replica(info, leader) {
+            if let Some(stats) = self
+                .stores
+                .get_mut(&bad.store_id)
+                .and_then(|s| s.stats.as_mut())
+            {
+                stats.damaged_regions_id.retain(|r| *r != region.id);
+            }
+            tracing::warn!(
+                region_id = region.id,
+                store_id = bad.store_id,
+                peer_id = bad.id,
+                "removing a replica its store reported damaged"
+            );
+            return Ok(Some(Operator::new(
+                "replica-remove-damaged",
+                vec![Step::RemovePeer(bad)],
+            )));
+        }
         let pending = |p: &Peer| info.pending_peers.iter().any(|x| x.id == p.id);
         // A caught-up learner PD did not plan (or whose operator timed out): promote it if the
         // Region needs voters, else it is an extra replica.
@@ -595,6 +619,22 @@ impl Cluster {
             }
         }
         Ok(None)
+    }
+
+    /// A replica (not the leader, which is alive by definition) on a store that reports the
+    /// Region in its latest `damaged_regions_id`.
+    fn damaged_replica(&self, info: &RegionInfo, leader: &Peer) -> Option<Peer> {
+        info.region
+            .peers
+            .iter()
+            .filter(|p| p.id != leader.id)
+            .find(|p| {
+                self.stores
+                    .get(&p.store_id)
+                    .and_then(|s| s.stats.as_ref())
+                    .is_some_and(|st| st.damaged_regions_id.contains(&info.region.id))
+            })
+            .copied()
     }
 
     /// Removes `victim`; a leader hands over first, to the follower on the store leading the
@@ -1126,5 +1166,83 @@ mod tests {
         assert!(!stores.contains(&3), "{stores:?}");
         assert!(stores.contains(&4), "{stores:?}");
         assert_ne!(leader.store_id, 3);
+    }
+
+    /// A replica its store reported damaged is removed, then rebuilt on that same store (the
+    /// only one without a replica) under a new peer id; a report that arrives again after the
+    /// replacement exists, without the store re-sending it, does not condemn the replacement.
+    #[test]
+    fn damaged_replica_is_removed_and_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Arc::new(MetaStore::open(dir.path()).unwrap());
+        let mut c = Cluster::open(meta, 3, ScheduleConfig::default()).unwrap();
+        let voter = |id, store_id| Peer {
+            id,
+            store_id,
+            role: PeerRole::Voter as i32,
+            is_witness: false,
+        };
+        let mut r = Region {
+            id: 1,
+            start_key: vec![],
+            end_key: vec![],
+            region_epoch: Some(RegionEpoch {
+                conf_ver: 1,
+                version: 1,
+            }),
+            peers: (1..=3).map(|s| voter(10 + s, s)).collect(),
+        };
+        c.bootstrap(store(1), r.clone()).unwrap();
+        for s in 1..=3 {
+            c.put_store(store(s)).unwrap();
+            c.store_heartbeat(pdpb::StoreStats {
+                store_id: s,
+                damaged_regions_id: if s == 3 { vec![1] } else { vec![] },
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        let mut leader = r.peers[0];
+        let mut kinds = Vec::new();
+        for _ in 0..20 {
+            c.update_region(RegionInfo {
+                region: r.clone(),
+                leader: Some(leader),
+                ..Default::default()
+            })
+            .unwrap();
+            let Some(resp) = c.schedule(1).unwrap() else {
+                if c.ops.is_empty() {
+                    break;
+                }
+                continue;
+            };
+            kinds.push(c.ops.get(&1).map(|o| o.kind));
+            apply(&mut r, &mut leader, &resp);
+        }
+        assert_eq!(
+            kinds.first(),
+            Some(&Some("replica-remove-damaged")),
+            "{kinds:?}"
+        );
+        assert!(kinds.contains(&Some("replica-add")), "{kinds:?}");
+        let on3: Vec<Peer> = r
+            .peers
+            .iter()
+            .filter(|p| p.store_id == 3)
+            .copied()
+            .collect();
+        assert_eq!(on3.len(), 1, "{r:?}");
+        assert_ne!(on3[0].id, 13, "the replacement is a new replica");
+        assert_eq!(on3[0].role, PeerRole::Voter as i32);
+        assert_eq!(r.peers.len(), 3);
+        // Nothing more to do: the report was consumed.
+        c.update_region(RegionInfo {
+            region: r.clone(),
+            leader: Some(leader),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(c.schedule(1).unwrap().is_none());
     }
 }

@@ -38,6 +38,7 @@ use crate::raftlog::LogWriteBatch;
 use crate::storage::disk::DiskMonitor;
 use crate::storage::{Engines, KeyRange, RegionId};
 
+mod damage;
 mod merge;
 
 /// Messages handled per loop round before the Readies are processed: large enough to batch
@@ -68,6 +69,9 @@ pub struct StoreStats {
     /// Replicas on this store, and how many of them lead (refreshed every tick).
     pub regions: AtomicU64,
     pub leaders: AtomicU64,
+    /// Regions whose replica here was refused as damaged and that PD should rebuild (reported
+    /// as `damaged_regions_id` in store heartbeats; see `store/damage.rs`).
+    pub damaged: parking_lot::Mutex<Vec<RegionId>>,
 }
 
 /// A handle for sending messages to a store's loop.
@@ -325,14 +329,19 @@ impl Store {
             if state.state == PeerState::Tombstone as i32 {
                 continue;
             }
-            let Some(region) = state.region else { continue };
+            let Some(region) = state.region.clone() else {
+                continue;
+            };
             let Some(meta) = region.peers.iter().find(|p| p.store_id == self.id).cloned() else {
                 continue;
             };
-            let engine =
-                self.engines
-                    .kv
-                    .open_region(region.id, range_of(&region), state.tablet_index)?;
+            let engine = match self.open_checked(&region, &state)? {
+                Ok(engine) => engine,
+                Err(reason) => {
+                    self.quarantine(region, meta, &reason)?;
+                    continue;
+                }
+            };
             let single = region.peers.len() == 1 && region.peers[0].id == meta.id;
             let merging = state.state == PeerState::Merging as i32;
             // A tablet born from a split may not have been trimmed before the restart.
@@ -356,6 +365,7 @@ impl Store {
             }
             self.peers.insert(region_id, peer);
         }
+        self.reload_damaged()?;
         // Generated snapshots are regenerated on demand; of received ones, half-written files
         // go and verified ones stay for the sender's retry (see `SnapDirs::clean`).
         self.snap_dirs
@@ -926,6 +936,7 @@ impl Store {
                 );
                 self.peers.insert(region.id, p);
                 self.neighbours_stale = true;
+                self.report_damaged(region.id, false); // a refused replica's replacement
                 true
             }
             Err(e) => {

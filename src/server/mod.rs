@@ -291,6 +291,7 @@ pub async fn run(
                     available,
                     region_count: stats.regions.load(Ordering::Relaxed) as u32,
                     start_time: (unix_secs() - started.elapsed().as_secs() as i64) as u32,
+                    damaged_regions_id: stats.damaged.lock().clone(),
                     ..Default::default()
                 };
                 if let Err(e) = pd.store_heartbeat(s).await {

@@ -243,6 +243,16 @@ pub trait StoreEngine: Send + Sync {
     /// apply state in the shared DB). Handles still held stay readable until dropped.
     fn destroy_region(&self, region_id: RegionId) -> Result<()>;
 
+    /// Whether generation `tablet_index` of `region_id` exists on disk. Opening creates what
+    /// is missing, so a start-up that expects data checks first: a replica whose tablet
+    /// vanished must not come back empty. Always true in `raft-kv` mode (one shared DB).
+    fn has_region_data(&self, region_id: RegionId, tablet_index: Index) -> bool;
+
+    /// Takes a damaged replica's data out of service: tablets move, unopened, into `dest` for
+    /// inspection (nothing reads them again); `raft-kv` deletes the Region's range, as
+    /// [`Self::destroy_region`] does, since one damaged Region cannot be cut out of a shared DB.
+    fn quarantine_region(&self, region_id: RegionId, dest: &Path) -> Result<()>;
+
     /// Total memtable bytes across all Regions.
     fn memtable_bytes(&self) -> u64;
 

@@ -136,6 +136,17 @@ impl StoreEngine for RaftKvEngine {
             .map_err(|e| super::rocks::rocks_err(&self.path, e))
     }
 
+    fn has_region_data(&self, _region_id: RegionId, _tablet_index: Index) -> bool {
+        true
+    }
+
+    fn quarantine_region(&self, region_id: RegionId, _dest: &Path) -> Result<()> {
+        match self.destroy_region(region_id) {
+            Err(Error::RegionNotFound(_)) => Ok(()), // never opened: nothing serves it
+            r => r,
+        }
+    }
+
     fn memtable_bytes(&self) -> u64 {
         self.shared.wbm.get_usage() as u64
     }

@@ -141,7 +141,16 @@ impl SharedResources {
     }
 }
 
+/// RocksDB's errors keep their one distinction that matters above: `Corruption` (a checksum
+/// or size mismatch, a damaged MANIFEST) means the files are not what was written, and the
+/// replica must not serve them; everything else is an I/O or usage error.
 pub(crate) fn rocks_err(path: &Path, e: rocksdb::Error) -> Error {
+    if e.kind() == rocksdb::ErrorKind::Corruption {
+        return Error::Corruption {
+            what: format!("RocksDB files in {}", path.display()),
+            detail: e.into_string(),
+        };
+    }
     Error::Rocks {
         path: path.to_path_buf(),
         message: e.into_string(),

@@ -240,6 +240,31 @@ impl StoreEngine for TabletRegistry {
         Ok(())
     }
 
+    fn has_region_data(&self, region_id: RegionId, tablet_index: Index) -> bool {
+        self.tablet_path(region_id, tablet_index).is_dir()
+    }
+
+    /// Every generation of the Region moves into `dest`. An open tablet is closed first
+    /// (RocksDB must not write into a directory that moved), so callers drop their handles.
+    fn quarantine_region(&self, region_id: RegionId, dest: &Path) -> Result<()> {
+        if let Some(t) = self.tablets.lock().remove(&region_id) {
+            if Arc::strong_count(&t.handle) > 1 {
+                return Err(Error::Other(format!(
+                    "Region {region_id}: tablet still in use, cannot quarantine it"
+                )));
+            }
+            crate::metrics::TABLETS_OPEN.set(self.tablets.lock().len() as i64);
+        }
+        std::fs::create_dir_all(dest).map_err(|e| Error::io(dest, e))?;
+        for (r, i, path) in self.scan_dir()? {
+            if r == region_id {
+                let to = dest.join(format!("{r}_{i}"));
+                std::fs::rename(&path, &to).map_err(|e| Error::io(&path, e))?;
+            }
+        }
+        Ok(())
+    }
+
     fn memtable_bytes(&self) -> u64 {
         self.shared.wbm.get_usage() as u64
     }
