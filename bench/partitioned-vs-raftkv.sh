@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# partitioned-raft-kv vs raft-kv under a write-heavy load, whole clusters side by side: for each
+# engine, a prkv playground (1 PD + 3 stores, every store with rocksdb.write-buffer-limit =
+# 256MiB and Regions split at 64 MiB, so the load ends spread over 64+ Regions) takes
+#   1. a 100%-insert load of --total-mib MiB of user data (YCSB "load", hashed keys), then
+#   2. YCSB A (50% reads, 50% updates, zipfian) for --duration.
+# Write amplification = bytes the three store processes caused to be written to disk during the
+# load (write_bytes of /proc/PID/io: Raft log, WAL, flushes, compactions, snapshots) divided by
+# the user bytes, all three replicas together (raft-engine compresses log batches, so this can
+# be below 3). Compactions may still run after the load: the figure is taken again after
+# --settle seconds of idleness.
+# Prints one table with ratios; JSON results and logs stay in $OUT.
+#
+#   bench/partitioned-vs-raftkv.sh [--total-mib 4096] [--value-size 1024] [--threads 256]
+#                                  [--duration 60s] [--settle 30]
+set -euo pipefail
+
+TOTAL_MIB=4096
+VALUE_SIZE=1024
+KEY_SIZE=16
+THREADS=256
+DURATION=60s
+SETTLE=30
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --total-mib) TOTAL_MIB="$2"; shift 2 ;;
+    --value-size) VALUE_SIZE="$2"; shift 2 ;;
+    --threads) THREADS="$2"; shift 2 ;;
+    --duration) DURATION="$2"; shift 2 ;;
+    --settle) SETTLE="$2"; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+RECORDS=$(( TOTAL_MIB * 1048576 / (KEY_SIZE + VALUE_SIZE) ))
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/prkv-target}"
+cargo build --release --manifest-path "$ROOT/Cargo.toml" --bin prkv >/dev/null
+PRKV="$CARGO_TARGET_DIR/release/prkv"
+
+OUT="${OUT:-$(mktemp -d /tmp/prkv-engines.XXXXXX)}"
+mkdir -p "$OUT"
+PLAYGROUND=""
+cleanup() {
+  if [ -n "$PLAYGROUND" ]; then kill "$PLAYGROUND" 2>/dev/null || true; wait "$PLAYGROUND" 2>/dev/null || true; fi
+}
+trap cleanup EXIT
+
+# Both engines get the same settings; only storage.engine differs.
+cat >"$OUT/store.toml" <<EOF
+[storage]
+# The load fills the disk far more than a test does: keep the write refusal out of the way.
+reserve-space = "1GiB"
+[rocksdb]
+write-buffer-limit = "256MiB"
+[raft-engine]
+# Purge Raft-log files once they pass 1 GiB instead of 10 GiB: three stores on one disk.
+purge-threshold = "1GiB"
+[coprocessor]
+region-split-size = "64MiB"
+region-max-size = "96MiB"
+EOF
+
+store_pids() { pgrep -f "store --config $OUT/$1/store-" | tr '\n' ' '; }
+write_bytes() { # pids...
+  local sum=0 b
+  for p in "$@"; do
+    b=$(awk '/^write_bytes/ {print $2}' "/proc/$p/io" 2>/dev/null || echo 0)
+    sum=$(( sum + b ))
+  done
+  echo "$sum"
+}
+
+for ENGINE in partitioned-raft-kv raft-kv; do
+  echo "== $ENGINE: $RECORDS records of $((KEY_SIZE + VALUE_SIZE)) B ($TOTAL_MIB MiB) =="
+  rm -rf "${OUT:?}/$ENGINE"
+  "$PRKV" playground --engine "$ENGINE" --store-config "$OUT/store.toml" --data-dir "$OUT/$ENGINE" \
+    >"$OUT/$ENGINE.log" 2>&1 &
+  PLAYGROUND=$!
+  for _ in $(seq 1 120); do grep -q '^ready' "$OUT/$ENGINE.log" && break; sleep 1; done
+  grep -q '^ready' "$OUT/$ENGINE.log" || { echo "playground did not start; see $OUT/$ENGINE.log" >&2; exit 1; }
+  # shellcheck disable=SC2046
+  set -- $(store_pids "$ENGINE")
+  [ $# -eq 3 ] || { echo "expected 3 store processes, found $#" >&2; exit 1; }
+  before=$(write_bytes "$@")
+  "$PRKV" bench ycsb --target prkv://127.0.0.1:2379 --workload load --records "$RECORDS" \
+    --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" --threads "$THREADS" \
+    --json "$OUT/$ENGINE-load.json" | tee "$OUT/$ENGINE-load.txt"
+  after_load=$(write_bytes "$@")
+  sleep "$SETTLE"
+  settled=$(write_bytes "$@")
+  "$PRKV" bench ycsb --target prkv://127.0.0.1:2379 --workload a --records "$RECORDS" \
+    --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" --threads "$THREADS" --duration "$DURATION" \
+    --json "$OUT/$ENGINE-a.json" | tee "$OUT/$ENGINE-a.txt"
+  regions=$(curl -s http://127.0.0.1:2379/pd/api/v1/regions | python3 -c 'import json,sys; print(json.load(sys.stdin)["count"])')
+  disk=$(du -sb "$OUT/$ENGINE" | cut -f1)
+  cat >"$OUT/$ENGINE-io.json" <<EOF
+{"load_write_bytes": $((after_load - before)), "settled_write_bytes": $((settled - before)),
+ "user_bytes": $((RECORDS * (KEY_SIZE + VALUE_SIZE))), "regions": $regions, "disk_bytes": $disk}
+EOF
+  kill "$PLAYGROUND"; wait "$PLAYGROUND" 2>/dev/null || true; PLAYGROUND=""
+  rm -rf "${OUT:?}/$ENGINE"
+done
+
+python3 - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+rows = {}
+for e in ["partitioned-raft-kv", "raft-kv"]:
+    load = json.load(open(f"{out}/{e}-load.json"))
+    a = json.load(open(f"{out}/{e}-a.json"))
+    io = json.load(open(f"{out}/{e}-io.json"))
+    rows[e] = dict(
+        load_ops=load["ops_per_sec"],
+        load_mib=load["ops_per_sec"] * io["user_bytes"] / max(load["ops"], 1) / 2**20,
+        wa_load=io["load_write_bytes"] / io["user_bytes"],
+        wa_settled=io["settled_write_bytes"] / io["user_bytes"],
+        a_ops=a["ops_per_sec"],
+        a_p99=max(s["p99_us"] for s in a["per_op"]) / 1000,
+        regions=io["regions"],
+        disk=io["disk_bytes"] / 2**30,
+        errors=f'{load["errors"]}/{a["errors"]}',
+    )
+print("| engine | insert ops/s | insert MiB/s | write amp. (load) | write amp. (settled) | YCSB A ops/s | A p99 ms | Regions | disk GiB | errors (load/A) |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for e, r in rows.items():
+    print(f'| {e} | {r["load_ops"]:.0f} | {r["load_mib"]:.1f} | {r["wa_load"]:.2f} | {r["wa_settled"]:.2f} | {r["a_ops"]:.0f} | {r["a_p99"]:.1f} | {r["regions"]} | {r["disk"]:.2f} | {r["errors"]} |')
+p, k = rows["partitioned-raft-kv"], rows["raft-kv"]
+print(f'\npartitioned / raft-kv: inserts {p["load_ops"]/k["load_ops"]:.2f}x, '
+      f'write amp. {p["wa_settled"]/k["wa_settled"]:.2f}x (settled), YCSB A {p["a_ops"]/k["a_ops"]:.2f}x')
+PY
+echo "results in $OUT"
