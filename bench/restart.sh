@@ -6,18 +6,24 @@
 # --write-for so that most tablets hold unflushed writes (memtables; tablets have no WAL, so a
 # restart replays them from the Raft log). Store 1 is SIGKILLed and started again; measured
 # from the spawn: until its status port answers (engines open, every replica recovered, gRPC
-# serving) and until it reports every Region again. Prints a table; logs stay in $OUT.
+# serving) and until it reports every Region again (the count refreshes once per Raft tick, so
+# this one is up to a tick late). Before the kill, after --idle-wait seconds without load (the
+# Regions hibernate), store 1's idle cost: RSS, open descriptors, CPU over 10 s.
+# Prints two tables; logs stay in $OUT.
 #
-#   bench/restart.sh [--regions 1000] [--write-for 20s] [--engines "partitioned-raft-kv raft-kv"]
+#   bench/restart.sh [--regions 1000] [--write-for 20s] [--idle-wait 20]
+#                    [--engines "partitioned-raft-kv raft-kv"]
 set -euo pipefail
 
 REGIONS=1000
 WRITE_FOR=20s
+IDLE_WAIT=20
 ENGINES="partitioned-raft-kv raft-kv"
 while [ $# -gt 0 ]; do
   case "$1" in
     --regions) REGIONS="$2"; shift 2 ;;
     --write-for) WRITE_FOR="$2"; shift 2 ;;
+    --idle-wait) IDLE_WAIT="$2"; shift 2 ;;
     --engines) ENGINES="$2"; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -64,6 +70,8 @@ status_regions() { # status address
 }
 now_ms() { date +%s%3N; }
 
+echo "| engine | Regions on the store | RSS | open fds | idle CPU (% of one core) |" >"$OUT/idle.md"
+echo "|---|---|---|---|---|" >>"$OUT/idle.md"
 echo "| engine | Regions on the store | memtable bytes at the kill | to serving (status answers) | to every Region reported |" >"$OUT/table.md"
 echo "|---|---|---|---|---|" >>"$OUT/table.md"
 for ENGINE in $ENGINES; do
@@ -89,8 +97,17 @@ for ENGINE in $ENGINES; do
   "$PRKV" bench ycsb --target prkv://127.0.0.1:2379 --workload a --distribution uniform \
     --records "$RECORDS" --value-size 100 --threads 128 --duration "$WRITE_FOR" >"$OUT/$ENGINE-write.txt"
   before=$(status_regions 127.0.0.1:20180)
-  memtables=$(curl -s http://127.0.0.1:20180/metrics | awk '/^prkv_engine_memtable_bytes/ {print $2}')
   pid=$(pgrep -f "store --config $OUT/$ENGINE/store-1.toml")
+  # Idle cost of store 1 once its Regions hibernate: RSS, open descriptors, CPU over 10 s.
+  sleep "$IDLE_WAIT"
+  ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
+  t1=$(ticks); sleep 10; t2=$(ticks)
+  hz=$(getconf CLK_TCK)
+  idle_cpu=$(python3 -c "print(f'{100 * ($t2 - $t1) / $hz / 10:.1f}')")
+  rss_mib=$(awk '/^VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$pid/status")
+  fds=$(ls "/proc/$pid/fd" | wc -l)
+  echo "| $ENGINE | $before | $rss_mib MiB | $fds | $idle_cpu % |" >>"$OUT/idle.md"
+  memtables=$(curl -s http://127.0.0.1:20180/metrics | awk '/^prkv_engine_memtable_bytes/ {print $2}')
   kill -9 "$pid"
   while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
   t0=$(now_ms)
@@ -109,5 +126,7 @@ for ENGINE in $ENGINES; do
   kill "$PLAYGROUND"; wait "$PLAYGROUND" 2>/dev/null || true; PLAYGROUND=""
   rm -rf "${OUT:?}/$ENGINE"
 done
+cat "$OUT/idle.md"
+echo
 cat "$OUT/table.md"
 echo "results in $OUT"
