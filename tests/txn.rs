@@ -427,6 +427,7 @@ async fn bank_with(kind: &str, secs: u64, kills: bool) {
     // Locks of transactions cut off by a kill may still stand: reading resolves them (after
     // their TTL), so retry while the reads meet them.
     let started = Instant::now();
+    let mut diagnosed = false;
     let sum = loop {
         let attempt: tikv_client::Result<u64> = async {
             let opts = TransactionOptions::new_optimistic().drop_check(CheckLevel::Warn);
@@ -442,6 +443,14 @@ async fn bank_with(kind: &str, secs: u64, kills: bool) {
         match attempt {
             Ok(sum) => break sum,
             Err(e) => {
+                if let Some((start_ts, primary)) = txn_not_found(&e) {
+                    resolve_orphan(&client, c.pd_addr, start_ts, primary).await;
+                }
+                if !diagnosed && started.elapsed() > Duration::from_secs(20) {
+                    diagnosed = true;
+                    println!("the final read keeps failing ({e:?}); the locks standing:");
+                    print_locks(&client, c.pd_addr).await;
+                }
                 assert!(
                     started.elapsed() < Duration::from_secs(60),
                     "the final read kept failing: {e:?}"
@@ -536,6 +545,129 @@ macro_rules! on_leader {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }};
+}
+
+/// The transaction and primary of a `TxnNotFound` a read failed with.
+fn txn_not_found(e: &tikv_client::Error) -> Option<(u64, Vec<u8>)> {
+    use tikv_client::Error;
+    let errs = match e {
+        Error::MultipleKeyErrors(v) | Error::ExtractedErrors(v) => v.iter().collect::<Vec<_>>(),
+        other => vec![other],
+    };
+    errs.into_iter().find_map(|e| match e {
+        Error::KeyError(k) => k
+            .txn_not_found
+            .as_ref()
+            .map(|t| (t.start_ts, t.primary_key.clone())),
+        Error::TxnNotFound(t) => Some((t.start_ts, t.primary_key.clone())),
+        _ => None,
+    })
+}
+
+/// What client-go does, and `tikv-client` 0.4 cannot: a lock whose primary has neither a lock
+/// nor a commit record (the transaction died between prewriting a secondary and its primary)
+/// is settled by CheckTxnStatus with `rollback_if_not_exist` once the lock's TTL has passed.
+/// `tikv-client` 0.4 means to (`get_txn_status_from_lock`), but the `TxnNotFound` reaches it
+/// wrapped in `MultipleKeyErrors` and is never recognised, so its reader fails forever. The
+/// server's part is checked here: told to, it rolls the primary back, and the reader's next
+/// attempt resolves the secondary as rolled back.
+async fn resolve_orphan(
+    client: &TransactionClient,
+    pd: std::net::SocketAddr,
+    start_ts: u64,
+    primary: Vec<u8>,
+) {
+    let now = client.current_timestamp().await.unwrap().version();
+    // Every lock of that transaction must have expired (as client-go checks the one it met).
+    for i in 0..ACCOUNTS {
+        let k = ks(&key(i));
+        let mut end = k.clone();
+        end.push(0);
+        let resp = on_leader!(pd, &k, |kv, ctx| kv.kv_scan_lock(
+            kvrpcpb::ScanLockRequest {
+                context: Some(ctx),
+                max_version: u64::MAX,
+                start_key: k.clone(),
+                end_key: end.clone(),
+                limit: 10,
+                ..Default::default()
+            }
+        ));
+        let live = resp.locks.iter().any(|l| {
+            l.lock_version == start_ts
+                && (l.lock_version >> 18) as i64 + l.lock_ttl as i64 > (now >> 18) as i64
+        });
+        if live {
+            return;
+        }
+    }
+    let status = on_leader!(pd, &primary, |kv, ctx| kv.kv_check_txn_status(
+        kvrpcpb::CheckTxnStatusRequest {
+            context: Some(ctx),
+            primary_key: primary.clone(),
+            lock_ts: start_ts,
+            caller_start_ts: now,
+            current_ts: now,
+            rollback_if_not_exist: true,
+            ..Default::default()
+        }
+    ));
+    println!(
+        "transaction {start_ts} had no primary record: CheckTxnStatus with \
+         rollback_if_not_exist answered action {:?}, commit {}, error {:?}",
+        status.action, status.commit_version, status.error
+    );
+}
+
+/// Prints every lock on the bank's accounts, when it expires by the current TSO, and what
+/// CheckTxnStatus says of its primary: what a reader stuck on a lock would need to know.
+async fn print_locks(client: &TransactionClient, pd: std::net::SocketAddr) {
+    let now = client.current_timestamp().await.unwrap().version();
+    for i in 0..ACCOUNTS {
+        let k = ks(&key(i));
+        let mut end = k.clone();
+        end.push(0);
+        let resp = on_leader!(pd, &k, |kv, ctx| kv.kv_scan_lock(
+            kvrpcpb::ScanLockRequest {
+                context: Some(ctx),
+                max_version: u64::MAX,
+                start_key: k.clone(),
+                end_key: end.clone(),
+                limit: 10,
+                ..Default::default()
+            }
+        ));
+        for l in resp.locks {
+            let expires_in_ms =
+                (l.lock_version >> 18) as i64 + l.lock_ttl as i64 - (now >> 18) as i64;
+            let primary = l.primary_lock.clone();
+            let status = on_leader!(pd, &primary, |kv, ctx| kv.kv_check_txn_status(
+                kvrpcpb::CheckTxnStatusRequest {
+                    context: Some(ctx),
+                    primary_key: primary.clone(),
+                    lock_ts: l.lock_version,
+                    caller_start_ts: now,
+                    current_ts: now,
+                    rollback_if_not_exist: false,
+                    ..Default::default()
+                }
+            ));
+            println!(
+                "  lock on {:?}: start_ts {} type {} ttl {} ms (expires in {expires_in_ms} ms), \
+                 for_update_ts {}, primary {:?}: status ttl {} commit {} action {:?} error {:?}",
+                String::from_utf8_lossy(&l.key),
+                l.lock_version,
+                l.lock_type,
+                l.lock_ttl,
+                l.lock_for_update_ts,
+                String::from_utf8_lossy(&primary),
+                status.lock_ttl,
+                status.commit_version,
+                status.action,
+                status.error
+            );
+        }
+    }
 }
 
 /// A client dies between prewrite and commit (its requests are sent by hand here, and it never
@@ -723,10 +855,9 @@ async fn snapshot_reads_and_gc(kind: &str) {
     t.rollback().await.unwrap();
 }
 
-// Not in CI: the bank under kills found a liveness problem not yet understood. In CI (both
-// engines) the final read met, for 60 s, a lock whose primary had no lock and no commit record
-// (`TxnNotFound` from CheckTxnStatus), long after any TTL. Money was conserved in every
-// snapshot that succeeded. Run with `--ignored`.
+// Not in CI's run (about 2 minutes); run with `--ignored`. Its final read settles the locks of
+// transactions that died before prewriting their primary (`resolve_orphan`), which
+// `tikv-client` 0.4 leaves standing forever.
 mod under_kills {
     #[ignore]
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
