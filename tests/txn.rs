@@ -590,7 +590,6 @@ async fn resolve_orphan(
                 start_key: k.clone(),
                 end_key: end.clone(),
                 limit: 10,
-                ..Default::default()
             }
         ));
         let live = resp.locks.iter().any(|l| {
@@ -634,7 +633,6 @@ async fn print_locks(client: &TransactionClient, pd: std::net::SocketAddr) {
                 start_key: k.clone(),
                 end_key: end.clone(),
                 limit: 10,
-                ..Default::default()
             }
         ));
         for l in resp.locks {
