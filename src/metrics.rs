@@ -174,11 +174,11 @@ pub static GC_VERSIONS: LazyLock<IntCounter> = LazyLock::new(|| {
     )
 });
 
-/// PD operators by outcome (finished or timed out).
+/// PD operators by outcome (finished, timed out, or cancelled).
 pub static PD_OPERATORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "prkv_pd_operators_total",
-        "Scheduling operators that finished or timed out",
+        "Scheduling operators that finished, timed out or were cancelled",
         &["outcome"],
     )
 });

@@ -1,5 +1,7 @@
 //! A replica whose tablet was damaged on disk is refused and rebuilt from the others, instead of
-//! serving wrong data or stopping the store (issue 8, `src/raftstore/store/damage.rs`).
+//! serving wrong data or stopping the store (issue 8, `src/raftstore/store/damage.rs`): found
+//! at start-up (a truncated SST, a missing tablet) or while serving (a block whose checksum
+//! fails).
 //!
 //! Real processes: a 3-store partitioned cluster takes writes; store 3 stops cleanly (its
 //! tablets flush to SSTs); a file of one tablet is truncated, or the tablet removed; store 3
@@ -96,10 +98,19 @@ enum Damage {
     TruncateSst,
     /// The whole tablet directory is gone.
     RemoveTablet,
+    /// Bytes in the middle of the largest SST are overwritten: the file opens (its size is
+    /// right), and the damage shows only when a read meets the block (its checksum fails),
+    /// which it does once the replica leads and serves a scan.
+    FlipBytes,
 }
 
 async fn damaged_replica_is_rebuilt(damage: Damage) {
-    let dir = tempfile::tempdir().unwrap();
+    // PRKV_TEST_KEEP=1 keeps the cluster's directory (logs, the quarantined files).
+    let dir = tempfile::Builder::new()
+        .disable_cleanup(std::env::var_os("PRKV_TEST_KEEP").is_some())
+        .tempdir()
+        .unwrap();
+    println!("cluster in {}", dir.path().display());
     let cfg =
         "[storage]\nengine = \"partitioned-raft-kv\"\napi-version = 2\nreserve-space = \"0B\"\n";
     let mut c = ProcCluster::start(dir.path(), 3, cfg);
@@ -138,6 +149,18 @@ async fn damaged_replica_is_rebuilt(damage: Damage) {
             std::fs::remove_dir_all(&tablet).unwrap();
             println!("removed {}", tablet.display());
         }
+        Damage::FlipBytes => {
+            use std::io::{Seek, SeekFrom, Write};
+            let (sst, len) = ssts(&tablet).into_iter().max_by_key(|(_, l)| *l).unwrap();
+            let mut f = std::fs::OpenOptions::new().write(true).open(&sst).unwrap();
+            f.seek(SeekFrom::Start(len / 2)).unwrap();
+            f.write_all(&[0xA5; 64]).unwrap();
+            f.sync_all().unwrap();
+            println!(
+                "overwrote 64 bytes in the middle of {} ({len} bytes)",
+                sst.display()
+            );
+        }
     }
 
     c.start_store(3);
@@ -149,10 +172,26 @@ async fn damaged_replica_is_rebuilt(damage: Damage) {
             "store 3 exited at start-up; see {}",
             dir.path().join("store-3.log").display()
         );
-        let (peer, _, settled) = peer_on(&c, region, s3);
+        let (peer, leader, settled) = peer_on(&c, region, s3);
         if let Some(p) = peer.filter(|p| *p != old_peer) {
             if settled {
                 break p;
+            }
+        } else if matches!(damage, Damage::FlipBytes) {
+            // Make the damaged replica serve: a scan of it on its store (the checksum endpoint
+            // reads every key), and, when it leads, a client's scan.
+            let _ = checksum(&c, 3, region);
+            if leader != Some(s3) {
+                let _ = prkv::playground::http_request(
+                    c.pd_addr,
+                    "POST",
+                    &format!("/pd/api/v1/region/transfer-leader/{region}/{s3}"),
+                );
+            } else {
+                match client.scan(key(0)..key(N), N as u32 + 10).await {
+                    Err(e) => println!("scan through the damaged replica failed: {e}"),
+                    Ok(kvs) => println!("scan with store 3 leading: {} keys", kvs.len()),
+                }
             }
         }
         assert!(
@@ -176,6 +215,7 @@ async fn damaged_replica_is_rebuilt(damage: Damage) {
     let expected = match damage {
         Damage::TruncateSst => "size mismatch",
         Damage::RemoveTablet => "is missing",
+        Damage::FlipBytes => "checksum mismatch",
     };
     assert!(reason.contains(expected), "{reason}");
 
@@ -235,4 +275,10 @@ async fn truncated_sst_is_refused_and_rebuilt() {
 async fn missing_tablet_is_refused_and_rebuilt() {
     let _serial = SERIAL.lock().await;
     damaged_replica_is_rebuilt(Damage::RemoveTablet).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_block_met_while_serving_is_refused_and_rebuilt() {
+    let _serial = SERIAL.lock().await;
+    damaged_replica_is_rebuilt(Damage::FlipBytes).await
 }

@@ -238,6 +238,27 @@ impl Cluster {
         let Some(leader) = info.leader else {
             return Ok(None);
         };
+        // An operator waiting on a replica its store refused as damaged (a leader transfer to
+        // it, its promotion) would wait for the operator timeout: drop it, so the replica
+        // checker can replace the replica now.
+        if let Some(bad) = self.damaged_replica(&info, &leader) {
+            let waits_on_bad = self.ops.get(&region_id).is_some_and(|op| {
+                op.steps.get(op.current).is_some_and(|step| {
+                    matches!(step, Step::TransferLeader(p) | Step::Promote(p) if p.id == bad.id)
+                })
+            });
+            if waits_on_bad {
+                tracing::warn!(
+                    region_id,
+                    peer_id = bad.id,
+                    "operator dropped: its replica is damaged"
+                );
+                self.ops.remove(&region_id);
+                crate::metrics::PD_OPERATORS
+                    .with_label_values(&["cancelled"])
+                    .inc();
+            }
+        }
         if self.ops.contains_key(&region_id) {
             let step = self.advance_operator(&info, &leader);
             if self.ops.contains_key(&region_id) {
@@ -1203,6 +1224,17 @@ mod tests {
             .unwrap();
         }
         let mut leader = r.peers[0];
+        // A leader transfer to the damaged replica, asked for by hand, must not hold it up.
+        c.update_region(RegionInfo {
+            region: r.clone(),
+            leader: Some(leader),
+            ..Default::default()
+        })
+        .unwrap();
+        c.ops.insert(
+            1,
+            Operator::new("transfer-leader", vec![Step::TransferLeader(r.peers[2])]),
+        );
         let mut kinds = Vec::new();
         for _ in 0..20 {
             c.update_region(RegionInfo {

@@ -199,6 +199,13 @@ pub enum StoreMsg {
         to_peer_id: u64,
         ok: bool,
     },
+    /// RocksDB found generation `tablet_index` of the Region's tablet damaged while running
+    /// (`storage::corruption`): the replica is refused and rebuilt from the others.
+    ReplicaDamaged {
+        region_id: RegionId,
+        tablet_index: u64,
+        reason: String,
+    },
     /// Asks for the store's view of a Region (for tests and tools).
     QueryRegion {
         region_id: RegionId,

@@ -305,6 +305,18 @@ pub fn start_store(
         disk: DiskMonitor::new(&cfg_data_dir, reserve_space),
     };
     store.recover()?;
+    // Corruption met while running (a read, an apply, a flush) refuses the replica too.
+    let damaged_tx = tx.clone();
+    store
+        .engines
+        .kv
+        .watch_corruption(Arc::new(move |region_id, tablet_index, reason| {
+            let _ = damaged_tx.try_send(StoreMsg::ReplicaDamaged {
+                region_id,
+                tablet_index,
+                reason,
+            });
+        }));
     let thread = std::thread::Builder::new()
         .name(format!("store-{id}"))
         .spawn(move || store.run())
@@ -703,6 +715,15 @@ impl Store {
                 if let Some(p) = self.peers.get_mut(&region_id) {
                     p.wake();
                     p.raw.transfer_leader(to.id);
+                }
+            }
+            StoreMsg::ReplicaDamaged {
+                region_id,
+                tablet_index,
+                reason,
+            } => {
+                if let Err(e) = self.on_replica_damaged(region_id, tablet_index, &reason) {
+                    tracing::error!(region_id, error = %e, "refusing a damaged replica failed");
                 }
             }
             StoreMsg::SnapshotStatus {

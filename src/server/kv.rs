@@ -55,6 +55,19 @@ impl From<Error> for Fail {
     }
 }
 
+/// A storage error met while reading. A `Corruption` means this replica is being refused as
+/// damaged (`raftstore/store/damage.rs`): answer `RegionNotFound`, so that the client asks PD
+/// again and retries on another replica, rather than a failure it cannot act on.
+fn storage_fail(e: crate::storage::Error, region_id: u64) -> Fail {
+    match e {
+        crate::storage::Error::Corruption { .. } => {
+            tracing::warn!(region_id, error = %e, "read met damaged data; the replica is refused");
+            region_error(Error::RegionNotFound(region_id))
+        }
+        e => Fail::Other(format!("storage error: {e}")),
+    }
+}
+
 fn region_error(e: Error) -> Fail {
     let kind;
     let mut out = errorpb::Error {
@@ -336,7 +349,7 @@ impl KvService {
         let stored = snap
             .snap
             .get(cf, key)
-            .map_err(|e| Fail::Other(format!("storage error: {e}")))?;
+            .map_err(|e| storage_fail(e, snap.region.id))?;
         match stored {
             None => Ok(None),
             Some(v) => Ok(self
@@ -424,7 +437,7 @@ impl KvService {
                 }
                 out.len() < limit
             })
-            .map_err(|e| Fail::Other(format!("storage error: {e}")))?;
+            .map_err(|e| storage_fail(e, snap.region.id))?;
         match failure {
             Some(f) => Err(f),
             None => Ok(out),

@@ -253,6 +253,10 @@ pub trait StoreEngine: Send + Sync {
     /// [`Self::destroy_region`] does, since one damaged Region cannot be cut out of a shared DB.
     fn quarantine_region(&self, region_id: RegionId, dest: &Path) -> Result<()>;
 
+    /// Sends corruption found while running to `hook` (tablets; `raft-kv` has no per-Region
+    /// files to blame, and only returns the error). See [`super::corruption`].
+    fn watch_corruption(&self, _hook: super::corruption::Hook) {}
+
     /// Total memtable bytes across all Regions.
     fn memtable_bytes(&self) -> u64;
 

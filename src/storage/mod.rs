@@ -33,6 +33,7 @@
 //!
 //! Read next: [`engine`] for the traits, then [`tablet`].
 
+pub mod corruption;
 pub mod disk;
 pub mod engine;
 pub mod flush;

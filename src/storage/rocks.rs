@@ -146,9 +146,11 @@ impl SharedResources {
 /// replica must not serve them; everything else is an I/O or usage error.
 pub(crate) fn rocks_err(path: &Path, e: rocksdb::Error) -> Error {
     if e.kind() == rocksdb::ErrorKind::Corruption {
+        let detail = e.into_string();
+        super::corruption::report(path, &detail);
         return Error::Corruption {
             what: format!("RocksDB files in {}", path.display()),
-            detail: e.into_string(),
+            detail,
         };
     }
     Error::Rocks {
@@ -164,6 +166,9 @@ pub(crate) struct DbHandle {
     db: Option<DB>,
     pub(crate) path: PathBuf,
     destroy_on_drop: AtomicBool,
+    /// Where the directory moves once the instance is closed (a damaged tablet, quarantined
+    /// while readers still held it).
+    move_on_drop: parking_lot::Mutex<Option<PathBuf>>,
     /// A tablet's range as its newest view has it (None for the shared DB). A trim holds this
     /// lock from reading the range to the end of its flush, and a view that changes the range
     /// (a merge widening the tablet) takes it too: a trim started through an older, narrower
@@ -183,6 +188,7 @@ impl DbHandle {
             db: Some(db),
             path: path.to_path_buf(),
             destroy_on_drop: AtomicBool::new(false),
+            move_on_drop: parking_lot::Mutex::new(None),
             owner_range: parking_lot::Mutex::new(None),
         }))
     }
@@ -193,6 +199,11 @@ impl DbHandle {
 
     pub(crate) fn mark_destroyed(&self) {
         self.destroy_on_drop.store(true, Ordering::SeqCst);
+    }
+
+    /// Moves the directory to `dest` when the last user drops the handle (after closing).
+    pub(crate) fn move_when_closed(&self, dest: PathBuf) {
+        *self.move_on_drop.lock() = Some(dest);
     }
 
     fn cf(&self, cf: Cf) -> &rocksdb::ColumnFamily {
@@ -284,6 +295,10 @@ impl Drop for DbHandle {
         if self.destroy_on_drop.load(Ordering::SeqCst) {
             if let Err(e) = std::fs::remove_dir_all(&self.path) {
                 tracing::warn!(path = %self.path.display(), error = %e, "removing destroyed RocksDB failed");
+            }
+        } else if let Some(dest) = self.move_on_drop.lock().take() {
+            if let Err(e) = std::fs::rename(&self.path, &dest) {
+                tracing::warn!(path = %self.path.display(), dest = %dest.display(), error = %e, "moving a quarantined RocksDB failed");
             }
         }
     }

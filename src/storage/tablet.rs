@@ -244,25 +244,33 @@ impl StoreEngine for TabletRegistry {
         self.tablet_path(region_id, tablet_index).is_dir()
     }
 
-    /// Every generation of the Region moves into `dest`. An open tablet is closed first
-    /// (RocksDB must not write into a directory that moved), so callers drop their handles.
+    /// Every generation of the Region moves into `dest`. The open one moves once closed, when
+    /// its last user (a reader, a snapshot) lets go: RocksDB must not write into a directory
+    /// that moved.
     fn quarantine_region(&self, region_id: RegionId, dest: &Path) -> Result<()> {
-        if let Some(t) = self.tablets.lock().remove(&region_id) {
-            if Arc::strong_count(&t.handle) > 1 {
-                return Err(Error::Other(format!(
-                    "Region {region_id}: tablet still in use, cannot quarantine it"
-                )));
-            }
-            crate::metrics::TABLETS_OPEN.set(self.tablets.lock().len() as i64);
-        }
         std::fs::create_dir_all(dest).map_err(|e| Error::io(dest, e))?;
+        let open = {
+            let mut tablets = self.tablets.lock();
+            let open = tablets.remove(&region_id);
+            crate::metrics::TABLETS_OPEN.set(tablets.len() as i64);
+            open
+        };
+        let open_path = open.as_ref().map(|t| t.handle.path.clone());
+        if let Some(t) = open {
+            let name = t.handle.path.file_name().unwrap_or_default().to_owned();
+            t.handle.move_when_closed(dest.join(name));
+        }
         for (r, i, path) in self.scan_dir()? {
-            if r == region_id {
+            if r == region_id && Some(&path) != open_path.as_ref() {
                 let to = dest.join(format!("{r}_{i}"));
                 std::fs::rename(&path, &to).map_err(|e| Error::io(&path, e))?;
             }
         }
         Ok(())
+    }
+
+    fn watch_corruption(&self, hook: super::corruption::Hook) {
+        super::corruption::watch(&self.root, hook);
     }
 
     fn memtable_bytes(&self) -> u64 {
@@ -370,6 +378,7 @@ impl StoreEngine for TabletRegistry {
 
 impl Drop for TabletRegistry {
     fn drop(&mut self) {
+        super::corruption::unwatch(&self.root);
         self.flush.shutdown();
     }
 }

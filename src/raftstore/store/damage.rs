@@ -22,8 +22,13 @@
 //! (the `damaged/` entry plus the tombstone of the same peer). Quarantined directories stay
 //! until an operator removes them: they are evidence, and their size is the replica's.
 //!
-//! Not covered: corruption found while serving (a read meeting a bad block returns the error to
-//! the client), and a damaged raft-engine, which stops the store at open.
+//! **While running**, RocksDB's `Corruption` met anywhere in a tablet (a read meeting a block
+//! whose checksum does not match, a flush, a trim) is reported by `storage::corruption` and the
+//! replica is refused the same way; the read that met it fails, and the client retries on the
+//! new leader.
+//!
+//! Not covered: `raft-kv`'s shared DB (its corruption is returned as an error; its start-up
+//! checks still apply), and a damaged raft-engine, which stops the store at open.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -135,6 +140,31 @@ impl Store {
         self.engines.raft.write(&mut wb, true)?;
         self.report_damaged(id, true);
         Ok(())
+    }
+
+    /// A replica's tablet turned out damaged while running: the peer goes (its pending
+    /// commands fail) and the replica is refused as at start-up. A report about an older
+    /// generation than the replica's open one (a tablet being retired) changes nothing.
+    pub(super) fn on_replica_damaged(
+        &mut self,
+        region_id: RegionId,
+        tablet_index: u64,
+        reason: &str,
+    ) -> Result<()> {
+        let Some(p) = self.peers.get(&region_id) else {
+            return Ok(()); // already refused (one damaged block is usually met many times)
+        };
+        if p.engine.tablet_index() != tablet_index {
+            return Ok(());
+        }
+        let Some(mut p) = self.peers.remove(&region_id) else {
+            return Ok(());
+        };
+        p.fail_all(crate::raftstore::error::Error::RegionNotFound(region_id));
+        let (region, meta) = (p.region.clone(), p.meta);
+        drop(p);
+        self.neighbours_stale = true;
+        self.quarantine(region, meta, reason)
     }
 
     /// Re-reads, at start-up, which refused replicas still wait for PD: those whose Region is
