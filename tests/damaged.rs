@@ -122,7 +122,12 @@ async fn damaged_replica_is_rebuilt(damage: Damage) {
     const N: usize = 3000;
     for chunk in (0..N).collect::<Vec<_>>().chunks(100) {
         let pairs: Vec<(String, Vec<u8>)> = chunk.iter().map(|i| (key(*i), value(*i))).collect();
-        client.batch_put(pairs).await.unwrap();
+        // Leaders still move while the new cluster balances: retry what the client gives up.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Err(e) = client.batch_put(pairs.clone()).await {
+            assert!(Instant::now() < deadline, "writes keep failing: {e}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
     let s3 = store_id(&c, 3);
 
@@ -250,7 +255,14 @@ async fn damaged_replica_is_rebuilt(damage: Damage) {
             "leadership never moved to store 3"
         );
     }
-    let all = client.scan(key(0)..key(N), N as u32 + 10).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let all = loop {
+        match client.scan(key(0)..key(N), N as u32 + 10).await {
+            Ok(all) => break all,
+            Err(e) => assert!(Instant::now() < deadline, "reads keep failing: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(all.len(), N);
     for (i, kv) in all.iter().enumerate() {
         assert_eq!(kv.value(), &value(i), "{}", key(i));
