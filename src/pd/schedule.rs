@@ -351,20 +351,23 @@ impl Cluster {
     }
 
     /// A Region that may take part in a merge: small, settled (voters only, all caught up,
-    /// none down, as many as configured), with a known leader, not recently split or merged,
+    /// none down or damaged, as many as configured), with a known leader, not recently split or merged,
     /// and with no operator of its own.
     fn mergeable(&self, info: &RegionInfo) -> bool {
         let cfg = &self.schedule_cfg;
         let small = info.approximate_size <= cfg.max_merge_region_size * 1024 * 1024
             && info.approximate_keys <= cfg.max_merge_region_keys;
-        let settled =
-            info.leader.is_some()
+        let settled = info.leader.is_some()
                 && info.pending_peers.is_empty()
                 && info.down_peers.is_empty()
                 && info.region.peers.len() == self.max_replicas
                 && info.region.peers.iter().all(|p| {
                     p.role == PeerRole::Voter as i32 && !store_must_drain(self, p.store_id)
-                });
+                })
+                // A damaged replica would never catch up for the merge: replace it first.
+                && info
+                    .leader
+                    .is_some_and(|l| self.damaged_replica(info, &l).is_none());
         let recent = self
             .version_changed
             .get(&info.region.id)
