@@ -12,7 +12,8 @@
 # Prints one table with ratios; JSON results and logs stay in $OUT.
 #
 #   bench/partitioned-vs-raftkv.sh [--total-mib 4096] [--value-size 1024] [--threads 256]
-#                                  [--duration 60s] [--settle 30]
+#                                  [--duration 60s] [--settle 30] [--split-mib 64]
+# (--split-mib 10240 keeps the load in one Region: no splits.)
 set -euo pipefail
 
 TOTAL_MIB=4096
@@ -21,6 +22,7 @@ KEY_SIZE=16
 THREADS=256
 DURATION=60s
 SETTLE=30
+SPLIT_MIB=64
 while [ $# -gt 0 ]; do
   case "$1" in
     --total-mib) TOTAL_MIB="$2"; shift 2 ;;
@@ -28,6 +30,7 @@ while [ $# -gt 0 ]; do
     --threads) THREADS="$2"; shift 2 ;;
     --duration) DURATION="$2"; shift 2 ;;
     --settle) SETTLE="$2"; shift 2 ;;
+    --split-mib) SPLIT_MIB="$2"; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -57,8 +60,8 @@ write-buffer-limit = "256MiB"
 # Purge Raft-log files once they pass 1 GiB instead of 10 GiB: three stores on one disk.
 purge-threshold = "1GiB"
 [coprocessor]
-region-split-size = "64MiB"
-region-max-size = "96MiB"
+region-split-size = "${SPLIT_MIB}MiB"
+region-max-size = "$(( SPLIT_MIB * 3 / 2 ))MiB"
 EOF
 
 store_pids() { pgrep -f "store --config $OUT/$1/store-" | tr '\n' ' '; }
