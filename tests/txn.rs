@@ -547,6 +547,32 @@ macro_rules! on_leader {
     }};
 }
 
+/// Every lock on the bank's accounts, each read from its Region's leader.
+async fn account_locks(pd: std::net::SocketAddr) -> Vec<kvrpcpb::LockInfo> {
+    let mut locks = Vec::new();
+    for i in 0..ACCOUNTS {
+        let k = ks(&key(i));
+        let mut end = k.clone();
+        end.push(0);
+        let resp = on_leader!(pd, &k, |kv, ctx| kv.kv_scan_lock(
+            kvrpcpb::ScanLockRequest {
+                context: Some(ctx),
+                max_version: u64::MAX,
+                start_key: k.clone(),
+                end_key: end.clone(),
+                limit: 10,
+            }
+        ));
+        locks.extend(resp.locks);
+    }
+    locks
+}
+
+/// Milliseconds until `l` expires at timestamp `now` (negative: expired), as clients judge it.
+fn expires_in_ms(l: &kvrpcpb::LockInfo, now: u64) -> i64 {
+    (l.lock_version >> 18) as i64 + l.lock_ttl as i64 - (now >> 18) as i64
+}
+
 /// The transaction and primary of a `TxnNotFound` a read failed with.
 fn txn_not_found(e: &tikv_client::Error) -> Option<(u64, Vec<u8>)> {
     use tikv_client::Error;
@@ -579,26 +605,12 @@ async fn resolve_orphan(
 ) {
     let now = client.current_timestamp().await.unwrap().version();
     // Every lock of that transaction must have expired (as client-go checks the one it met).
-    for i in 0..ACCOUNTS {
-        let k = ks(&key(i));
-        let mut end = k.clone();
-        end.push(0);
-        let resp = on_leader!(pd, &k, |kv, ctx| kv.kv_scan_lock(
-            kvrpcpb::ScanLockRequest {
-                context: Some(ctx),
-                max_version: u64::MAX,
-                start_key: k.clone(),
-                end_key: end.clone(),
-                limit: 10,
-            }
-        ));
-        let live = resp.locks.iter().any(|l| {
-            l.lock_version == start_ts
-                && (l.lock_version >> 18) as i64 + l.lock_ttl as i64 > (now >> 18) as i64
-        });
-        if live {
-            return;
-        }
+    let live = account_locks(pd)
+        .await
+        .iter()
+        .any(|l| l.lock_version == start_ts && expires_in_ms(l, now) > 0);
+    if live {
+        return;
     }
     let status = on_leader!(pd, &primary, |kv, ctx| kv.kv_check_txn_status(
         kvrpcpb::CheckTxnStatusRequest {
@@ -622,49 +634,34 @@ async fn resolve_orphan(
 /// CheckTxnStatus says of its primary: what a reader stuck on a lock would need to know.
 async fn print_locks(client: &TransactionClient, pd: std::net::SocketAddr) {
     let now = client.current_timestamp().await.unwrap().version();
-    for i in 0..ACCOUNTS {
-        let k = ks(&key(i));
-        let mut end = k.clone();
-        end.push(0);
-        let resp = on_leader!(pd, &k, |kv, ctx| kv.kv_scan_lock(
-            kvrpcpb::ScanLockRequest {
+    for l in account_locks(pd).await {
+        let expires_in_ms = expires_in_ms(&l, now);
+        let primary = l.primary_lock.clone();
+        let status = on_leader!(pd, &primary, |kv, ctx| kv.kv_check_txn_status(
+            kvrpcpb::CheckTxnStatusRequest {
                 context: Some(ctx),
-                max_version: u64::MAX,
-                start_key: k.clone(),
-                end_key: end.clone(),
-                limit: 10,
+                primary_key: primary.clone(),
+                lock_ts: l.lock_version,
+                caller_start_ts: now,
+                current_ts: now,
+                rollback_if_not_exist: false,
+                ..Default::default()
             }
         ));
-        for l in resp.locks {
-            let expires_in_ms =
-                (l.lock_version >> 18) as i64 + l.lock_ttl as i64 - (now >> 18) as i64;
-            let primary = l.primary_lock.clone();
-            let status = on_leader!(pd, &primary, |kv, ctx| kv.kv_check_txn_status(
-                kvrpcpb::CheckTxnStatusRequest {
-                    context: Some(ctx),
-                    primary_key: primary.clone(),
-                    lock_ts: l.lock_version,
-                    caller_start_ts: now,
-                    current_ts: now,
-                    rollback_if_not_exist: false,
-                    ..Default::default()
-                }
-            ));
-            println!(
-                "  lock on {:?}: start_ts {} type {} ttl {} ms (expires in {expires_in_ms} ms), \
-                 for_update_ts {}, primary {:?}: status ttl {} commit {} action {:?} error {:?}",
-                String::from_utf8_lossy(&l.key),
-                l.lock_version,
-                l.lock_type,
-                l.lock_ttl,
-                l.lock_for_update_ts,
-                String::from_utf8_lossy(&primary),
-                status.lock_ttl,
-                status.commit_version,
-                status.action,
-                status.error
-            );
-        }
+        println!(
+            "  lock on {:?}: start_ts {} type {} ttl {} ms (expires in {expires_in_ms} ms), \
+             for_update_ts {}, primary {:?}: status ttl {} commit {} action {:?} error {:?}",
+            String::from_utf8_lossy(&l.key),
+            l.lock_version,
+            l.lock_type,
+            l.lock_ttl,
+            l.lock_for_update_ts,
+            String::from_utf8_lossy(&primary),
+            status.lock_ttl,
+            status.commit_version,
+            status.action,
+            status.error
+        );
     }
 }
 

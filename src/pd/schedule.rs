@@ -934,6 +934,29 @@ mod tests {
         }
     }
 
+    /// Heartbeats Region `r` (id 1) up to 20 times, applying what PD answers, until no
+    /// operator is left; returns the kind of the operator behind each answer.
+    fn drive(c: &mut Cluster, r: &mut Region, leader: &mut Peer) -> Vec<Option<&'static str>> {
+        let mut kinds = Vec::new();
+        for _ in 0..20 {
+            c.update_region(RegionInfo {
+                region: r.clone(),
+                leader: Some(*leader),
+                ..Default::default()
+            })
+            .unwrap();
+            let Some(resp) = c.schedule(1).unwrap() else {
+                if c.ops.is_empty() {
+                    break;
+                }
+                continue;
+            };
+            kinds.push(c.ops.get(&1).map(|o| o.kind));
+            apply(r, leader, &resp);
+        }
+        kinds
+    }
+
     /// Heartbeats every Region, applying what PD answers, until PD has nothing more to do.
     fn settle(c: &mut Cluster, regions: &mut [(Region, Peer)]) {
         for _ in 0..500 {
@@ -1167,23 +1190,7 @@ mod tests {
             Some(Instant::now() - Duration::from_secs(120));
         assert_eq!(c.store_state_name(c.store(3).unwrap()), "Down");
         let mut leader = r.peers[2];
-        let mut kinds = Vec::new();
-        for _ in 0..20 {
-            c.update_region(RegionInfo {
-                region: r.clone(),
-                leader: Some(leader),
-                ..Default::default()
-            })
-            .unwrap();
-            let Some(resp) = c.schedule(1).unwrap() else {
-                if c.ops.is_empty() {
-                    break;
-                }
-                continue;
-            };
-            kinds.push(c.ops.get(&1).map(|o| o.kind));
-            apply(&mut r, &mut leader, &resp);
-        }
+        let kinds = drive(&mut c, &mut r, &mut leader);
         assert!(kinds.contains(&Some("replica-replace")), "{kinds:?}");
         let stores: Vec<u64> = r.peers.iter().map(|p| p.store_id).collect();
         assert_eq!(r.peers.len(), 3, "{r:?}");
@@ -1238,23 +1245,7 @@ mod tests {
             1,
             Operator::new("transfer-leader", vec![Step::TransferLeader(r.peers[2])]),
         );
-        let mut kinds = Vec::new();
-        for _ in 0..20 {
-            c.update_region(RegionInfo {
-                region: r.clone(),
-                leader: Some(leader),
-                ..Default::default()
-            })
-            .unwrap();
-            let Some(resp) = c.schedule(1).unwrap() else {
-                if c.ops.is_empty() {
-                    break;
-                }
-                continue;
-            };
-            kinds.push(c.ops.get(&1).map(|o| o.kind));
-            apply(&mut r, &mut leader, &resp);
-        }
+        let kinds = drive(&mut c, &mut r, &mut leader);
         assert_eq!(
             kinds.first(),
             Some(&Some("replica-remove-damaged")),

@@ -1474,29 +1474,37 @@ impl Store {
     /// Removes a replica that left its Region: its data and its log go; a tombstone stays so
     /// that late messages cannot recreate it.
     fn destroy_peer(&mut self, id: RegionId) -> Result<()> {
-        self.neighbours_stale = true;
-        let Some(mut p) = self.peers.remove(&id) else {
+        let Some((region, meta)) = self.take_peer(id) else {
             return Ok(());
         };
+        self.write_tombstone(id, region, meta.id)?;
+        self.engines.kv.destroy_region(id)?;
+        tracing::info!(store_id = self.id, region_id = id, "replica destroyed");
+        Ok(())
+    }
+
+    /// Stops a replica's peer (its pending commands fail); returns its Region and itself.
+    fn take_peer(&mut self, id: RegionId) -> Option<(Region, PeerMeta)> {
+        self.neighbours_stale = true;
+        let mut p = self.peers.remove(&id)?;
         p.fail_all(Error::RegionNotFound(id));
-        let region = p.region.clone();
-        let destroyed_peer_id = p.meta.id;
-        drop(p);
+        Some((p.region.clone(), p.meta))
+    }
+
+    /// Drops a replica's log and leaves a tombstone of `destroyed_peer_id`: late messages to it
+    /// cannot recreate it, and only a newer replica may take its place.
+    fn write_tombstone(&self, id: RegionId, region: Region, destroyed_peer_id: u64) -> Result<()> {
         let mut wb = LogWriteBatch::new();
         wb.clean(id);
         self.engines.raft.write(&mut wb, true)?;
         let tomb = RegionLocalState {
             state: PeerState::Tombstone as i32,
             region: Some(region),
-            tablet_index: 0,
             destroyed_peer_id,
-            conf_index: 0,
-            merge_state: None,
+            ..Default::default()
         };
         wb.put_region_state(id, &tomb)?;
         self.engines.raft.write(&mut wb, true)?;
-        self.engines.kv.destroy_region(id)?;
-        tracing::info!(store_id = self.id, region_id = id, "replica destroyed");
         Ok(())
     }
 }

@@ -37,7 +37,6 @@ use prkv_proto::metapb::{Peer as PeerMeta, Region};
 use prkv_proto::serverpb::{PeerState, RegionLocalState};
 
 use super::{range_of, Store};
-use crate::raftlog::LogWriteBatch;
 use crate::raftstore::error::Result;
 use crate::storage::{self, RegionEngine, RegionId};
 
@@ -125,19 +124,7 @@ impl Store {
         std::fs::create_dir_all(&dest)
             .and_then(|_| std::fs::write(dest.join("REASON"), format!("{reason}\n")))
             .map_err(|e| storage::Error::io(&dest, e))?;
-        let mut wb = LogWriteBatch::new();
-        wb.clean(id);
-        self.engines.raft.write(&mut wb, true)?;
-        wb.put_region_state(
-            id,
-            &RegionLocalState {
-                state: PeerState::Tombstone as i32,
-                region: Some(region),
-                destroyed_peer_id: meta.id,
-                ..Default::default()
-            },
-        )?;
-        self.engines.raft.write(&mut wb, true)?;
+        self.write_tombstone(id, region, meta.id)?;
         self.report_damaged(id, true);
         Ok(())
     }
@@ -157,13 +144,9 @@ impl Store {
         if p.engine.tablet_index() != tablet_index {
             return Ok(());
         }
-        let Some(mut p) = self.peers.remove(&region_id) else {
+        let Some((region, meta)) = self.take_peer(region_id) else {
             return Ok(());
         };
-        p.fail_all(crate::raftstore::error::Error::RegionNotFound(region_id));
-        let (region, meta) = (p.region.clone(), p.meta);
-        drop(p);
-        self.neighbours_stale = true;
         self.quarantine(region, meta, reason)
     }
 
