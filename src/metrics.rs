@@ -51,6 +51,15 @@ pub static DISK_FULL: LazyLock<IntGauge> = LazyLock::new(|| {
     )
 });
 
+/// Replicas of this store not ticking because their Region is idle (see hibernation in
+/// `raftstore/peer.rs`), as of the last tick.
+pub static HIBERNATED_REGIONS: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "prkv_hibernated_regions",
+        "Replicas not ticking because their Region is idle",
+    )
+});
+
 /// Replicas refused because their data failed a check at start-up, until PD replaces them.
 pub static DAMAGED_REPLICAS: LazyLock<IntGauge> = LazyLock::new(|| {
     gauge(

@@ -93,6 +93,48 @@ fn checksum(c: &ProcCluster, i: usize, region: u64) -> Option<(u64, u64)> {
     Some((v["keys"].as_u64()?, v["crc32"].as_u64()?))
 }
 
+/// Moves the leadership of every Region to store process `i` (PD id `sid`), and waits until
+/// every replica hibernates. This is the hardest case for refusing a damaged replica: the
+/// refused one led, its followers wait for it without ticking, and its store stays alive.
+async fn lead_and_hibernate(c: &ProcCluster, i: usize, sid: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let regions = json(c.pd_addr, "/pd/api/v1/regions").unwrap();
+        let regions = regions["regions"].as_array().unwrap();
+        let mut all_led = true;
+        for r in regions {
+            if r["leader"]["store_id"].as_u64() != Some(sid) {
+                all_led = false;
+                let _ = prkv::playground::http_request(
+                    c.pd_addr,
+                    "POST",
+                    &format!(
+                        "/pd/api/v1/region/transfer-leader/{}/{sid}",
+                        r["id"].as_u64().unwrap()
+                    ),
+                );
+            }
+        }
+        let hibernated = |j: usize| {
+            procs::http_get(c.status_addr(j), "/metrics")
+                .ok()
+                .is_some_and(|m| m.contains(&format!("prkv_hibernated_regions {}", regions.len())))
+        };
+        if all_led && (1..=3).all(hibernated) {
+            println!(
+                "store {i} leads all {} Regions, all hibernated",
+                regions.len()
+            );
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "store {i} never led every Region with all of them hibernated"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 enum Damage {
     /// Half of the tablet's largest SST is cut off.
     TruncateSst,
@@ -114,12 +156,12 @@ async fn damaged_replica_is_rebuilt(damage: Damage) {
     let cfg =
         "[storage]\nengine = \"partitioned-raft-kv\"\napi-version = 2\nreserve-space = \"0B\"\n";
     // No merges: the test damages one Region and watches it; PD merging it meanwhile would
-    // be another test.
+    // be another test. No leader balancing: store 3 leads every Region when it stops.
     let mut c = ProcCluster::start_with_pd(
         dir.path(),
         3,
         cfg,
-        "[schedule]\nmax-merge-region-size = 0\n",
+        "[schedule]\nmax-merge-region-size = 0\nleader-schedule-limit = 0\n",
     );
     procs::wait_cluster(c.pd_addr, 3, 3, Duration::from_secs(60));
     let client =
@@ -137,6 +179,7 @@ async fn damaged_replica_is_rebuilt(damage: Damage) {
         }
     }
     let s3 = store_id(&c, 3);
+    lead_and_hibernate(&c, 3, s3).await;
 
     // Store 3 stops cleanly (tablets flush), and one of its tablets is damaged.
     assert!(

@@ -98,7 +98,6 @@ impl PdConfig {
         }
         let s = &self.schedule;
         for (key, v) in [
-            ("schedule.leader-schedule-limit", s.leader_schedule_limit),
             ("schedule.region-schedule-limit", s.region_schedule_limit),
             ("schedule.store-limit", s.store_limit),
         ] {

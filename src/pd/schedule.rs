@@ -18,7 +18,7 @@
 //!    when the leader's store leads at least two more.
 //!
 //! Limits bound what moves at once: `schedule.region-schedule-limit` replica-moving operators
-//! in the cluster, `schedule.leader-schedule-limit` leader transfers, and
+//! in the cluster, `schedule.leader-schedule-limit` leader transfers (0: no leader balancing), and
 //! `schedule.store-limit` replica moves touching any one store (each is a snapshot to send or
 //! receive). Region counts include the effect of operators in flight, so that several
 //! operators do not all pick the same emptiest store.
@@ -43,6 +43,8 @@ pub struct ScheduleConfig {
     /// A store silent this long is Down: its replicas are rebuilt elsewhere.
     #[serde(with = "humantime_secs")]
     pub max_store_down_time: Duration,
+    /// Leader transfers in flight for balance; 0 turns leader balancing off (leadership stays
+    /// where elections and operators by hand put it).
     pub leader_schedule_limit: usize,
     pub region_schedule_limit: usize,
     /// Replica moves in flight that add to or remove from one store.

@@ -28,6 +28,10 @@ pub struct RaftMessage {
     pub hibernate: bool,
     /// The sender's Region no longer contains `to_peer`: a stale replica is told to go.
     pub tombstone: bool,
+    /// The sender's replica is gone without a membership change (refused as damaged): a
+    /// hibernated receiver must wake and tick, or a Region whose leader it was would wait
+    /// for that leader forever (its store stays alive, so nothing else wakes it).
+    pub wake_up: bool,
     pub from_store: StoreId,
     pub to_store: StoreId,
 }
@@ -45,6 +49,7 @@ impl RaftMessage {
             region_conf_index: 0,
             hibernate: false,
             tombstone: false,
+            wake_up: false,
             from_store,
             to_store,
         }

@@ -769,6 +769,17 @@ impl Store {
         if m.to_peer.id != p.meta.id {
             return; // addressed to an older incarnation of this replica
         }
+        if m.wake_up {
+            if p.hibernated {
+                tracing::info!(
+                    region_id = m.region_id,
+                    gone_peer = m.from_peer.id,
+                    "a replica of this Region was refused: waking up"
+                );
+                p.wake();
+            }
+            return;
+        }
         if m.hibernate {
             if !p.is_leader() && p.leader_id() == m.from_peer.id {
                 p.hibernated = true;
@@ -872,6 +883,7 @@ impl Store {
                 region_conf_index: 0,
                 hibernate: false,
                 tombstone: true,
+                wake_up: false,
                 from_store: self.id,
                 to_store: m.from_store,
             });
@@ -1185,6 +1197,8 @@ impl Store {
             }
         }
         self.stats.peer_ticks.fetch_add(ticked, Ordering::Relaxed);
+        crate::metrics::HIBERNATED_REGIONS
+            .set((self.peers.len() as u64 - ticked) as i64 + hibernating.len() as i64);
         for region_id in hibernating {
             let Some(p) = self.peers.get_mut(&region_id) else {
                 continue;
@@ -1208,6 +1222,7 @@ impl Store {
                     region_conf_index: 0,
                     hibernate: true,
                     tombstone: false,
+                    wake_up: false,
                     from_store: self.id,
                     to_store: to.store_id,
                 });
@@ -1310,6 +1325,7 @@ impl Store {
                 region_conf_index: p.applied_index,
                 hibernate: false,
                 tombstone: false,
+                wake_up: false,
                 from_store: self.id,
                 to_store: to.store_id,
             };

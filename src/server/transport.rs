@@ -56,6 +56,7 @@ pub fn encode(m: &RaftMessage) -> StoreRaftMessage {
         from_store: m.from_store,
         to_store: m.to_store,
         tombstone: m.tombstone,
+        wake_up: m.wake_up,
     }
 }
 
@@ -72,6 +73,7 @@ pub fn decode(m: StoreRaftMessage) -> Result<RaftMessage, String> {
         region_conf_index: m.region_conf_index,
         hibernate: m.hibernate,
         tombstone: m.tombstone,
+        wake_up: m.wake_up,
         from_store: m.from_store,
         to_store: m.to_store,
     })

@@ -17,6 +17,9 @@
 //! store lists the Region in `damaged_regions_id` of its store heartbeats; PD removes that
 //! replica and its replica checker adds a new one (a new peer id), usually on this same store,
 //! which receives a snapshot from the leader: the replica is **rebuilt from the others**.
+//! The other replicas are told (`wake_up`): if the refused one led a hibernated Region, they
+//! would otherwise wait for it without ticking, since its store is alive and its silence
+//! wakes nobody, and the Region would stay without a leader PD could hear from.
 //!
 //! The report lasts until a newer replica of the Region is created here, and survives a restart
 //! (the `damaged/` entry plus the tombstone of the same peer). Quarantined directories stay
@@ -38,6 +41,7 @@ use prkv_proto::serverpb::{PeerState, RegionLocalState};
 
 use super::{range_of, Store};
 use crate::raftstore::error::Result;
+use crate::raftstore::RaftMessage;
 use crate::storage::{self, RegionEngine, RegionId};
 
 const DAMAGED_DIR: &str = "damaged";
@@ -124,8 +128,33 @@ impl Store {
         std::fs::create_dir_all(&dest)
             .and_then(|_| std::fs::write(dest.join("REASON"), format!("{reason}\n")))
             .map_err(|e| storage::Error::io(&dest, e))?;
+        let epoch = region.region_epoch.unwrap_or_default();
+        let others: Vec<_> = region
+            .peers
+            .iter()
+            .filter(|p| p.id != meta.id)
+            .copied()
+            .collect();
         self.write_tombstone(id, region, meta.id)?;
         self.report_damaged(id, true);
+        // If this replica led a hibernated Region, its followers wait for it without ticking,
+        // and this store stays alive, so its silence does not wake them: tell them.
+        for to in others {
+            self.trans.send(RaftMessage {
+                region_id: id,
+                from_peer: meta,
+                to_peer: to,
+                region_epoch: epoch,
+                message: raft::eraftpb::Message::default(),
+                region: None,
+                region_conf_index: 0,
+                hibernate: false,
+                tombstone: false,
+                wake_up: true,
+                from_store: self.id,
+                to_store: to.store_id,
+            });
+        }
         Ok(())
     }
 
