@@ -92,6 +92,20 @@ for ENGINE in partitioned-raft-kv raft-kv; do
   after_load=$(write_bytes "$@")
   sleep "$SETTLE"
   settled=$(write_bytes "$@")
+  # Where the bytes came from, by the stores' own counters (since they started, so the load
+  # and the settling): RocksDB flushes, compactions and WAL, and the Raft log.
+  breakdown=$(curl -s http://127.0.0.1:2379/pd/api/v1/stores | python3 -c '
+import json, sys, urllib.request
+tot = {}
+for s in json.load(sys.stdin)["stores"]:
+    text = urllib.request.urlopen("http://%s/metrics" % s["store"]["status_address"]).read().decode()
+    for line in text.splitlines():
+        if line.startswith("prkv_engine_bytes{"):
+            kind = line.split("kind=\"")[1].split("\"")[0]
+            tot[kind] = tot.get(kind, 0) + int(float(line.split()[-1]))
+        elif line.startswith("raft_engine_write_size_sum"):
+            tot["raft_log"] = tot.get("raft_log", 0) + int(float(line.split()[-1]))
+print(json.dumps(tot))')
   "$PRKV" bench ycsb --target prkv://127.0.0.1:2379 --workload a --records "$RECORDS" \
     --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" --threads "$THREADS" --duration "$DURATION" \
     --json "$OUT/$ENGINE-a.json" | tee "$OUT/$ENGINE-a.txt"
@@ -99,6 +113,7 @@ for ENGINE in partitioned-raft-kv raft-kv; do
   disk=$(du -sb "$OUT/$ENGINE" | cut -f1)
   cat >"$OUT/$ENGINE-io.json" <<EOF
 {"load_write_bytes": $((after_load - before)), "settled_write_bytes": $((settled - before)),
+ "breakdown": $breakdown,
  "user_bytes": $((RECORDS * (KEY_SIZE + VALUE_SIZE))), "regions": $regions, "disk_bytes": $disk}
 EOF
   kill "$PLAYGROUND"; wait "$PLAYGROUND" 2>/dev/null || true; PLAYGROUND=""
@@ -128,6 +143,14 @@ print("| engine | insert ops/s | insert MiB/s | write amp. (load) | write amp. (
 print("|---|---|---|---|---|---|---|---|---|---|")
 for e, r in rows.items():
     print(f'| {e} | {r["load_ops"]:.0f} | {r["load_mib"]:.1f} | {r["wa_load"]:.2f} | {r["wa_settled"]:.2f} | {r["a_ops"]:.0f} | {r["a_p99"]:.1f} | {r["regions"]} | {r["disk"]:.2f} | {r["errors"]} |')
+print("\nBytes written per user byte, by source (the stores' counters, all replicas; raft log = raft-engine's write size before compression):")
+print("| engine | flush | compaction | RocksDB WAL | raft log | disk total (settled) |")
+print("|---|---|---|---|---|---|")
+for e in rows:
+    io = json.load(open(f"{out}/{e}-io.json"))
+    b, u = io.get("breakdown", {}), io["user_bytes"]
+    f = lambda k: b.get(k, 0) / u
+    print(f'| {e} | {f("flush_write"):.2f} | {f("compaction_write"):.2f} | {f("wal_write"):.2f} | {f("raft_log"):.2f} | {rows[e]["wa_settled"]:.2f} |')
 p, k = rows["partitioned-raft-kv"], rows["raft-kv"]
 print(f'\npartitioned / raft-kv: inserts {p["load_ops"]/k["load_ops"]:.2f}x, '
       f'write amp. {p["wa_settled"]/k["wa_settled"]:.2f}x (settled), YCSB A {p["a_ops"]/k["a_ops"]:.2f}x')

@@ -2,7 +2,7 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 
 pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
 
@@ -28,6 +28,24 @@ pub static MEMTABLE_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
         "prkv_engine_memtable_bytes",
         "Bytes held by all memtables of the store",
     )
+});
+
+/// Bytes RocksDB read or wrote since the store started, by kind (`flush_write`,
+/// `compaction_write`, `compaction_read`, `wal_write`), all instances of the store summed;
+/// refreshed at each scrape from RocksDB's statistics.
+pub static ENGINE_BYTES: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    let g = IntGaugeVec::new(
+        prometheus::Opts::new(
+            "prkv_engine_bytes",
+            "Bytes RocksDB flushed, compacted or logged since start, by kind",
+        ),
+        &["kind"],
+    )
+    .expect("valid metric name");
+    REGISTRY
+        .register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
 });
 
 /// Open tablets.
@@ -136,12 +154,17 @@ pub static STORE_REGIONS: LazyLock<IntGauge> =
 pub static STORE_LEADERS: LazyLock<IntGauge> =
     LazyLock::new(|| gauge("prkv_store_leaders", "Region leaders on this store"));
 
-/// Renders every metric in the Prometheus text format.
+/// Renders every metric in the Prometheus text format: ours, and raft-engine's (registered in
+/// the `prometheus` crate's default registry; `raft_engine_write_size` counts the Raft log's
+/// bytes).
 pub fn render() -> String {
     use prometheus::Encoder;
+    crate::storage::export_engine_stats();
+    let mut families = REGISTRY.gather();
+    families.extend(prometheus::gather());
     let mut buf = Vec::new();
     let encoder = prometheus::TextEncoder::new();
-    if let Err(e) = encoder.encode(&REGISTRY.gather(), &mut buf) {
+    if let Err(e) = encoder.encode(&families, &mut buf) {
         return format!("# encoding metrics failed: {e}\n");
     }
     String::from_utf8(buf).unwrap_or_default()

@@ -288,6 +288,37 @@ fn log_gc_respects_durable_apply_index(kind: EngineKind) {
     c.must_put(b"after", b"restart");
 }
 
+/// Below `raft-log-gc-count-limit` and `raft-log-gc-size-limit`, log GC does not flush a
+/// tablet: the log waits above the durable apply index (and is all a restart needs to
+/// replay), instead of every busy tablet's memtable being cut into a small SST each GC round.
+#[test]
+fn log_gc_waits_for_flush_below_limits() {
+    let mut c = Cluster::new(3, EngineKind::PartitionedRaftKv);
+    c.cfg.raftstore.raft_log_gc_count_limit = 73728; // the default
+    c.bootstrap(1, &[1, 2, 3]);
+    c.start();
+    for i in 0..300 {
+        c.must_put(&key(i), format!("v{i}").as_bytes());
+    }
+    // Many GC rounds (one per 100 ms here) with 300 entries past the threshold (20).
+    std::thread::sleep(Duration::from_secs(2));
+    for s in 1..=3 {
+        let t = c.status(s, 1).unwrap().truncated_index;
+        assert!(
+            t < 20,
+            "store {s}: log compacted to {t}: its tablet was flushed for GC"
+        );
+    }
+    // Everything lives in the memtables and the log: a stop without a flush keeps it all.
+    for s in 1..=3 {
+        c.stop_store(s);
+    }
+    c.start();
+    for i in 0..300 {
+        assert_eq!(c.must_get(&key(i)), Some(format!("v{i}").into_bytes()));
+    }
+}
+
 /// Every way a command can be wrong gets its typed error, and changes nothing.
 fn typed_errors(kind: EngineKind) {
     let mut c = Cluster::new(3, kind);

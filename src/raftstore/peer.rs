@@ -57,6 +57,10 @@ pub struct PeerConfig {
     pub raft_entry_max_size: u64,
     pub lease: Duration,
     pub hibernate: bool,
+    /// A tablet is flushed for Raft-log GC only when its log above the durable apply index
+    /// holds more entries than this, or more bytes than `log_gc_size_limit`.
+    pub log_gc_count_limit: u64,
+    pub log_gc_size_limit: u64,
 }
 
 struct Proposal {
@@ -122,6 +126,11 @@ pub struct Peer {
     conf_index: u64,
     /// PD should hear from this leader soon: it just became leader or its membership changed.
     pub pd_dirty: bool,
+    /// Bytes of entries applied since this peer was built, and its value when the applied
+    /// index was `log_mark.0`: once the tablet is durable through `log_mark.0`, the log above
+    /// its durable apply index holds at most `applied_bytes - log_mark.1` bytes.
+    applied_bytes: u64,
+    log_mark: (u64, u64),
     /// Bytes and keys written since the last split check (the split checker's trigger).
     pub split_check_bytes: u64,
     pub split_check_keys: u64,
@@ -220,6 +229,8 @@ impl Peer {
             last_term: 0,
             conf_index,
             pd_dirty: false,
+            applied_bytes: 0,
+            log_mark: (apply.applied_index, 0),
             // A Region new to this store (bootstrapped, split off, restarted) is checked once.
             split_check_bytes: u64::MAX / 2,
             split_check_keys: u64::MAX / 2,
@@ -743,6 +754,7 @@ impl Peer {
             if e.index <= self.applied_index {
                 continue; // replayed after a restart, already in the engine
             }
+            self.applied_bytes += e.data.len() as u64;
             match e.get_entry_type() {
                 EntryType::EntryNormal => {
                     let mut err = None;
@@ -1459,14 +1471,37 @@ impl Peer {
 
     /// Compacts this replica's log up to `index`, but never above the engine's durable apply
     /// index: entries above it are the only copy of data not yet flushed (the recovery
-    /// invariant). A tablet that holds GC back is flushed so that the next round can go on.
+    /// invariant).
+    ///
+    /// A tablet that holds GC back is flushed only once its log above the durable index passes
+    /// `raftstore.raft-log-gc-count-limit` entries or `raft-log-gc-size-limit` bytes. Otherwise
+    /// the log simply waits for the flush that memory pressure brings (`storage::flush`): a
+    /// flush each GC round, as a first version did, cut every busy tablet's memtable into a
+    /// small SST every few seconds, and compacting those doubled the write amplification of a
+    /// write-heavy load spread over many Regions (BENCHMARKS.md). The limits, and raft-engine's
+    /// purge (which flushes the tablets pinning its oldest files), bound the log meanwhile.
     pub fn compact_log(&mut self, index: u64) -> Result<()> {
         let durable = self
             .engine
             .persisted_apply_state()?
             .map_or(0, |s| s.applied_index);
         let target = index.min(durable);
-        if durable < index {
+        let behind_entries = self.applied_index.saturating_sub(durable);
+        // An upper bound: the tablet is durable at least through the mark.
+        let behind_bytes = self.applied_bytes - self.log_mark.1;
+        if durable >= self.log_mark.0 {
+            self.log_mark = (self.applied_index, self.applied_bytes);
+        }
+        if durable < index
+            && (behind_entries > self.cfg.log_gc_count_limit
+                || behind_bytes > self.cfg.log_gc_size_limit)
+        {
+            tracing::debug!(
+                region_id = self.region.id,
+                behind_entries,
+                behind_bytes,
+                "flushing the tablet: its unflushed log passed the GC limits"
+            );
             self.engine.flush(false)?;
         }
         let truncated = self.raw.store().truncated().0;

@@ -224,6 +224,8 @@ pub fn peer_config(cfg: &Config) -> PeerConfig {
         raft_entry_max_size: cfg.raftstore.raft_entry_max_size.0,
         lease: cfg.raftstore.raft_store_max_leader_lease.0,
         hibernate: cfg.raftstore.hibernate_regions,
+        log_gc_count_limit: cfg.raftstore.raft_log_gc_count_limit,
+        log_gc_size_limit: cfg.raftstore.raft_log_gc_size_limit.0,
     }
 }
 

@@ -47,6 +47,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use engine::{Cf, KeyRange, RegionEngine, ScanDir, StoreEngine, WriteBatch};
+pub use rocks::export_engine_stats;
 
 use crate::config::{Config, EngineKind};
 

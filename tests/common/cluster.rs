@@ -61,6 +61,10 @@ impl Cluster {
         cfg.raftstore.raft_store_max_leader_lease = ReadableDuration::millis(150);
         cfg.raftstore.raft_log_gc_tick_interval = ReadableDuration::millis(100);
         cfg.raftstore.raft_log_gc_threshold = 20;
+        // Tablets flush for log GC once 50 entries are unflushed (the default waits for
+        // memory pressure), so that tests see logs compacted, and snapshots needed, after a
+        // few hundred writes.
+        cfg.raftstore.raft_log_gc_count_limit = 50;
         cfg.validate().unwrap();
         let dirs = (1..=stores)
             .map(|s| (s, tempfile::tempdir().unwrap()))
