@@ -733,18 +733,26 @@ impl RegionEngine for RocksRegion {
         db.write_opt(wb, &wo)
             .map_err(|e| rocks_err(&self.handle.path, e))?;
         self.handle.flush(true)?;
-        // SSTs wholly outside the range go without a rewrite. The rest of the garbage stays
-        // hidden under the range deletions until ordinary compaction meets it. Compacting the
-        // outside ranges here instead, as a first version did, rewrote every SST that
-        // straddles the boundary, which after a split is nearly the child's whole data: each
-        // split rewrote its parent once more, and doubled the write amplification of a
-        // write-heavy load that splits as it grows (BENCHMARKS.md). Dropping files never
-        // resurrects data, so the range may change from here on.
+        // The garbage stays hidden under the range deletions until ordinary compaction meets
+        // it; a split child shares its parent's files by hard link meanwhile, so this costs
+        // no extra space at first. Compacting the outside ranges here, as a first version did,
+        // rewrote every SST straddling the boundary, which after a split is nearly the child's
+        // whole data.
+        //
+        // SSTs wholly above the range go at once, without a rewrite. Not those below it:
+        // RocksDB's DeleteFilesInRange (all the C API offers) includes the range's end, so a
+        // file whose last key is the Region's first key would go with that key. Above the
+        // range the end is `DATA_END`, which no key reaches. Dropping files never resurrects
+        // data, so the range may change from here on.
         drop(owner);
-        for (lo, hi) in &ranges {
+        if self.data_end.as_slice() < keys::DATA_END {
             for cf in Cf::ALL {
-                db.delete_file_in_range_cf(self.handle.cf(cf), lo, hi)
-                    .map_err(|e| rocks_err(&self.handle.path, e))?;
+                db.delete_file_in_range_cf(
+                    self.handle.cf(cf),
+                    self.data_end.as_slice(),
+                    keys::DATA_END,
+                )
+                .map_err(|e| rocks_err(&self.handle.path, e))?;
             }
         }
         Ok(())
