@@ -13,7 +13,8 @@
 #
 #   bench/partitioned-vs-raftkv.sh [--total-mib 4096] [--value-size 1024] [--threads 256]
 #                                  [--duration 60s] [--settle 30] [--split-mib 64]
-# (--split-mib 10240 keeps the load in one Region: no splits.)
+# (--split-mib 10240 keeps the load in one Region: no splits.) KEEP=1 keeps the clusters' data
+# directories (logs included); ENGINES="raft-kv" runs one engine (no ratio table then).
 set -euo pipefail
 
 TOTAL_MIB=4096
@@ -74,7 +75,7 @@ write_bytes() { # pids...
   echo "$sum"
 }
 
-for ENGINE in partitioned-raft-kv raft-kv; do
+for ENGINE in ${ENGINES:-partitioned-raft-kv raft-kv}; do
   echo "== $ENGINE: $RECORDS records of $((KEY_SIZE + VALUE_SIZE)) B ($TOTAL_MIB MiB) =="
   rm -rf "${OUT:?}/$ENGINE"
   "$PRKV" playground --engine "$ENGINE" --store-config "$OUT/store.toml" --data-dir "$OUT/$ENGINE" \
@@ -117,7 +118,7 @@ print(json.dumps(tot))')
  "user_bytes": $((RECORDS * (KEY_SIZE + VALUE_SIZE))), "regions": $regions, "disk_bytes": $disk}
 EOF
   kill "$PLAYGROUND"; wait "$PLAYGROUND" 2>/dev/null || true; PLAYGROUND=""
-  rm -rf "${OUT:?}/$ENGINE"
+  [ -n "${KEEP:-}" ] || rm -rf "${OUT:?}/$ENGINE"
 done
 
 python3 - "$OUT" <<'PY'
