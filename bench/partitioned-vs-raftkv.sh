@@ -106,6 +106,11 @@ for s in json.load(sys.stdin)["stores"]:
             tot[kind] = tot.get(kind, 0) + int(float(line.split()[-1]))
         elif line.startswith("raft_engine_write_size_sum"):
             tot["raft_log"] = tot.get("raft_log", 0) + int(float(line.split()[-1]))
+        elif line.startswith("prkv_tablet_flushes_total{"):
+            kind = "flushes_" + line.split("reason=\"")[1].split("\"")[0]
+            tot[kind] = tot.get(kind, 0) + int(float(line.split()[-1]))
+        elif line.startswith("prkv_engine_memory_flushes_total"):
+            tot["flushes_memory"] = tot.get("flushes_memory", 0) + int(float(line.split()[-1]))
 print(json.dumps(tot))')
   "$PRKV" bench ycsb --target prkv://127.0.0.1:2379 --workload a --records "$RECORDS" \
     --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" --threads "$THREADS" --duration "$DURATION" \
@@ -126,6 +131,10 @@ import json, sys
 out = sys.argv[1]
 rows = {}
 for e in ["partitioned-raft-kv", "raft-kv"]:
+    try:
+        open(f"{out}/{e}-io.json").close()
+    except FileNotFoundError:
+        continue  # ENGINES ran only the other one
     load = json.load(open(f"{out}/{e}-load.json"))
     a = json.load(open(f"{out}/{e}-a.json"))
     io = json.load(open(f"{out}/{e}-io.json"))
@@ -144,14 +153,20 @@ print("| engine | insert ops/s | insert MiB/s | write amp. (load) | write amp. (
 print("|---|---|---|---|---|---|---|---|---|---|")
 for e, r in rows.items():
     print(f'| {e} | {r["load_ops"]:.0f} | {r["load_mib"]:.1f} | {r["wa_load"]:.2f} | {r["wa_settled"]:.2f} | {r["a_ops"]:.0f} | {r["a_p99"]:.1f} | {r["regions"]} | {r["disk"]:.2f} | {r["errors"]} |')
-print("\nBytes written per user byte, by source (the stores' counters, all replicas; raft log = raft-engine's write size before compression):")
-print("| engine | flush | compaction | RocksDB WAL | raft log | disk total (settled) |")
-print("|---|---|---|---|---|---|")
+print("\nBytes per user byte, by source (the stores' counters, all replicas; raft log = raft-engine's batches after its compression):")
+print("| engine | flush | compaction write | compaction read | RocksDB WAL | raft log | disk written (settled) |")
+print("|---|---|---|---|---|---|---|")
 for e in rows:
     io = json.load(open(f"{out}/{e}-io.json"))
     b, u = io.get("breakdown", {}), io["user_bytes"]
     f = lambda k: b.get(k, 0) / u
-    print(f'| {e} | {f("flush_write"):.2f} | {f("compaction_write"):.2f} | {f("wal_write"):.2f} | {f("raft_log"):.2f} | {rows[e]["wa_settled"]:.2f} |')
+    print(f'| {e} | {f("flush_write"):.2f} | {f("compaction_write"):.2f} | {f("compaction_read"):.2f} | {f("wal_write"):.2f} | {f("raft_log"):.2f} | {rows[e]["wa_settled"]:.2f} |')
+print("\nTablet flushes prkv asked for, by reason (RocksDB's own, of full memtables, not counted):")
+for e in rows:
+    b = json.load(open(f"{out}/{e}-io.json")).get("breakdown", {})
+    print(f'  {e}: ' + ", ".join(f'{k[len("flushes_"):]} {v}' for k, v in sorted(b.items()) if k.startswith("flushes_")))
+if len(rows) < 2:
+    sys.exit(0)
 p, k = rows["partitioned-raft-kv"], rows["raft-kv"]
 print(f'\npartitioned / raft-kv: inserts {p["load_ops"]/k["load_ops"]:.2f}x, '
       f'write amp. {p["wa_settled"]/k["wa_settled"]:.2f}x (settled), YCSB A {p["a_ops"]/k["a_ops"]:.2f}x')

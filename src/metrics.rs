@@ -94,6 +94,18 @@ pub static MEMORY_FLUSHES: LazyLock<IntCounter> = LazyLock::new(|| {
     )
 });
 
+/// Tablet flushes prkv asked for, by why: `gc_limit` (a tablet's unflushed log passed the GC
+/// limits), `purge` (it pins raft-engine's oldest files), `region_state` (before an epoch or
+/// merge-state change), `split` (the parent, before its checkpoints), `trim`. Memory flushes
+/// are `prkv_engine_memory_flushes_total`; RocksDB's own (a full memtable) are not counted.
+pub static TABLET_FLUSHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "prkv_tablet_flushes_total",
+        "Tablet flushes requested by prkv, by reason",
+        &["reason"],
+    )
+});
+
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(prometheus::Opts::new(name, help), labels).expect("valid metric");
     REGISTRY

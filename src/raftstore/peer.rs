@@ -1281,6 +1281,9 @@ impl Peer {
         let mut wb = WriteBatch::new();
         self.flush_apply(&mut wb, index, term)?;
         if self.kv.kind() == crate::config::EngineKind::PartitionedRaftKv {
+            crate::metrics::TABLET_FLUSHES
+                .with_label_values(&["region_state"])
+                .inc();
             self.engine.flush(true)?;
         }
         // Tablets: what the flushed SSTs hold; raft-kv: the shared WAL, synced.
@@ -1502,6 +1505,9 @@ impl Peer {
                 behind_bytes,
                 "flushing the tablet: its unflushed log passed the GC limits"
             );
+            crate::metrics::TABLET_FLUSHES
+                .with_label_values(&["gc_limit"])
+                .inc();
             self.engine.flush(false)?;
         }
         let truncated = self.raw.store().truncated().0;

@@ -1298,6 +1298,9 @@ impl Store {
             Ok(holders) => {
                 for id in holders {
                     if let Some(p) = self.peers.get(&id) {
+                        crate::metrics::TABLET_FLUSHES
+                            .with_label_values(&["purge"])
+                            .inc();
                         if let Err(e) = p.engine.flush(false) {
                             tracing::warn!(region_id = id, error = %e, "flushing a tablet that holds raft-engine files failed");
                         }

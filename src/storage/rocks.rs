@@ -732,6 +732,9 @@ impl RegionEngine for RocksRegion {
         wo.disable_wal(true);
         db.write_opt(wb, &wo)
             .map_err(|e| rocks_err(&self.handle.path, e))?;
+        crate::metrics::TABLET_FLUSHES
+            .with_label_values(&["trim"])
+            .inc();
         self.handle.flush(true)?;
         // The garbage stays hidden under the range deletions until ordinary compaction meets
         // it; a split child shares its parent's files by hard link meanwhile, so this costs

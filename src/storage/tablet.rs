@@ -347,6 +347,9 @@ impl StoreEngine for TabletRegistry {
             .cloned()
             .ok_or(Error::RegionNotFound(parent))?;
         // Memtables into SSTs first, so every checkpoint below is hard links only.
+        crate::metrics::TABLET_FLUSHES
+            .with_label_values(&["split"])
+            .inc();
         parent_tablet.handle.flush(true)?;
         let mut out: Vec<Arc<dyn RegionEngine>> = Vec::with_capacity(children.len());
         for (id, range) in children {
