@@ -34,18 +34,11 @@ pub static MEMTABLE_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
 /// `compaction_write`, `compaction_read`, `wal_write`), all instances of the store summed;
 /// refreshed at each scrape from RocksDB's statistics.
 pub static ENGINE_BYTES: LazyLock<IntGaugeVec> = LazyLock::new(|| {
-    let g = IntGaugeVec::new(
-        prometheus::Opts::new(
-            "prkv_engine_bytes",
-            "Bytes RocksDB flushed, compacted or logged since start, by kind",
-        ),
+    gauge_vec(
+        "prkv_engine_bytes",
+        "Bytes RocksDB flushed, compacted or logged since start, by kind",
         &["kind"],
     )
-    .expect("valid metric name");
-    REGISTRY
-        .register(Box::new(g.clone()))
-        .expect("metric registered once");
-    g
 });
 
 /// Open tablets.
@@ -105,6 +98,14 @@ pub static TABLET_FLUSHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["reason"],
     )
 });
+
+fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(prometheus::Opts::new(name, help), labels).expect("valid metric");
+    REGISTRY
+        .register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
 
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(prometheus::Opts::new(name, help), labels).expect("valid metric");

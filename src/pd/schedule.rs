@@ -255,10 +255,7 @@ impl Cluster {
                     peer_id = bad.id,
                     "operator dropped: its replica is damaged"
                 );
-                self.ops.remove(&region_id);
-                crate::metrics::PD_OPERATORS
-                    .with_label_values(&["cancelled"])
-                    .inc();
+                self.end_operator(region_id, "cancelled");
             }
         }
         if self.ops.contains_key(&region_id) {
@@ -303,10 +300,7 @@ impl Cluster {
         }
         if op.current == op.steps.len() {
             tracing::info!(region_id, kind = op.kind, took = ?op.created.elapsed(), "operator finished");
-            self.ops.remove(&region_id);
-            crate::metrics::PD_OPERATORS
-                .with_label_values(&["finished"])
-                .inc();
+            self.end_operator(region_id, "finished");
             return None;
         }
         if op.created.elapsed() > OPERATOR_TIMEOUT {
@@ -316,10 +310,7 @@ impl Cluster {
                 step = op.current,
                 "operator timed out"
             );
-            self.ops.remove(&region_id);
-            crate::metrics::PD_OPERATORS
-                .with_label_values(&["timeout"])
-                .inc();
+            self.end_operator(region_id, "timeout");
             return None;
         }
         let step = op.steps[op.current].clone();
@@ -334,6 +325,15 @@ impl Cluster {
         }
         op.last_sent = Some(Instant::now());
         Some(step_response(info, leader, &step))
+    }
+
+    /// Drops the Region's operator, counted by how it ended (`finished`, `timeout`,
+    /// `cancelled`).
+    fn end_operator(&mut self, region_id: u64, outcome: &str) {
+        self.ops.remove(&region_id);
+        crate::metrics::PD_OPERATORS
+            .with_label_values(&[outcome])
+            .inc();
     }
 
     /// Whether an operator in flight merges another Region into `region_id`.

@@ -55,6 +55,31 @@ impl RaftMessage {
         }
     }
 
+    /// A message between replicas that carries no Raft message, only its flags (a tombstone
+    /// notice, a wake-up): every flag off, to be set by the caller.
+    pub fn signal(
+        region_id: RegionId,
+        from_peer: Peer,
+        to_peer: Peer,
+        region_epoch: RegionEpoch,
+        from_store: StoreId,
+    ) -> RaftMessage {
+        RaftMessage {
+            region_id,
+            from_peer,
+            to_peer,
+            region_epoch,
+            message: raft::eraftpb::Message::default(),
+            region: None,
+            region_conf_index: 0,
+            hibernate: false,
+            tombstone: false,
+            wake_up: false,
+            from_store,
+            to_store: to_peer.store_id,
+        }
+    }
+
     pub fn is_store_heartbeat(&self) -> bool {
         self.region_id == 0
     }

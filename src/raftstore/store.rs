@@ -875,20 +875,10 @@ impl Store {
             && conf_ver(&m.region_epoch) < conf_ver(&ours)
             && !p.region.peers.iter().any(|x| x.id == m.from_peer.id)
         {
-            self.trans.send(RaftMessage {
-                region_id: m.region_id,
-                from_peer: p.meta,
-                to_peer: m.from_peer,
-                region_epoch: ours,
-                message: raft::eraftpb::Message::default(),
-                region: None,
-                region_conf_index: 0,
-                hibernate: false,
-                tombstone: true,
-                wake_up: false,
-                from_store: self.id,
-                to_store: m.from_store,
-            });
+            let mut gone = RaftMessage::signal(m.region_id, p.meta, m.from_peer, ours, self.id);
+            gone.tombstone = true;
+            gone.to_store = m.from_store;
+            self.trans.send(gone);
             return true;
         }
         false

@@ -165,25 +165,24 @@ static STATS_SOURCES: std::sync::LazyLock<
 /// comes from.
 pub fn export_engine_stats() {
     use rocksdb::statistics::Ticker;
-    let mut sum = [0u64; 4];
-    for shared in STATS_SOURCES.lock().iter().filter_map(|w| w.upgrade()) {
-        let t = |k| shared.base.get_ticker_count(k);
-        sum[0] += t(Ticker::FlushWriteBytes);
-        sum[1] += t(Ticker::CompactWriteBytes);
-        sum[2] += t(Ticker::CompactReadBytes);
-        sum[3] += t(Ticker::WalFileBytes);
-    }
-    let m = &crate::metrics::ENGINE_BYTES;
-    for (kind, v) in [
-        "flush_write",
-        "compaction_write",
-        "compaction_read",
-        "wal_write",
-    ]
-    .iter()
-    .zip(sum)
-    {
-        m.with_label_values(&[kind]).set(v as i64);
+    let sources: Vec<_> = STATS_SOURCES
+        .lock()
+        .iter()
+        .filter_map(|w| w.upgrade())
+        .collect();
+    for (kind, ticker) in [
+        ("flush_write", Ticker::FlushWriteBytes),
+        ("compaction_write", Ticker::CompactWriteBytes),
+        ("compaction_read", Ticker::CompactReadBytes),
+        ("wal_write", Ticker::WalFileBytes),
+    ] {
+        let sum: u64 = sources
+            .iter()
+            .map(|s| s.base.get_ticker_count(ticker))
+            .sum();
+        crate::metrics::ENGINE_BYTES
+            .with_label_values(&[kind])
+            .set(sum as i64);
     }
 }
 

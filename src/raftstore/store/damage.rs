@@ -140,20 +140,9 @@ impl Store {
         // If this replica led a hibernated Region, its followers wait for it without ticking,
         // and this store stays alive, so its silence does not wake them: tell them.
         for to in others {
-            self.trans.send(RaftMessage {
-                region_id: id,
-                from_peer: meta,
-                to_peer: to,
-                region_epoch: epoch,
-                message: raft::eraftpb::Message::default(),
-                region: None,
-                region_conf_index: 0,
-                hibernate: false,
-                tombstone: false,
-                wake_up: true,
-                from_store: self.id,
-                to_store: to.store_id,
-            });
+            let mut wake = RaftMessage::signal(id, meta, to, epoch, self.id);
+            wake.wake_up = true;
+            self.trans.send(wake);
         }
         Ok(())
     }
