@@ -41,9 +41,33 @@ pub static ENGINE_BYTES: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     )
 });
 
-/// Open tablets.
+/// Tablets open now (their RocksDB running).
 pub static TABLETS_OPEN: LazyLock<IntGauge> =
     LazyLock::new(|| gauge("prkv_engine_tablets_open", "Tablets currently open"));
+
+/// Tablets parked now: closed while idle, reopened on their next use (`storage::park`).
+pub static TABLETS_PARKED: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "prkv_engine_tablets_parked",
+        "Tablets closed while idle, reopened on their next use",
+    )
+});
+
+/// Tablets parked since start.
+pub static TABLET_PARKS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "prkv_engine_tablet_parks_total",
+        "Tablets closed because they were idle or over rocksdb.max-open-tablets",
+    )
+});
+
+/// Parked tablets opened again since start (by a read or write of their data).
+pub static TABLET_UNPARKS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "prkv_engine_tablet_unparks_total",
+        "Parked tablets opened again for a read or write",
+    )
+});
 
 /// Free bytes on the data directory's file system (measured once a second when
 /// `storage.reserve-space` is set).

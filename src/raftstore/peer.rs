@@ -40,7 +40,7 @@ use super::msg::{
 };
 use super::split::{self, RAFT_INIT_LOG_INDEX, RAFT_INIT_LOG_TERM};
 use crate::raftlog::{LogWriteBatch, RaftLogStore, RegionLog};
-use crate::storage::{Cf, KeyRange, RegionEngine, StoreEngine, WriteBatch};
+use crate::storage::{Cf, KeyRange, RegionEngine, StoreEngine, WriteBatch, EXACT_KEY_COUNT_BELOW};
 
 /// Proposals waiting for apply, per Region. A leader that cannot commit (lost quorum) must not
 /// buffer unboundedly; 4096 in-flight writes per Region is far beyond what a healthy Region
@@ -146,11 +146,6 @@ pub struct Peer {
 /// learner catches up within a round trip, large enough that a busy Region's healthy followers
 /// (a few entries behind at any instant) are not pending.
 const PENDING_LAG: u64 = 64;
-
-/// Regions estimated to hold at most this many keys report an exact count to PD (a scan of
-/// at most this many keys per column family, once per PD heartbeat): cheap, and it is what
-/// lets emptied Regions be seen as empty (see `Peer::approximate_keys`).
-const EXACT_KEY_COUNT_BELOW: u64 = 1024;
 
 /// A PrepareMerge is proposed only if every replica has all but this many entries: the
 /// CommitMerge carries the entries after the slowest replica's, in one Raft entry.
@@ -668,7 +663,8 @@ impl Peer {
     /// was, and PD's merge checker, which looks for nearly empty Regions, would never pick it.
     fn approximate_keys(&self) -> u64 {
         let estimate = self.engine.approximate_keys().unwrap_or(0);
-        if estimate > EXACT_KEY_COUNT_BELOW {
+        // A parked tablet counted its keys when it closed; scanning would reopen it.
+        if estimate > EXACT_KEY_COUNT_BELOW || self.engine.is_parked() {
             return estimate;
         }
         let mut n = 0u64;

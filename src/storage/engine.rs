@@ -195,6 +195,13 @@ pub trait RegionEngine: Send + Sync {
     /// Approximate number of keys of the Region's data.
     fn approximate_keys(&self) -> Result<u64>;
 
+    /// Whether the engine is parked: closed while idle, answering size and apply-state queries
+    /// from what it recorded when it closed (tablets only; see `storage::park`). Reading or
+    /// writing it opens it again; callers that only want statistics should not.
+    fn is_parked(&self) -> bool {
+        false
+    }
+
     /// Writes a consistent copy of the engine into `dir` (hard links where possible), from
     /// which a Region with the same range can be opened.
     fn checkpoint(&self, dir: &Path) -> Result<()>;

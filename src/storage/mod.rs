@@ -39,6 +39,7 @@ pub mod engine;
 pub mod flush;
 pub mod ident;
 pub mod keys;
+pub mod park;
 pub mod raftkv;
 mod rocks;
 pub mod tablet;
@@ -50,6 +51,12 @@ pub use engine::{Cf, KeyRange, RegionEngine, ScanDir, StoreEngine, WriteBatch};
 pub use rocks::export_engine_stats;
 
 use crate::config::{Config, EngineKind};
+
+/// Below this many keys a Region's key count is counted, not estimated: RocksDB's estimate
+/// counts keys deleted since the last flush (and a split child's keys outside its range until
+/// it is trimmed), so an emptied Region would look as full as it was, and PD's merge checker,
+/// which looks for nearly empty Regions, would never pick it. Counting this many is cheap.
+pub const EXACT_KEY_COUNT_BELOW: u64 = 1024;
 
 /// A Region's identifier, allocated by PD.
 pub type RegionId = u64;

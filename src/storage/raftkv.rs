@@ -81,7 +81,7 @@ impl StoreEngine for RaftKvEngine {
 
     fn list_regions(&self) -> Result<Vec<(RegionId, Index)>> {
         // Apply-state keys are the local keys 0x01 0x02 <id> 0x03; scan them.
-        let db = self.handle.db();
+        let db = self.handle.db()?;
         let cf = db
             .cf_handle(Cf::Default.name())
             .expect("default column family");
@@ -119,7 +119,7 @@ impl StoreEngine for RaftKvEngine {
             .values()
             .map(|r| r.range.clone())
             .collect();
-        let db = self.handle.db();
+        let db = self.handle.db()?;
         let mut wb = rocksdb::WriteBatch::default();
         for part in subtract_ranges(&view.range, &others) {
             let lo = keys::data_key(&part.start);
@@ -193,7 +193,7 @@ impl StoreEngine for RaftKvEngine {
         children: &[(RegionId, KeyRange)],
         init: &RaftApplyState,
     ) -> Result<Vec<Arc<dyn RegionEngine>>> {
-        let db = self.handle.db();
+        let db = self.handle.db()?;
         let default = db.cf_handle(Cf::Default.name()).expect("column family");
         let mut wb = rocksdb::WriteBatch::default();
         for (id, _) in children {

@@ -9,7 +9,7 @@
 //! This is the only module that names RocksDB types; they never leave it.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,6 +22,7 @@ use rocksdb::{
 };
 
 use super::engine::{Cf, KeyRange, Op, RegionEngine, ScanDir, Snapshot, WriteBatch};
+use super::park::{self, ParkedInfo};
 use super::{keys, Error, Index, RegionId, Result};
 use crate::config::RocksDbConfig;
 
@@ -45,8 +46,11 @@ pub(crate) struct SharedResources {
     cache: Cache,
     pub(crate) wbm: WriteBufferManager,
     pub(crate) config: RocksDbConfig,
-    /// Time origin for "oldest unflushed write" stamps.
+    /// Time origin for "oldest unflushed write" and "last used" stamps.
     pub(crate) epoch: Instant,
+    /// Tablets open and parked now (not the shared raft-kv DB).
+    open_tablets: AtomicUsize,
+    parked_tablets: AtomicUsize,
 }
 
 impl SharedResources {
@@ -77,11 +81,26 @@ impl SharedResources {
             wbm,
             config: config.clone(),
             epoch: Instant::now(),
+            open_tablets: AtomicUsize::new(0),
+            parked_tablets: AtomicUsize::new(0),
         });
         let mut sources = STATS_SOURCES.lock();
         sources.retain(|w| w.strong_count() > 0);
         sources.push(Arc::downgrade(&shared));
         Ok(shared)
+    }
+
+    /// Nanoseconds since [`Self::epoch`], never 0.
+    pub(crate) fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos().max(1) as u64
+    }
+
+    pub(crate) fn open_tablets(&self) -> usize {
+        self.open_tablets.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn parked_tablets(&self) -> usize {
+        self.parked_tablets.load(Ordering::Relaxed)
     }
 
     /// Options for one RocksDB instance. `tablet` selects the per-Region layout: WAL off
@@ -204,12 +223,49 @@ pub(crate) fn rocks_err(path: &Path, e: rocksdb::Error) -> Error {
     }
 }
 
-/// An open RocksDB instance. Dropping the last reference closes it and, if it was marked
-/// destroyed, removes its directory: a destroyed tablet stays readable by snapshots and
-/// iterators still alive, and its files go when they are done.
+/// Column family handles live as long as their DB.
+pub(crate) fn cf_of(db: &DB, cf: Cf) -> &rocksdb::ColumnFamily {
+    db.cf_handle(cf.name())
+        .expect("every column family is created at open")
+}
+
+fn int_property(db: &DB, cf: Cf, name: &str) -> u64 {
+    db.property_int_value_cf(cf_of(db, cf), name)
+        .ok()
+        .flatten()
+        .unwrap_or(0)
+}
+
+fn flush_db(db: &DB, path: &Path, wait: bool) -> Result<()> {
+    let mut opts = FlushOptions::default();
+    opts.set_wait(wait);
+    let cfs: Vec<_> = Cf::ALL.iter().map(|cf| cf_of(db, *cf)).collect();
+    db.flush_cfs_opt(&cfs, &opts)
+        .map_err(|e| rocks_err(path, e))
+}
+
+/// The RocksDB of a handle, or, while it is parked, what is known of it.
+#[derive(Default)]
+struct Slot {
+    db: Option<Arc<DB>>,
+    parked: Option<Arc<ParkedInfo>>,
+}
+
+/// A RocksDB instance, open or parked (closed until its next use: [`super::park`]). Dropping
+/// the last reference closes it and, if it was marked destroyed, removes its directory: a
+/// destroyed tablet stays readable by snapshots and iterators still alive, and its files go
+/// when they are done.
+///
+/// Users borrow the open DB as an `Arc<DB>` for the length of one operation (a snapshot keeps
+/// its own); a tablet parks only when nobody holds one.
 pub(crate) struct DbHandle {
-    db: Option<DB>,
+    slot: parking_lot::RwLock<Slot>,
+    shared: Arc<SharedResources>,
+    tablet: bool,
     pub(crate) path: PathBuf,
+    /// Nanoseconds since [`SharedResources::epoch`] of the last read or write of data: what
+    /// "idle" means to the parker. Metadata queries (sizes, apply state) do not count.
+    last_used: AtomicU64,
     destroy_on_drop: AtomicBool,
     /// Where the directory moves once the instance is closed (a damaged tablet, quarantined
     /// while readers still held it).
@@ -222,24 +278,144 @@ pub(crate) struct DbHandle {
 }
 
 impl DbHandle {
+    /// Opens the RocksDB in `path` (creating it if missing).
     pub(crate) fn open(
-        shared: &SharedResources,
+        shared: &Arc<SharedResources>,
         path: &Path,
         tablet: bool,
     ) -> Result<Arc<DbHandle>> {
-        let (opts, cfs) = shared.db_options(tablet);
-        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| rocks_err(path, e))?;
-        Ok(Arc::new(DbHandle {
-            db: Some(db),
+        let handle = Self::new(shared, path, tablet, Slot::default());
+        handle.db()?;
+        Ok(handle)
+    }
+
+    /// A tablet that parked before the store stopped stays closed: its record stands in
+    /// until the first use. Others open now.
+    pub(crate) fn open_lazily(shared: &Arc<SharedResources>, path: &Path) -> Result<Arc<DbHandle>> {
+        match park::read_record(path) {
+            Some(info) => {
+                shared.parked_tablets.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::TABLETS_PARKED.inc();
+                Ok(Self::new(
+                    shared,
+                    path,
+                    true,
+                    Slot {
+                        db: None,
+                        parked: Some(Arc::new(info)),
+                    },
+                ))
+            }
+            None => Self::open(shared, path, true),
+        }
+    }
+
+    fn new(shared: &Arc<SharedResources>, path: &Path, tablet: bool, slot: Slot) -> Arc<DbHandle> {
+        Arc::new(DbHandle {
+            slot: parking_lot::RwLock::new(slot),
+            shared: shared.clone(),
+            tablet,
             path: path.to_path_buf(),
+            last_used: AtomicU64::new(shared.now_ns()),
             destroy_on_drop: AtomicBool::new(false),
             move_on_drop: parking_lot::Mutex::new(None),
             owner_range: parking_lot::Mutex::new(None),
-        }))
+        })
     }
 
-    pub(crate) fn db(&self) -> &DB {
-        self.db.as_ref().expect("DbHandle used after close")
+    /// The open DB, for a read or write of data (opening it if parked).
+    pub(crate) fn db(&self) -> Result<Arc<DB>> {
+        self.last_used
+            .store(self.shared.now_ns(), Ordering::Relaxed);
+        self.db_quiet()
+    }
+
+    /// The open DB (opening it if parked), without counting as a use: for metadata that the
+    /// parked record could not answer.
+    pub(crate) fn db_quiet(&self) -> Result<Arc<DB>> {
+        if let Some(db) = &self.slot.read().db {
+            return Ok(db.clone());
+        }
+        let mut slot = self.slot.write();
+        if let Some(db) = &slot.db {
+            return Ok(db.clone());
+        }
+        // The record goes first, durably: it must never describe a tablet that changed.
+        park::remove_record(&self.path)?;
+        let (opts, cfs) = self.shared.db_options(self.tablet);
+        let db = Arc::new(
+            DB::open_cf_descriptors(&opts, &self.path, cfs)
+                .map_err(|e| rocks_err(&self.path, e))?,
+        );
+        if self.tablet {
+            if slot.parked.take().is_some() {
+                self.shared.parked_tablets.fetch_sub(1, Ordering::Relaxed);
+                crate::metrics::TABLETS_PARKED.dec();
+                crate::metrics::TABLET_UNPARKS.inc();
+            }
+            self.shared.open_tablets.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::TABLETS_OPEN.inc();
+        }
+        slot.db = Some(db.clone());
+        Ok(db)
+    }
+
+    /// The DB if it is open; never opens it.
+    fn open_db(&self) -> Option<Arc<DB>> {
+        self.slot.read().db.clone()
+    }
+
+    pub(crate) fn is_open(&self) -> bool {
+        self.slot.read().db.is_some()
+    }
+
+    /// What the tablet's record says, while it is parked.
+    pub(crate) fn parked_info(&self) -> Option<Arc<ParkedInfo>> {
+        self.slot.read().parked.clone()
+    }
+
+    pub(crate) fn last_used_ns(&self) -> u64 {
+        self.last_used.load(Ordering::Relaxed)
+    }
+
+    /// Closes the DB if nobody is using it and `describe` (given the open DB, under the
+    /// handle's lock, so nothing reads or writes meanwhile) says it may go, with the record
+    /// to keep. Returns whether it parked.
+    pub(crate) fn try_park(
+        &self,
+        describe: impl FnOnce(&DB) -> Result<Option<ParkedInfo>>,
+    ) -> Result<bool> {
+        let mut slot = self.slot.write();
+        let Some(db) = slot.db.take() else {
+            return Ok(false);
+        };
+        // Only the slot holds it: no read, write or snapshot is in flight, and none can
+        // start while we hold the lock.
+        let db = match Arc::try_unwrap(db) {
+            Ok(db) => db,
+            Err(shared) => {
+                slot.db = Some(shared);
+                return Ok(false);
+            }
+        };
+        let info = match describe(&db) {
+            Ok(Some(info)) => info,
+            other => {
+                slot.db = Some(Arc::new(db));
+                return other.map(|_| false);
+            }
+        };
+        drop(db); // closes the RocksDB: its files no longer change
+        self.shared.open_tablets.fetch_sub(1, Ordering::Relaxed);
+        crate::metrics::TABLETS_OPEN.dec();
+        // Without the record the tablet is merely closed: its next use opens it the ordinary
+        // way, and so does a restart.
+        park::write_record(&self.path, &info)?;
+        slot.parked = Some(Arc::new(info));
+        self.shared.parked_tablets.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::TABLETS_PARKED.inc();
+        crate::metrics::TABLET_PARKS.inc();
+        Ok(true)
     }
 
     pub(crate) fn mark_destroyed(&self) {
@@ -251,21 +427,11 @@ impl DbHandle {
         *self.move_on_drop.lock() = Some(dest);
     }
 
-    fn cf(&self, cf: Cf) -> &rocksdb::ColumnFamily {
-        self.db()
-            .cf_handle(cf.name())
-            .expect("every column family is created at open")
-    }
-
     fn int_property(&self, cf: Cf, name: &str) -> u64 {
-        self.db()
-            .property_int_value_cf(self.cf(cf), name)
-            .ok()
-            .flatten()
-            .unwrap_or(0)
+        self.open_db().map_or(0, |db| int_property(&db, cf, name))
     }
 
-    /// Bytes of this instance's memtables, active and immutable.
+    /// Bytes of this instance's memtables, active and immutable (0 while parked).
     pub(crate) fn memtable_bytes(&self) -> u64 {
         Cf::ALL
             .iter()
@@ -273,7 +439,7 @@ impl DbHandle {
             .sum()
     }
 
-    /// Bytes of this instance's active (mutable) memtables.
+    /// Bytes of this instance's active (mutable) memtables (0 while parked).
     pub(crate) fn active_memtable_bytes(&self) -> u64 {
         Cf::ALL
             .iter()
@@ -281,7 +447,7 @@ impl DbHandle {
             .sum()
     }
 
-    /// Entries not yet flushed, in active and immutable memtables.
+    /// Entries not yet flushed, in active and immutable memtables (0 while parked).
     pub(crate) fn unflushed_entries(&self) -> u64 {
         Cf::ALL
             .iter()
@@ -292,25 +458,24 @@ impl DbHandle {
             .sum()
     }
 
+    /// Flushes the memtables; a parked tablet has none.
     pub(crate) fn flush(&self, wait: bool) -> Result<()> {
-        let mut opts = FlushOptions::default();
-        opts.set_wait(wait);
-        let cfs: Vec<_> = Cf::ALL.iter().map(|cf| self.cf(*cf)).collect();
-        self.db()
-            .flush_cfs_opt(&cfs, &opts)
-            .map_err(|e| rocks_err(&self.path, e))
+        match self.open_db() {
+            Some(db) => flush_db(&db, &self.path, wait),
+            None => Ok(()),
+        }
     }
 
     /// Writes a raw batch without WAL and flushes it: used for metadata that must be durable at
     /// once in a tablet (a split child's first apply state).
     pub(crate) fn write_durable(&self, wb: rocksdb::WriteBatch, tablet: bool) -> Result<()> {
+        let db = self.db()?;
         let mut wo = WriteOptions::default();
         wo.disable_wal(tablet);
-        self.db()
-            .write_opt(wb, &wo)
+        db.write_opt(wb, &wo)
             .map_err(|e| rocks_err(&self.path, e))?;
         if tablet {
-            self.flush(true)
+            flush_db(&db, &self.path, true)
         } else {
             self.sync_wal()
         }
@@ -318,16 +483,13 @@ impl DbHandle {
 
     /// Writes a consistent copy of the DB into `dir`, hard-linking its SST files.
     pub(crate) fn checkpoint(&self, dir: &Path) -> Result<()> {
-        let cp = Checkpoint::new(self.db()).map_err(|e| rocks_err(&self.path, e))?;
+        let db = self.db()?;
+        let cp = Checkpoint::new(&db).map_err(|e| rocks_err(&self.path, e))?;
         cp.create_checkpoint(dir).map_err(|e| rocks_err(dir, e))
     }
 
-    pub(crate) fn cf_handle(&self, cf: Cf) -> &rocksdb::ColumnFamily {
-        self.cf(cf)
-    }
-
     pub(crate) fn sync_wal(&self) -> Result<()> {
-        self.db()
+        self.db()?
             .flush_wal(true)
             .map_err(|e| rocks_err(&self.path, e))
     }
@@ -336,7 +498,22 @@ impl DbHandle {
 impl Drop for DbHandle {
     fn drop(&mut self) {
         // Close first: RocksDB must not have files open in a directory we remove.
-        drop(self.db.take());
+        let slot = self.slot.get_mut();
+        if let Some(db) = slot.db.take() {
+            // Every borrower holds the handle too (a snapshot keeps both), so the slot's
+            // reference is the last one. If not, RocksDB still has the files open: leave them.
+            if Arc::try_unwrap(db).is_err() {
+                tracing::error!(path = %self.path.display(), "RocksDB still in use when its handle dropped: its directory stays");
+                return;
+            }
+            if self.tablet {
+                self.shared.open_tablets.fetch_sub(1, Ordering::Relaxed);
+                crate::metrics::TABLETS_OPEN.dec();
+            }
+        } else if slot.parked.take().is_some() {
+            self.shared.parked_tablets.fetch_sub(1, Ordering::Relaxed);
+            crate::metrics::TABLETS_PARKED.dec();
+        }
         if self.destroy_on_drop.load(Ordering::SeqCst) {
             if let Err(e) = std::fs::remove_dir_all(&self.path) {
                 tracing::warn!(path = %self.path.display(), error = %e, "removing destroyed RocksDB failed");
@@ -449,27 +626,176 @@ impl RocksRegion {
     }
 
     fn read_apply_state(&self, opts: ReadOptions) -> Result<Option<RaftApplyState>> {
-        let db = self.handle.db();
-        let raw = db
-            .get_cf_opt(
-                self.handle.cf(Cf::Default),
-                keys::apply_state_key(self.region_id),
-                &opts,
-            )
-            .map_err(|e| rocks_err(&self.handle.path, e))?;
-        match raw {
-            None => Ok(None),
-            Some(bytes) => RaftApplyState::decode(bytes.as_slice())
-                .map(Some)
-                .map_err(|e| Error::Corruption {
-                    what: format!(
-                        "apply state of Region {} in {}",
-                        self.region_id,
-                        self.handle.path.display()
-                    ),
-                    detail: e.to_string(),
-                }),
+        let db = self.handle.db_quiet()?;
+        read_apply_state(&db, &self.handle.path, self.region_id, opts)
+    }
+
+    /// The parked record, if the tablet is parked and the record speaks of this view.
+    fn parked(&self) -> Option<Arc<ParkedInfo>> {
+        self.handle.parked_info().filter(|i| {
+            i.region_id == self.region_id && i.start == self.range.start && i.end == self.range.end
+        })
+    }
+
+    fn approximate_size_in(&self, db: &DB) -> u64 {
+        Cf::ALL
+            .iter()
+            .map(|cf| {
+                let range = rocksdb::Range::new(&self.data_start, &self.data_end);
+                db.get_approximate_sizes_cf(cf_of(db, *cf), &[range])
+                    .iter()
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+
+    /// Parks the tablet (see [`super::park`]) if it is open, unused and idle enough to be
+    /// worth it: flushed first, then closed only when no compaction runs or waits (closing
+    /// would abandon it) and no split garbage is left to trim. Returns whether it parked.
+    pub(crate) fn try_park(&self) -> Result<bool> {
+        if self.layout != Layout::Tablet {
+            return Ok(false);
         }
+        // Only the view that owns the tablet's range describes it.
+        if self.handle.owner_range.lock().as_ref() != Some(&self.range) {
+            return Ok(false);
+        }
+        self.handle.try_park(|db| {
+            if Cf::ALL.iter().any(|cf| {
+                int_property(db, *cf, "rocksdb.num-entries-active-mem-table")
+                    + int_property(db, *cf, "rocksdb.num-entries-imm-mem-tables")
+                    > 0
+            }) {
+                crate::metrics::TABLET_FLUSHES
+                    .with_label_values(&["park"])
+                    .inc();
+                self.oldest_unflushed_ns.store(0, Ordering::SeqCst);
+                flush_db(db, &self.handle.path, true)?;
+            }
+            let busy = Cf::ALL.iter().any(|cf| {
+                [
+                    "rocksdb.compaction-pending",
+                    "rocksdb.num-running-compactions",
+                    "rocksdb.num-running-flushes",
+                    "rocksdb.mem-table-flush-pending",
+                ]
+                .iter()
+                .any(|p| int_property(db, *cf, p) > 0)
+            });
+            if busy || self.has_outside_data(db)? {
+                return Ok(None);
+            }
+            let mut persisted = ReadOptions::default();
+            persisted.set_read_tier(ReadTier::Persisted);
+            let applied = read_apply_state(db, &self.handle.path, self.region_id, persisted)?;
+            // Durability boundary: a parked tablet is trusted through its record's index, so
+            // everything applied must be in the flushed files.
+            let latest = read_apply_state(
+                db,
+                &self.handle.path,
+                self.region_id,
+                ReadOptions::default(),
+            )?;
+            assert_eq!(
+                applied,
+                latest,
+                "Region {}: parking a tablet whose apply state is not flushed ({})",
+                self.region_id,
+                self.handle.path.display()
+            );
+            let estimate: u64 = Cf::ALL
+                .iter()
+                .map(|cf| int_property(db, *cf, "rocksdb.estimate-num-keys"))
+                .sum();
+            let keys = if estimate <= super::EXACT_KEY_COUNT_BELOW {
+                self.count_keys(db, super::EXACT_KEY_COUNT_BELOW)?
+            } else {
+                estimate
+            };
+            Ok(Some(ParkedInfo {
+                region_id: self.region_id,
+                start: self.range.start.clone(),
+                end: self.range.end.clone(),
+                apply_state: applied,
+                approximate_size: self.approximate_size_in(db),
+                approximate_keys: keys,
+            }))
+        })
+    }
+
+    /// Keys in the Region's range over every column family, counting no further than `limit`
+    /// (past it, `limit + 1`).
+    fn count_keys(&self, db: &DB, limit: u64) -> Result<u64> {
+        let mut n = 0u64;
+        for cf in Cf::ALL {
+            scan_db(
+                db,
+                &self.handle.path,
+                None,
+                cf,
+                self.data_start.clone(),
+                self.data_end.clone(),
+                ScanDir::Forward,
+                &mut |_, _| {
+                    n += 1;
+                    n <= limit
+                },
+            )?;
+            if n > limit {
+                break;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Whether the DB holds keys outside the range (a split child not yet trimmed).
+    fn has_outside_data(&self, db: &DB) -> Result<bool> {
+        for (lo, hi) in self.outside_ranges() {
+            for cf in Cf::ALL {
+                let mut found = false;
+                scan_db(
+                    db,
+                    &self.handle.path,
+                    None,
+                    cf,
+                    lo.clone(),
+                    hi.clone(),
+                    ScanDir::Forward,
+                    &mut |_, _| {
+                        found = true;
+                        false
+                    },
+                )?;
+                if found {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+}
+
+fn read_apply_state(
+    db: &DB,
+    path: &Path,
+    region_id: RegionId,
+    opts: ReadOptions,
+) -> Result<Option<RaftApplyState>> {
+    let raw = db
+        .get_cf_opt(
+            cf_of(db, Cf::Default),
+            keys::apply_state_key(region_id),
+            &opts,
+        )
+        .map_err(|e| rocks_err(path, e))?;
+    match raw {
+        None => Ok(None),
+        Some(bytes) => RaftApplyState::decode(bytes.as_slice())
+            .map(Some)
+            .map_err(|e| Error::Corruption {
+                what: format!("apply state of Region {region_id} in {}", path.display()),
+                detail: e.to_string(),
+            }),
     }
 }
 
@@ -488,8 +814,8 @@ impl RegionEngine for RocksRegion {
 
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
         self.check_key(key)?;
-        let db = self.handle.db();
-        db.get_cf(self.handle.cf(cf), keys::data_key(key))
+        let db = self.handle.db()?;
+        db.get_cf(cf_of(&db, cf), keys::data_key(key))
             .map_err(|e| rocks_err(&self.handle.path, e))
     }
 
@@ -502,21 +828,22 @@ impl RegionEngine for RocksRegion {
         f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<()> {
         let (lo, hi) = self.bounds(start, end);
-        scan_db(&self.handle, None, cf, lo, hi, dir, f)
+        let db = self.handle.db()?;
+        scan_db(&db, &self.handle.path, None, cf, lo, hi, dir, f)
     }
 
     fn write(&self, batch: &WriteBatch) -> Result<()> {
-        let db = self.handle.db();
+        let db = self.handle.db()?;
         let mut wb = rocksdb::WriteBatch::default();
         for op in &batch.ops {
             match op {
                 Op::Put(cf, k, v) => {
                     self.check_key(k)?;
-                    wb.put_cf(self.handle.cf(*cf), keys::data_key(k), v);
+                    wb.put_cf(cf_of(&db, *cf), keys::data_key(k), v);
                 }
                 Op::Delete(cf, k) => {
                     self.check_key(k)?;
-                    wb.delete_cf(self.handle.cf(*cf), keys::data_key(k));
+                    wb.delete_cf(cf_of(&db, *cf), keys::data_key(k));
                 }
                 Op::DeleteRange(cf, s, e) => {
                     // An empty end means "to the Region's end".
@@ -530,7 +857,7 @@ impl RegionEngine for RocksRegion {
                     }
                     let (lo, hi) = self.bounds(s, e);
                     if lo < hi {
-                        wb.delete_range_cf(self.handle.cf(*cf), lo, hi);
+                        wb.delete_range_cf(cf_of(&db, *cf), lo, hi);
                     }
                 }
             }
@@ -548,13 +875,13 @@ impl RegionEngine for RocksRegion {
                 self.handle.path.display()
             );
             wb.put_cf(
-                self.handle.cf(Cf::Default),
+                cf_of(&db, Cf::Default),
                 keys::apply_state_key(self.region_id),
                 state.encode_to_vec(),
             );
         }
         if self.layout == Layout::Tablet && self.oldest_unflushed_ns.load(Ordering::Relaxed) == 0 {
-            let now = self.shared.epoch.elapsed().as_nanos().max(1) as u64;
+            let now = self.shared.now_ns();
             let _ = self.oldest_unflushed_ns.compare_exchange(
                 0,
                 now,
@@ -575,21 +902,40 @@ impl RegionEngine for RocksRegion {
     }
 
     fn snapshot(&self) -> Box<dyn Snapshot> {
-        Box::new(RocksSnapshot::new(
-            self.handle.clone(),
-            self.bounds(&[], &[]),
-            self.range.clone(),
-            self.region_id,
-        ))
+        match self.handle.db() {
+            Ok(db) => Box::new(RocksSnapshot::new(
+                db,
+                self.handle.clone(),
+                self.bounds(&[], &[]),
+                self.range.clone(),
+                self.region_id,
+            )),
+            // The tablet could not open: every read of the snapshot says why.
+            Err(e) => Box::new(FailedSnapshot(
+                e.to_string(),
+                matches!(e, Error::Corruption { .. }),
+            )),
+        }
     }
 
     fn apply_state(&self) -> Result<Option<RaftApplyState>> {
+        if let Some(info) = self
+            .handle
+            .parked_info()
+            .filter(|i| i.region_id == self.region_id)
+        {
+            return Ok(info.apply_state);
+        }
         self.read_apply_state(ReadOptions::default())
     }
 
     fn persisted_apply_state(&self) -> Result<Option<RaftApplyState>> {
         match self.layout {
             Layout::Tablet => {
+                if self.handle.parked_info().is_some() {
+                    // Parked flushed: the apply state is the durable one.
+                    return self.apply_state();
+                }
                 // With the WAL off, the persisted tier is exactly the flushed SSTs.
                 let mut opts = ReadOptions::default();
                 opts.set_read_tier(ReadTier::Persisted);
@@ -604,34 +950,32 @@ impl RegionEngine for RocksRegion {
     }
 
     fn approximate_size(&self) -> Result<u64> {
-        let db = self.handle.db();
-        Ok(Cf::ALL
-            .iter()
-            .map(|cf| {
-                let range = rocksdb::Range::new(&self.data_start, &self.data_end);
-                db.get_approximate_sizes_cf(self.handle.cf(*cf), &[range])
-                    .iter()
-                    .sum::<u64>()
-            })
-            .sum())
+        if let Some(info) = self.parked() {
+            return Ok(info.approximate_size);
+        }
+        let db = self.handle.db_quiet()?;
+        Ok(self.approximate_size_in(&db))
     }
 
     fn approximate_keys(&self) -> Result<u64> {
+        if let Some(info) = self.parked() {
+            return Ok(info.approximate_keys);
+        }
+        let db = self.handle.db_quiet()?;
         let total: u64 = Cf::ALL
             .iter()
-            .map(|cf| self.handle.int_property(*cf, "rocksdb.estimate-num-keys"))
+            .map(|cf| int_property(&db, *cf, "rocksdb.estimate-num-keys"))
             .sum();
         match self.layout {
             Layout::Tablet => Ok(total),
             Layout::Shared => {
                 // The shared DB only knows its total: scale it by this Region's share of the
                 // bytes. Good enough for split checks, which re-scan before splitting.
-                let db = self.handle.db();
                 let whole_size: u64 = Cf::ALL
                     .iter()
                     .map(|cf| {
                         let whole = rocksdb::Range::new(&[keys::DATA_PREFIX], keys::DATA_END);
-                        db.get_approximate_sizes_cf(self.handle.cf(*cf), &[whole])
+                        db.get_approximate_sizes_cf(cf_of(&db, *cf), &[whole])
                             .iter()
                             .sum::<u64>()
                     })
@@ -639,10 +983,14 @@ impl RegionEngine for RocksRegion {
                 if whole_size == 0 {
                     return Ok(0);
                 }
-                let mine = self.approximate_size()?;
+                let mine = self.approximate_size_in(&db);
                 Ok(((total as u128 * mine as u128) / whole_size as u128) as u64)
             }
         }
+    }
+
+    fn is_parked(&self) -> bool {
+        self.parked().is_some()
     }
 
     fn checkpoint(&self, dir: &Path) -> Result<()> {
@@ -674,30 +1022,12 @@ impl RegionEngine for RocksRegion {
     }
 
     fn needs_trim(&self) -> Result<bool> {
-        if self.layout == Layout::Shared {
+        if self.layout == Layout::Shared || self.parked().is_some() {
+            // A tablet parks trimmed, and stays so while parked.
             return Ok(false);
         }
-        for (lo, hi) in self.outside_ranges() {
-            for cf in Cf::ALL {
-                let mut found = false;
-                scan_db(
-                    &self.handle,
-                    None,
-                    cf,
-                    lo.clone(),
-                    hi.clone(),
-                    ScanDir::Forward,
-                    &mut |_, _| {
-                        found = true;
-                        false
-                    },
-                )?;
-                if found {
-                    return Ok(true);
-                }
-            }
-        }
-        Ok(false)
+        let db = self.handle.db_quiet()?;
+        self.has_outside_data(&db)
     }
 
     fn trim(&self) -> Result<()> {
@@ -718,11 +1048,11 @@ impl RegionEngine for RocksRegion {
         if ranges.is_empty() {
             return Ok(());
         }
-        let db = self.handle.db();
+        let db = self.handle.db_quiet()?;
         let mut wb = rocksdb::WriteBatch::default();
         for (lo, hi) in &ranges {
             for cf in Cf::ALL {
-                wb.delete_range_cf(self.handle.cf(cf), lo, hi);
+                wb.delete_range_cf(cf_of(&db, cf), lo, hi);
             }
         }
         // No WAL, like every tablet write; the flush makes the range deletions durable (a crash
@@ -734,7 +1064,7 @@ impl RegionEngine for RocksRegion {
         crate::metrics::TABLET_FLUSHES
             .with_label_values(&["trim"])
             .inc();
-        self.handle.flush(true)?;
+        flush_db(&db, &self.handle.path, true)?;
         // The garbage stays hidden under the range deletions until ordinary compaction meets
         // it; a split child shares its parent's files by hard link meanwhile, so this costs
         // no extra space at first. Compacting the outside ranges here, as a first version did,
@@ -750,7 +1080,7 @@ impl RegionEngine for RocksRegion {
         if self.data_end.as_slice() < keys::DATA_END {
             for cf in Cf::ALL {
                 db.delete_file_in_range_cf(
-                    self.handle.cf(cf),
+                    cf_of(&db, cf),
                     self.data_end.as_slice(),
                     keys::DATA_END,
                 )
@@ -776,10 +1106,12 @@ impl RocksRegion {
     }
 }
 
-/// A RocksDB snapshot that owns its database handle.
+/// A RocksDB snapshot that owns its database.
 struct RocksSnapshot {
-    // Field order matters: `snap` borrows from `handle`'s DB and must drop first.
+    // Field order matters: `snap` borrows from `db` and must drop first.
     snap: rocksdb::SnapshotWithThreadMode<'static, DB>,
+    db: Arc<DB>,
+    /// Keeps the handle (and so the directory) alive; the DB cannot park while `db` is held.
     handle: Arc<DbHandle>,
     bounds: (Vec<u8>, Vec<u8>),
     range: KeyRange,
@@ -788,19 +1120,21 @@ struct RocksSnapshot {
 
 impl RocksSnapshot {
     fn new(
+        db: Arc<DB>,
         handle: Arc<DbHandle>,
         bounds: (Vec<u8>, Vec<u8>),
         range: KeyRange,
         region_id: RegionId,
     ) -> Self {
-        let snap = handle.db().snapshot();
-        // SAFETY: the snapshot borrows the DB inside `handle`. The Arc keeps that DB alive at a
-        // stable address for as long as this struct exists, and `snap` is declared first, so it
-        // is dropped before `handle`.
+        let snap = db.snapshot();
+        // SAFETY: the snapshot borrows the DB inside the `Arc` kept beside it, at a stable
+        // address for as long as this struct exists; `snap` is declared first, so it is
+        // dropped before `db`.
         let snap: rocksdb::SnapshotWithThreadMode<'static, DB> =
             unsafe { std::mem::transmute(snap) };
         RocksSnapshot {
             snap,
+            db,
             handle,
             bounds,
             range,
@@ -819,7 +1153,7 @@ impl Snapshot for RocksSnapshot {
             });
         }
         self.snap
-            .get_cf(self.handle.cf(cf), keys::data_key(key))
+            .get_cf(cf_of(&self.db, cf), keys::data_key(key))
             .map_err(|e| rocks_err(&self.handle.path, e))
     }
 
@@ -838,7 +1172,16 @@ impl Snapshot for RocksSnapshot {
         } else {
             keys::data_key(end).min(re.clone())
         };
-        scan_db(&self.handle, Some(&self.snap), cf, lo, hi, dir, f)
+        scan_db(
+            &self.db,
+            &self.handle.path,
+            Some(&self.snap),
+            cf,
+            lo,
+            hi,
+            dir,
+            f,
+        )
     }
 
     fn export_ssts(&self, dir: &Path) -> Result<()> {
@@ -848,7 +1191,7 @@ impl Snapshot for RocksSnapshot {
             let mut opts = ReadOptions::default();
             opts.set_iterate_lower_bound(lo.clone());
             opts.set_iterate_upper_bound(hi.clone());
-            let mut it = self.snap.raw_iterator_cf_opt(self.handle.cf(cf), opts);
+            let mut it = self.snap.raw_iterator_cf_opt(cf_of(&self.db, cf), opts);
             it.seek_to_first();
             if !it.valid() {
                 it.status().map_err(|e| rocks_err(&self.handle.path, e))?;
@@ -872,6 +1215,43 @@ impl Snapshot for RocksSnapshot {
     }
 }
 
+/// The snapshot of a tablet that failed to open: each read returns the failure.
+struct FailedSnapshot(String, bool);
+
+impl FailedSnapshot {
+    fn err(&self) -> Error {
+        if self.1 {
+            Error::Corruption {
+                what: "tablet".into(),
+                detail: self.0.clone(),
+            }
+        } else {
+            Error::Other(self.0.clone())
+        }
+    }
+}
+
+impl Snapshot for FailedSnapshot {
+    fn get(&self, _cf: Cf, _key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Err(self.err())
+    }
+
+    fn scan(
+        &self,
+        _cf: Cf,
+        _start: &[u8],
+        _end: &[u8],
+        _dir: ScanDir,
+        _f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<()> {
+        Err(self.err())
+    }
+
+    fn export_ssts(&self, _dir: &Path) -> Result<()> {
+        Err(self.err())
+    }
+}
+
 /// Ingests the `<cf>.sst` files of a scan-based snapshot in `dir` into `db` after deleting the
 /// engine-key range `[lo, hi)` in every column family; the ingested files sort above the
 /// deletion, so the range ends up holding exactly the snapshot.
@@ -883,10 +1263,10 @@ pub(crate) fn ingest_snapshot(
     apply_key: &[u8],
     applied: &RaftApplyState,
 ) -> Result<()> {
-    let db = handle.db();
+    let db = handle.db()?;
     let mut wb = rocksdb::WriteBatch::default();
     for cf in Cf::ALL {
-        wb.delete_range_cf(handle.cf(cf), lo, hi);
+        wb.delete_range_cf(cf_of(&db, cf), lo, hi);
     }
     db.write(wb).map_err(|e| rocks_err(&handle.path, e))?;
     for cf in Cf::ALL {
@@ -896,17 +1276,19 @@ pub(crate) fn ingest_snapshot(
         }
         let mut opts = rocksdb::IngestExternalFileOptions::default();
         opts.set_move_files(true);
-        db.ingest_external_file_cf_opts(handle.cf(cf), &opts, vec![&path])
+        db.ingest_external_file_cf_opts(cf_of(&db, cf), &opts, vec![&path])
             .map_err(|e| rocks_err(&path, e))?;
     }
     let mut wb = rocksdb::WriteBatch::default();
-    wb.put_cf(handle.cf(Cf::Default), apply_key, applied.encode_to_vec());
+    wb.put_cf(cf_of(&db, Cf::Default), apply_key, applied.encode_to_vec());
     db.write(wb).map_err(|e| rocks_err(&handle.path, e))?;
     handle.sync_wal()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn scan_db(
-    handle: &DbHandle,
+    db: &DB,
+    path: &Path,
     snap: Option<&rocksdb::SnapshotWithThreadMode<'static, DB>>,
     cf: Cf,
     lo: Vec<u8>,
@@ -921,8 +1303,8 @@ fn scan_db(
     opts.set_iterate_lower_bound(lo);
     opts.set_iterate_upper_bound(hi);
     let mut it = match snap {
-        Some(s) => s.raw_iterator_cf_opt(handle.cf(cf), opts),
-        None => handle.db().raw_iterator_cf_opt(handle.cf(cf), opts),
+        Some(s) => s.raw_iterator_cf_opt(cf_of(db, cf), opts),
+        None => db.raw_iterator_cf_opt(cf_of(db, cf), opts),
     };
     match dir {
         ScanDir::Forward => it.seek_to_first(),
@@ -940,5 +1322,5 @@ fn scan_db(
             ScanDir::Reverse => it.prev(),
         }
     }
-    it.status().map_err(|e| rocks_err(&handle.path, e))
+    it.status().map_err(|e| rocks_err(path, e))
 }

@@ -36,7 +36,8 @@ use prkv_proto::serverpb::RaftApplyState;
 
 use super::engine::{KeyRange, RegionEngine, StoreEngine};
 use super::flush::FlushController;
-use super::rocks::{DbHandle, Layout, RocksRegion, SharedResources};
+use super::park::Parker;
+use super::rocks::{cf_of, DbHandle, Layout, RocksRegion, SharedResources};
 use super::{Error, Index, RegionId, Result};
 use crate::config::{EngineKind, RocksDbConfig};
 
@@ -48,6 +49,7 @@ pub struct TabletRegistry {
     shared: Arc<SharedResources>,
     tablets: Arc<Mutex<HashMap<RegionId, Arc<RocksRegion>>>>,
     flush: Arc<FlushController>,
+    parker: Arc<Parker>,
 }
 
 impl TabletRegistry {
@@ -57,11 +59,13 @@ impl TabletRegistry {
         let shared = SharedResources::new(config)?;
         let tablets = Arc::new(Mutex::new(HashMap::new()));
         let flush = FlushController::start(shared.clone(), tablets.clone());
+        let parker = Parker::start(shared.clone(), &tablets);
         let registry = TabletRegistry {
             root: root.to_path_buf(),
             shared,
             tablets,
             flush,
+            parker,
         };
         registry.remove_leftovers()?;
         Ok(registry)
@@ -75,6 +79,16 @@ impl TabletRegistry {
     /// The flush controller, for metrics and tests.
     pub fn flush_controller(&self) -> &FlushController {
         &self.flush
+    }
+
+    /// The parker, for tests (`run_once` parks what qualifies now).
+    pub fn parker(&self) -> &Parker {
+        &self.parker
+    }
+
+    /// Tablets open (their RocksDB running) and parked, now.
+    pub fn tablet_counts(&self) -> (usize, usize) {
+        (self.shared.open_tablets(), self.shared.parked_tablets())
     }
 
     /// Scans the tablet directory: `(region, index)` of every generation on disk.
@@ -144,7 +158,7 @@ impl TabletRegistry {
                 self.retire(&old);
             }
         }
-        crate::metrics::TABLETS_OPEN.set(tablets.len() as i64);
+        self.parker.on_open();
     }
 
     /// Moves a tablet directory aside and marks it for removal when its last user drops it.
@@ -193,8 +207,9 @@ impl StoreEngine for TabletRegistry {
             self.register(&mut tablets, &view);
             return Ok(view);
         }
+        // A tablet parked before a restart stays closed until its first use.
         let path = self.tablet_path(region_id, tablet_index);
-        let handle = DbHandle::open(&self.shared, &path, true)?;
+        let handle = DbHandle::open_lazily(&self.shared, &path)?;
         let tablet = self.view(handle, region_id, range, tablet_index)?;
         self.register(&mut tablets, &tablet);
         Ok(tablet)
@@ -219,12 +234,7 @@ impl StoreEngine for TabletRegistry {
     }
 
     fn destroy_region(&self, region_id: RegionId) -> Result<()> {
-        let open = {
-            let mut tablets = self.tablets.lock();
-            let open = tablets.remove(&region_id);
-            crate::metrics::TABLETS_OPEN.set(tablets.len() as i64);
-            open
-        };
+        let open = self.tablets.lock().remove(&region_id);
         match open {
             Some(t) => self.retire(&t),
             None => {
@@ -249,12 +259,7 @@ impl StoreEngine for TabletRegistry {
     /// that moved.
     fn quarantine_region(&self, region_id: RegionId, dest: &Path) -> Result<()> {
         std::fs::create_dir_all(dest).map_err(|e| Error::io(dest, e))?;
-        let open = {
-            let mut tablets = self.tablets.lock();
-            let open = tablets.remove(&region_id);
-            crate::metrics::TABLETS_OPEN.set(tablets.len() as i64);
-            open
-        };
+        let open = self.tablets.lock().remove(&region_id);
         let open_path = open.as_ref().map(|t| t.handle.path.clone());
         if let Some(t) = open {
             let name = t.handle.path.file_name().unwrap_or_default().to_owned();
@@ -284,7 +289,7 @@ impl StoreEngine for TabletRegistry {
     fn flush_all(&self) -> Result<()> {
         let tablets: Vec<_> = self.tablets.lock().values().cloned().collect();
         for t in tablets {
-            t.flush(true)?;
+            t.flush(true)?; // a parked tablet has nothing to flush, and stays closed
         }
         Ok(())
     }
@@ -319,9 +324,10 @@ impl StoreEngine for TabletRegistry {
         let handle = DbHandle::open(&self.shared, &path, true)?;
         // The checkpoint carries the leader's apply state as of its last write; the snapshot's
         // index may be later (admin entries change no data). Record the snapshot's.
+        let db = handle.db()?;
         let mut wb = rocksdb::WriteBatch::default();
         wb.put_cf(
-            handle.cf_handle(super::engine::Cf::Default),
+            cf_of(&db, super::engine::Cf::Default),
             super::keys::apply_state_key(region_id),
             prost::Message::encode_to_vec(applied),
         );
@@ -363,7 +369,8 @@ impl StoreEngine for TabletRegistry {
             parent_tablet.handle.checkpoint(&path)?;
             let handle = DbHandle::open(&self.shared, &path, true)?;
             let mut wb = rocksdb::WriteBatch::default();
-            let default = handle.cf_handle(super::engine::Cf::Default);
+            let db = handle.db()?;
+            let default = cf_of(&db, super::engine::Cf::Default);
             wb.delete_cf(default, super::keys::apply_state_key(parent));
             wb.put_cf(
                 default,
@@ -383,6 +390,7 @@ impl Drop for TabletRegistry {
     fn drop(&mut self) {
         super::corruption::unwatch(&self.root);
         self.flush.shutdown();
+        self.parker.shutdown();
     }
 }
 
