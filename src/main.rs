@@ -245,6 +245,24 @@ enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Cuts a running cluster into many Regions (`[r00000000, r00000001)`, ...) through the
+    /// gRPC API, then puts a few keys into each: the set-up for measuring many idle Regions.
+    Regions {
+        /// PD's address.
+        #[arg(long, default_value = "127.0.0.1:2379")]
+        pd: std::net::SocketAddr,
+        /// Regions to end up with.
+        #[arg(long, default_value_t = 20_000)]
+        count: u64,
+        /// Keys written into each Region after the splits (0: none).
+        #[arg(long, default_value_t = 10)]
+        keys_per_region: u64,
+        #[arg(long, default_value_t = 100)]
+        value_size: usize,
+        /// Write requests in flight while filling.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+    },
 }
 
 fn init_logging(default: &str) {
@@ -529,6 +547,38 @@ fn main() -> ExitCode {
                     Ok(results) => {
                         println!("{}", raftstore_bench::render_table(&results));
                         write_json(json.as_deref(), &results)
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            BenchCommand::Regions {
+                pd,
+                count,
+                keys_per_region,
+                value_size,
+                concurrency,
+            } => {
+                if count == 0 || count > 100_000_000 || value_size > 1 << 20 || concurrency == 0 {
+                    eprintln!(
+                        "error: --count must be in 1..=100000000, --value-size at most 1MiB, \
+                         --concurrency > 0"
+                    );
+                    return ExitCode::from(2);
+                }
+                let opts = prkv::bench::regions::RegionsBenchOptions {
+                    pd,
+                    count,
+                    keys_per_region,
+                    value_size,
+                    concurrency,
+                };
+                match prkv::bench::regions::run(&opts) {
+                    Ok((split, fill)) => {
+                        println!("{count} Regions: splits took {split:.1} s, filling {fill:.1} s");
+                        ExitCode::SUCCESS
                     }
                     Err(e) => {
                         eprintln!("error: {e}");

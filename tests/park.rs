@@ -75,8 +75,18 @@ fn idle_tablet_parks_and_reopens_on_use() {
     let t = registry.open_region(1, KeyRange::all(), 0).unwrap();
     fill(t.as_ref(), 100, 7);
     assert_eq!(registry.tablet_counts(), (1, 0));
-    wait_until("the tablet parks", || t.is_parked());
+    // What a leader asks for its PD heartbeats, again and again, is not a use: it must not
+    // keep the tablet open (a first version counted keys with a scan, which did).
+    wait_until("the tablet parks", || {
+        assert_eq!(t.count_keys(1024).unwrap(), 100);
+        t.approximate_size().unwrap();
+        t.approximate_keys().unwrap();
+        t.persisted_apply_state().unwrap();
+        t.is_parked()
+    });
     assert_eq!(registry.tablet_counts(), (0, 1));
+    assert_eq!(t.count_keys(1024).unwrap(), 100);
+    assert_eq!(t.count_keys(10).unwrap(), 11, "more than the limit");
     assert!(has_record(&registry, 1));
     // Answered from the record: the tablet stays closed. Parked means flushed, so the durable
     // apply state is the latest.

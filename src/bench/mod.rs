@@ -4,5 +4,6 @@
 pub mod add_replica;
 pub mod engine;
 pub mod raftstore;
+pub mod regions;
 pub mod split;
 pub mod ycsb;

@@ -663,27 +663,12 @@ impl Peer {
     /// was, and PD's merge checker, which looks for nearly empty Regions, would never pick it.
     fn approximate_keys(&self) -> u64 {
         let estimate = self.engine.approximate_keys().unwrap_or(0);
-        // A parked tablet counted its keys when it closed; scanning would reopen it.
-        if estimate > EXACT_KEY_COUNT_BELOW || self.engine.is_parked() {
+        if estimate > EXACT_KEY_COUNT_BELOW {
             return estimate;
         }
-        let mut n = 0u64;
-        for cf in crate::storage::Cf::ALL {
-            let counted = self.engine.scan(
-                cf,
-                &[],
-                &[],
-                crate::storage::ScanDir::Forward,
-                &mut |_, _| {
-                    n += 1;
-                    n <= EXACT_KEY_COUNT_BELOW
-                },
-            );
-            if counted.is_err() {
-                return estimate;
-            }
-        }
-        n
+        self.engine
+            .count_keys(EXACT_KEY_COUNT_BELOW)
+            .unwrap_or(estimate)
     }
 
     /// Drives Raft's clock. Returns whether the peer did anything beyond ticking.

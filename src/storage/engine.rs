@@ -195,6 +195,11 @@ pub trait RegionEngine: Send + Sync {
     /// Approximate number of keys of the Region's data.
     fn approximate_keys(&self) -> Result<u64>;
 
+    /// The Region's keys over every column family, counted exactly as far as `limit` (a result
+    /// above `limit` means "more"). Not a use of the data: a parked tablet answers from what
+    /// it counted when it closed (exact below `EXACT_KEY_COUNT_BELOW`).
+    fn count_keys(&self, limit: u64) -> Result<u64>;
+
     /// Whether the engine is parked: closed while idle, answering size and apply-state queries
     /// from what it recorded when it closed (tablets only; see `storage::park`). Reading or
     /// writing it opens it again; callers that only want statistics should not.

