@@ -98,13 +98,26 @@ fn kind_from_env() -> EngineKind {
     std::env::var("PRKV_CRASH_KIND").unwrap().parse().unwrap()
 }
 
+/// With `park`, at most 8 of the 50 tablets stay open and any unused for 1 ms parks: the
+/// writer keeps parking and reopening tablets (each park a flush, a close and a `PARKED`
+/// record) when the kill comes.
+fn config(dir: &std::path::Path, kind: EngineKind, park: bool) -> prkv::config::Config {
+    let mut c = common::test_config(dir, kind);
+    if park {
+        c.rocksdb.max_open_tablets = 8;
+        c.rocksdb.tablet_idle_timeout = prkv::config::ReadableDuration::millis(1);
+    }
+    c
+}
+
 /// The child: continues every Region from its recovered apply index until killed.
 #[test]
 #[ignore = "child process of crash_*; run by the parent test"]
 fn crash_child_process() {
     let dir = std::path::PathBuf::from(std::env::var("PRKV_CRASH_DIR").unwrap());
     let seed: u64 = std::env::var("PRKV_CRASH_SEED").unwrap().parse().unwrap();
-    let engines = Engines::open(&common::test_config(&dir, kind_from_env())).unwrap();
+    let park = std::env::var("PRKV_CRASH_PARK").is_ok_and(|v| v == "1");
+    let engines = Engines::open(&config(&dir, kind_from_env(), park)).unwrap();
     let regions: Vec<_> = (1..=REGIONS)
         .map(|r| engines.kv.open_region(r, range(r), 0).unwrap())
         .collect();
@@ -128,7 +141,7 @@ fn crash_child_process() {
     }
 }
 
-fn crash_rounds(kind: EngineKind) {
+fn crash_rounds(kind: EngineKind, park: bool) {
     let dir = tempfile::tempdir().unwrap();
     let base_seed: u64 = std::env::var("PRKV_TEST_SEED")
         .ok()
@@ -137,11 +150,13 @@ fn crash_rounds(kind: EngineKind) {
     println!("crash test {kind}: seed {base_seed} (set PRKV_TEST_SEED to replay)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(base_seed);
     let mut total_applied = 0;
+    let mut found_parked = 0;
     for round in 0..ROUNDS {
         let envs = [
             ("PRKV_CRASH_DIR", dir.path().display().to_string()),
             ("PRKV_CRASH_KIND", kind.to_string()),
             ("PRKV_CRASH_SEED", (base_seed + round as u64).to_string()),
+            ("PRKV_CRASH_PARK", u8::from(park).to_string()),
         ];
         let mut child = common::spawn_child("crash_child_process", &envs, None);
         let mut out = common::child_stdout(&mut child);
@@ -151,13 +166,26 @@ fn crash_rounds(kind: EngineKind) {
         child.wait().unwrap();
         drop(out.lines());
 
-        let engines = Engines::open(&common::test_config(dir.path(), kind)).unwrap();
+        let engines = Engines::open(&config(dir.path(), kind, park)).unwrap();
         total_applied = 0;
         for region in 1..=REGIONS {
             let r = engines.kv.open_region(region, range(region), 0).unwrap();
-            let applied = r.apply_state().unwrap().map_or(0, |s| s.applied_index);
-            total_applied += applied;
+            let parked = r.is_parked();
+            found_parked += usize::from(parked);
+            // A parked tablet's apply state comes from its PARKED record: it must be the one
+            // the files hold once opened.
+            let recorded = r.apply_state().unwrap();
             let got = actual(r.as_ref());
+            // Read from the files: opened by the scan (it may have parked again since, with a
+            // record written from the open files).
+            let on_disk = r.apply_state().unwrap();
+            assert_eq!(
+                recorded, on_disk,
+                "round {round} (seed {base_seed}): Region {region} (parked: {parked}): its \
+                 record disagrees with its files"
+            );
+            let applied = on_disk.map_or(0, |s| s.applied_index);
+            total_applied += applied;
             let want = expected(region, applied);
             assert!(
                 got == want,
@@ -172,14 +200,25 @@ fn crash_rounds(kind: EngineKind) {
         total_applied > 0,
         "the children never made anything durable"
     );
+    println!("{found_parked} Regions found parked after a kill");
+    if park {
+        assert!(found_parked > 0, "no tablet was ever parked at a kill: the test tests nothing");
+    }
 }
 
 #[test]
 fn crash_partitioned_raft_kv() {
-    crash_rounds(EngineKind::PartitionedRaftKv);
+    crash_rounds(EngineKind::PartitionedRaftKv, false);
+}
+
+/// Kills while tablets park and reopen: a `PARKED` record must never outlive the state it
+/// describes.
+#[test]
+fn crash_partitioned_raft_kv_parking() {
+    crash_rounds(EngineKind::PartitionedRaftKv, true);
 }
 
 #[test]
 fn crash_raft_kv() {
-    crash_rounds(EngineKind::RaftKv);
+    crash_rounds(EngineKind::RaftKv, false);
 }

@@ -334,7 +334,12 @@ async fn run(kind: &str, seed: u64, plan: Plan) -> Report {
         println!("data and logs in {}", dir.path().display());
     }
     let dir = scopeguard_keep(dir);
-    let cfg = format!("[storage]\nengine = \"{kind}\"\napi-version = 2\n");
+    let mut cfg = format!("[storage]\nengine = \"{kind}\"\napi-version = 2\n");
+    if kind == "partitioned-raft-kv" {
+        // Tablets park and reopen all the time under the faults: at most 2 stay open, and any
+        // unused for half a second parks (`storage::park`).
+        cfg.push_str("[rocksdb]\nmax-open-tablets = 2\ntablet-idle-timeout = \"500ms\"\n");
+    }
     let mut c = ProcCluster::start(dir.path(), 3, &cfg);
     procs::wait_cluster(c.pd_addr, 3, 3, Duration::from_secs(60));
     let client =

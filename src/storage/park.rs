@@ -32,8 +32,8 @@
 //! (`storage::corruption`); the start-up check that opens every tablet does not open parked
 //! ones.
 //!
-//! The [`Parker`] thread runs a round every [`ROUND`], and at once when a new tablet opens
-//! above the cap. It parks at most [`PARKS_PER_ROUND`] tablets a round.
+//! The [`Parker`] thread runs a round every [`ROUND`], and at once when a tablet opens (or
+//! reopens) above the cap, so the cap is exceeded only while a round catches up. It parks at most [`PARKS_PER_ROUND`] tablets a round.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -157,12 +157,35 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(dir, e))
 }
 
+/// Wakes the parker before its next round: a tablet opened beyond the cap.
+#[derive(Default)]
+pub(crate) struct Signal {
+    pending: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl Signal {
+    pub(crate) fn wake(&self) {
+        let mut p = self.pending.lock();
+        if !*p {
+            *p = true;
+            self.wake.notify_all();
+        }
+    }
+
+    fn wait(&self, timeout: Duration) {
+        let mut p = self.pending.lock();
+        if !*p {
+            self.wake.wait_for(&mut p, timeout);
+        }
+        *p = false;
+    }
+}
+
 /// The thread that parks idle tablets and keeps open ones under `rocksdb.max-open-tablets`.
 pub struct Parker {
     shared: Arc<SharedResources>,
     tablets: Weak<Mutex<HashMap<RegionId, Arc<RocksRegion>>>>,
-    wake: Condvar,
-    pending: Mutex<bool>,
     stop: AtomicBool,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -175,8 +198,6 @@ impl Parker {
         let parker = Arc::new(Parker {
             shared,
             tablets: Arc::downgrade(tablets),
-            wake: Condvar::new(),
-            pending: Mutex::new(false),
             stop: AtomicBool::new(false),
             thread: Mutex::new(None),
         });
@@ -189,24 +210,10 @@ impl Parker {
         parker
     }
 
-    /// Wakes the thread now if more tablets are open than the cap allows.
-    pub(crate) fn on_open(&self) {
-        let cap = self.shared.config.max_open_tablets;
-        if cap > 0 && self.shared.open_tablets() > cap {
-            let mut p = self.pending.lock();
-            *p = true;
-            self.wake.notify_one();
-        }
-    }
-
     /// Stops the thread and waits for it, so it holds no tablet afterwards.
     pub(crate) fn shutdown(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        {
-            let mut p = self.pending.lock();
-            *p = true;
-            self.wake.notify_all();
-        }
+        self.shared.park_signal.wake();
         if let Some(h) = self.thread.lock().take() {
             if h.join().is_err() {
                 tracing::error!("tablet parker thread panicked");
@@ -266,13 +273,7 @@ fn run(parker: Weak<Parker>) {
         if p.stop.load(Ordering::SeqCst) {
             return;
         }
-        {
-            let mut pending = p.pending.lock();
-            if !*pending {
-                p.wake.wait_for(&mut pending, ROUND);
-            }
-            *pending = false;
-        }
+        p.shared.park_signal.wait(ROUND);
         // Rounds back to back while each parks a full batch: a burst of new tablets.
         let mut parked = 0;
         loop {

@@ -51,6 +51,8 @@ pub(crate) struct SharedResources {
     /// Tablets open and parked now (not the shared raft-kv DB).
     open_tablets: AtomicUsize,
     parked_tablets: AtomicUsize,
+    /// Wakes the parker when a tablet opens beyond `rocksdb.max-open-tablets`.
+    pub(crate) park_signal: park::Signal,
 }
 
 impl SharedResources {
@@ -83,6 +85,7 @@ impl SharedResources {
             epoch: Instant::now(),
             open_tablets: AtomicUsize::new(0),
             parked_tablets: AtomicUsize::new(0),
+            park_signal: park::Signal::default(),
         });
         let mut sources = STATS_SOURCES.lock();
         sources.retain(|w| w.strong_count() > 0);
@@ -353,8 +356,12 @@ impl DbHandle {
                 crate::metrics::TABLETS_PARKED.dec();
                 crate::metrics::TABLET_UNPARKS.inc();
             }
-            self.shared.open_tablets.fetch_add(1, Ordering::Relaxed);
+            let open = self.shared.open_tablets.fetch_add(1, Ordering::Relaxed) + 1;
             crate::metrics::TABLETS_OPEN.inc();
+            let cap = self.shared.config.max_open_tablets;
+            if cap > 0 && open > cap {
+                self.shared.park_signal.wake();
+            }
         }
         slot.db = Some(db.clone());
         Ok(db)

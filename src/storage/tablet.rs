@@ -158,7 +158,6 @@ impl TabletRegistry {
                 self.retire(&old);
             }
         }
-        self.parker.on_open();
     }
 
     /// Moves a tablet directory aside and marks it for removal when its last user drops it.
