@@ -13,7 +13,10 @@
 #
 #   bench/partitioned-vs-raftkv.sh [--total-mib 4096] [--value-size 1024] [--threads 256]
 #                                  [--duration 60s] [--settle 30] [--split-mib 64]
-# (--split-mib 10240 keeps the load in one Region: no splits.) KEEP=1 keeps the clusters' data
+#                                  [--pre-split N]
+# (--split-mib 10240 keeps the load in one Region: no splits. --pre-split N cuts the key space
+# into N Regions before the load, as users pre-split for a bulk load: Regions then split only
+# past --split-mib.) KEEP=1 keeps the clusters' data
 # directories (logs included); ENGINES="raft-kv" runs one engine (no ratio table then).
 set -euo pipefail
 
@@ -24,6 +27,7 @@ THREADS=256
 DURATION=60s
 SETTLE=30
 SPLIT_MIB=64
+PRE_SPLIT=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --total-mib) TOTAL_MIB="$2"; shift 2 ;;
@@ -32,6 +36,7 @@ while [ $# -gt 0 ]; do
     --duration) DURATION="$2"; shift 2 ;;
     --settle) SETTLE="$2"; shift 2 ;;
     --split-mib) SPLIT_MIB="$2"; shift 2 ;;
+    --pre-split) PRE_SPLIT="$2"; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -83,6 +88,9 @@ for ENGINE in ${ENGINES:-partitioned-raft-kv raft-kv}; do
   PLAYGROUND=$!
   for _ in $(seq 1 120); do grep -q '^ready' "$OUT/$ENGINE.log" && break; sleep 1; done
   grep -q '^ready' "$OUT/$ENGINE.log" || { echo "playground did not start; see $OUT/$ENGINE.log" >&2; exit 1; }
+  if [ "$PRE_SPLIT" -gt 1 ]; then
+    "$PRKV" bench regions --pd 127.0.0.1:2379 --layout ycsb --count "$PRE_SPLIT" --keys-per-region 0
+  fi
   # shellcheck disable=SC2046
   set -- $(store_pids "$ENGINE")
   [ $# -eq 3 ] || { echo "expected 3 store processes, found $#" >&2; exit 1; }

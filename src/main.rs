@@ -254,6 +254,10 @@ enum BenchCommand {
         /// Regions to end up with.
         #[arg(long, default_value_t = 20_000)]
         count: u64,
+        /// `numbered` (r00000000, r00000001, ...) or `ycsb` (`prkv bench ycsb`'s key space cut
+        /// evenly: a pre-split before a load).
+        #[arg(long, value_enum, default_value = "numbered")]
+        layout: prkv::bench::regions::Layout,
         /// Keys written into each Region after the splits (0: none).
         #[arg(long, default_value_t = 10)]
         keys_per_region: u64,
@@ -556,6 +560,7 @@ fn main() -> ExitCode {
             }
             BenchCommand::Regions {
                 pd,
+                layout,
                 count,
                 keys_per_region,
                 value_size,
@@ -570,6 +575,7 @@ fn main() -> ExitCode {
                 }
                 let opts = prkv::bench::regions::RegionsBenchOptions {
                     pd,
+                    layout,
                     count,
                     keys_per_region,
                     value_size,

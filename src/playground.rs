@@ -155,7 +155,9 @@ pub fn http_request(
 }
 
 /// Whether PD knows `stores` live stores and every Region has a leader.
-fn cluster_ready(pd: SocketAddr, stores: usize) -> bool {
+/// Every store is up, and every Region has a leader and its `replicas` voters: a cluster that
+/// is replicated, not merely answering.
+fn cluster_ready(pd: SocketAddr, stores: usize, replicas: usize) -> bool {
     let Ok(s) = http_get(pd, "/pd/api/v1/stores") else {
         return false;
     };
@@ -175,7 +177,15 @@ fn cluster_ready(pd: SocketAddr, stores: usize) -> bool {
         return false;
     };
     let regions = r["regions"].as_array().cloned().unwrap_or_default();
-    !regions.is_empty() && regions.iter().all(|x| !x["leader"].is_null())
+    let voters = |x: &serde_json::Value| {
+        x["peers"].as_array().map_or(0, |p| {
+            p.iter().filter(|p| p["role_name"] == "Voter").count()
+        })
+    };
+    !regions.is_empty()
+        && regions
+            .iter()
+            .all(|x| !x["leader"].is_null() && voters(x) >= replicas)
 }
 
 pub(crate) fn spawn(exe: &Path, args: &[String], log: &Path) -> Result<Child, String> {
@@ -297,7 +307,7 @@ pub fn run(opts: &PlaygroundOptions, stop: Arc<AtomicBool>) -> Result<(), String
                 return Err(msg);
             }
         }
-        if cluster_ready(opts.pd_addr, opts.stores) {
+        if cluster_ready(opts.pd_addr, opts.stores, max_replicas) {
             ready = true;
             break;
         }

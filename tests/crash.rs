@@ -202,7 +202,10 @@ fn crash_rounds(kind: EngineKind, park: bool) {
     );
     println!("{found_parked} Regions found parked after a kill");
     if park {
-        assert!(found_parked > 0, "no tablet was ever parked at a kill: the test tests nothing");
+        assert!(
+            found_parked > 0,
+            "no tablet was ever parked at a kill: the test tests nothing"
+        );
     }
 }
 

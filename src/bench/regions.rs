@@ -1,7 +1,9 @@
 //! `prkv bench regions`: cuts a running cluster's key space into many Regions, and puts a few
 //! keys into each, to measure what a store with many (mostly idle) Regions costs.
 //!
-//! Region `i` gets the range `[r{i:08}, r{i+1:08})`. The splits go through the gRPC API, as a
+//! Region `i` gets the range `[r{i:08}, r{i+1:08})`; with `--layout ycsb`, the `count`
+//! Regions instead cut `prkv bench ycsb`'s key space (`user` + 8 hashed bytes) evenly: a
+//! pre-split for a load, as TiKV users pre-split before a bulk load. The splits go through the gRPC API, as a
 //! client's would (`SplitRegion` to the leader, up to 256 split keys per request, the
 //! Raftstore's batch-split limit), routed by PD; stale routes (a Region PD has not heard split
 //! yet) are retried. Then `--keys-per-region` keys go into each Region with one `RawBatchPut`,
@@ -27,15 +29,33 @@ const STUCK_AFTER: Duration = Duration::from_secs(120);
 #[derive(Clone, Debug)]
 pub struct RegionsBenchOptions {
     pub pd: SocketAddr,
+    pub layout: Layout,
     pub count: u64,
     pub keys_per_region: u64,
     pub value_size: usize,
     pub concurrency: usize,
 }
 
-/// The first key of Region `i` (`i` from 0; Region 0 starts at the empty key).
-pub fn region_start(i: u64) -> Vec<u8> {
-    format!("r{i:08}").into_bytes()
+/// How the key space is cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Layout {
+    /// `r00000000`, `r00000001`, ...: one Region per number.
+    Numbered,
+    /// `prkv bench ycsb`'s keys (`user` + a hash as 8 big-endian bytes), cut evenly.
+    Ycsb,
+}
+
+/// The first key of Region `i` of `count` (`i` from 0; Region 0 starts at the empty key).
+pub fn region_start(layout: Layout, i: u64, count: u64) -> Vec<u8> {
+    match layout {
+        Layout::Numbered => format!("r{i:08}").into_bytes(),
+        Layout::Ycsb => {
+            let at = ((i as u128) << 64) / count.max(1) as u128;
+            let mut k = b"user".to_vec();
+            k.extend_from_slice(&(at as u64).to_be_bytes());
+            k
+        }
+    }
 }
 
 struct Router {
@@ -125,12 +145,12 @@ fn bar(len: u64, what: &str) -> Result<indicatif::ProgressBar, String> {
 }
 
 /// Splits until Regions start at every `region_start(1..count)`.
-async fn split(router: &mut Router, count: u64) -> Result<(), String> {
+async fn split(router: &mut Router, layout: Layout, count: u64) -> Result<(), String> {
     let bar = bar(count.saturating_sub(1), "splitting")?;
     let mut next = 1u64; // the first split point not yet known to be a Region boundary
     let mut stuck_since: Option<Instant> = None;
     while next < count {
-        let at = region_start(next);
+        let at = region_start(layout, next, count);
         let attempt = async {
             let (region, leader) = router.locate(&at).await?;
             if region.start_key == at {
@@ -138,7 +158,7 @@ async fn split(router: &mut Router, count: u64) -> Result<(), String> {
             }
             let end = &region.end_key;
             let keys: Vec<Vec<u8>> = (next..count)
-                .map(region_start)
+                .map(|i| region_start(layout, i, count))
                 .take_while(|k| end.is_empty() || k < end)
                 .take(SPLIT_BATCH)
                 .collect();
@@ -194,7 +214,7 @@ async fn fill(opts: &RegionsBenchOptions) -> Result<(), String> {
                 if i >= opts.count {
                     return Ok::<(), String>(());
                 }
-                let start = region_start(i);
+                let start = region_start(opts.layout, i, opts.count);
                 let pairs: Vec<kvrpcpb::KvPair> = (0..opts.keys_per_region)
                     .map(|j| {
                         let mut key = start.clone();
@@ -255,10 +275,24 @@ pub fn run(opts: &RegionsBenchOptions) -> Result<(f64, f64), String> {
     rt.block_on(async {
         let started = Instant::now();
         let mut router = Router::connect(opts.pd).await?;
-        split(&mut router, opts.count).await?;
+        split(&mut router, opts.layout, opts.count).await?;
         let split_secs = started.elapsed().as_secs_f64();
         let started = Instant::now();
         fill(opts).await?;
         Ok((split_secs, started.elapsed().as_secs_f64()))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ycsb_layout_cuts_the_hashed_key_space_evenly() {
+        let starts: Vec<_> = (0..4).map(|i| region_start(Layout::Ycsb, i, 4)).collect();
+        assert_eq!(starts[0], b"user\0\0\0\0\0\0\0\0");
+        assert_eq!(starts[2], b"user\x80\0\0\0\0\0\0\0");
+        assert!(starts.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(region_start(Layout::Numbered, 7, 100), b"r00000007");
+    }
 }
