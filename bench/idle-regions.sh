@@ -31,20 +31,11 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/prkv-target}"
-cargo build --release --manifest-path "$ROOT/Cargo.toml" --bin prkv >/dev/null
-PRKV="$CARGO_TARGET_DIR/release/prkv"
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 OUT="${OUT:-$(mktemp -d /tmp/prkv-idle.XXXXXX)}"
 mkdir -p "$OUT"
-PLAYGROUND=""
-STORE=""
-cleanup() {
-  [ -n "$STORE" ] && kill "$STORE" 2>/dev/null || true
-  if [ -n "$PLAYGROUND" ]; then kill "$PLAYGROUND" 2>/dev/null || true; wait "$PLAYGROUND" 2>/dev/null || true; fi
-}
-trap cleanup EXIT
 
 # No size-based splits (the Regions stay as cut); the default cap of open tablets
 # (rocksdb.max-open-tablets = 1000) and a short idle timeout, so the wait below sees them park.
@@ -55,13 +46,9 @@ reserve-space = "1GiB"
 tablet-idle-timeout = "$IDLE_TIMEOUT"
 EOF
 
-status_regions() { # status address
-  curl -sf "http://$1/status" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["regions"])' 2>/dev/null || echo -1
-}
 metric() { # status address, metric name
   curl -sf "http://$1/metrics" | awk -v m="$2" '$1 == m {print $2}'
 }
-now_ms() { date +%s%3N; }
 
 echo "| engine | Regions on the store | tablets open / parked | hibernated | RSS | open fds | idle CPU (% of one core) |" >"$OUT/idle.md"
 echo "|---|---|---|---|---|---|---|" >>"$OUT/idle.md"
@@ -69,12 +56,7 @@ echo "| engine | Regions on the store | to serving (status answers) | to every R
 echo "|---|---|---|---|" >>"$OUT/table.md"
 for ENGINE in $ENGINES; do
   echo "== $ENGINE: $REGIONS Regions =="
-  rm -rf "${OUT:?}/$ENGINE"
-  "$PRKV" playground --engine "$ENGINE" --store-config "$OUT/store.toml" --data-dir "$OUT/$ENGINE" \
-    >"$OUT/$ENGINE.log" 2>&1 &
-  PLAYGROUND=$!
-  for _ in $(seq 1 120); do grep -q '^ready' "$OUT/$ENGINE.log" && break; sleep 1; done
-  grep -q '^ready' "$OUT/$ENGINE.log" || { echo "playground did not start; see $OUT/$ENGINE.log" >&2; exit 1; }
+  start_playground "$ENGINE"
   "$PRKV" bench regions --pd 127.0.0.1:2379 --count "$REGIONS" --keys-per-region "$KEYS" \
     | tee "$OUT/$ENGINE-regions.txt"
   # Every replica must exist on store 1 before it is measured.
@@ -94,32 +76,15 @@ for ENGINE in $ENGINES; do
   done
   echo "  store 1 holds $before Regions, $hib hibernated after $(( ($(now_ms) - t_quiet) / 1000 )) s; idle for $IDLE_WAIT s more"
   sleep "$IDLE_WAIT"
-  ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
-  t1=$(ticks); sleep 20; t2=$(ticks)
-  hz=$(getconf CLK_TCK)
-  idle_cpu=$(python3 -c "print(f'{100 * ($t2 - $t1) / $hz / 20:.1f}')")
-  rss_mib=$(awk '/^VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$pid/status")
-  fds=$(ls "/proc/$pid/fd" | wc -l)
+  idle_cost "$pid" 20
   open=$(metric 127.0.0.1:20180 prkv_engine_tablets_open)
   parked=$(metric 127.0.0.1:20180 prkv_engine_tablets_parked)
   hib=$(metric 127.0.0.1:20180 prkv_hibernated_regions)
-  echo "| $ENGINE | $before | $open / $parked | $hib | $rss_mib MiB | $fds | $idle_cpu % |" | tee -a "$OUT/idle.md"
-  kill -9 "$pid"
-  while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
-  t0=$(now_ms)
-  "$PRKV" store --config "$OUT/$ENGINE/store-1.toml" >"$OUT/$ENGINE-restart.log" 2>&1 &
-  STORE=$!
-  serving=""; all=""
-  for _ in $(seq 1 12000); do
-    n=$(status_regions 127.0.0.1:20180)
-    if [ "$n" -ge 0 ] && [ -z "$serving" ]; then serving=$(( $(now_ms) - t0 )); fi
-    if [ "$n" -ge "$before" ]; then all=$(( $(now_ms) - t0 )); break; fi
-    sleep 0.05
-  done
-  echo "  store 1: serving after ${serving} ms, all $before Regions after ${all} ms"
-  echo "| $ENGINE | $before | ${serving} ms | ${all} ms |" >>"$OUT/table.md"
-  kill "$STORE"; wait "$STORE" 2>/dev/null || true; STORE=""
-  kill "$PLAYGROUND"; wait "$PLAYGROUND" 2>/dev/null || true; PLAYGROUND=""
+  echo "| $ENGINE | $before | $open / $parked | $hib | $RSS_MIB MiB | $FDS | $IDLE_CPU % |" | tee -a "$OUT/idle.md"
+  restart_store1 "$ENGINE" "$pid" "$before"
+  echo "  store 1: serving after ${SERVING} ms, all $before Regions after ${ALL} ms"
+  echo "| $ENGINE | $before | ${SERVING} ms | ${ALL} ms |" >>"$OUT/table.md"
+  stop_all
   [ -n "${KEEP:-}" ] || rm -rf "${OUT:?}/$ENGINE"
 done
 cat "$OUT/idle.md"

@@ -31,20 +31,11 @@ done
 KEYS_PER_REGION=1000
 RECORDS=$(( REGIONS * KEYS_PER_REGION ))
 
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/prkv-target}"
-cargo build --release --manifest-path "$ROOT/Cargo.toml" --bin prkv >/dev/null
-PRKV="$CARGO_TARGET_DIR/release/prkv"
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 OUT="${OUT:-$(mktemp -d /tmp/prkv-restart.XXXXXX)}"
 mkdir -p "$OUT"
-PLAYGROUND=""
-STORE=""
-cleanup() {
-  [ -n "$STORE" ] && kill "$STORE" 2>/dev/null || true
-  if [ -n "$PLAYGROUND" ]; then kill "$PLAYGROUND" 2>/dev/null || true; wait "$PLAYGROUND" 2>/dev/null || true; fi
-}
-trap cleanup EXIT
 
 # Split at KEYS_PER_REGION keys (checked every second) so that loading RECORDS keys makes about
 # REGIONS Regions; the memtable budget is large enough that nothing must flush for memory.
@@ -65,10 +56,6 @@ EOF
 region_count() {
   curl -s http://127.0.0.1:2379/pd/api/v1/regions | python3 -c 'import json,sys; print(json.load(sys.stdin)["count"])'
 }
-status_regions() { # status address
-  curl -sf "http://$1/status" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["regions"])' 2>/dev/null || echo -1
-}
-now_ms() { date +%s%3N; }
 
 echo "| engine | Regions on the store | RSS | open fds | idle CPU (% of one core) |" >"$OUT/idle.md"
 echo "|---|---|---|---|---|" >>"$OUT/idle.md"
@@ -76,12 +63,7 @@ echo "| engine | Regions on the store | memtable bytes at the kill | to serving 
 echo "|---|---|---|---|---|" >>"$OUT/table.md"
 for ENGINE in $ENGINES; do
   echo "== $ENGINE: $REGIONS Regions =="
-  rm -rf "${OUT:?}/$ENGINE"
-  "$PRKV" playground --engine "$ENGINE" --store-config "$OUT/store.toml" --data-dir "$OUT/$ENGINE" \
-    >"$OUT/$ENGINE.log" 2>&1 &
-  PLAYGROUND=$!
-  for _ in $(seq 1 120); do grep -q '^ready' "$OUT/$ENGINE.log" && break; sleep 1; done
-  grep -q '^ready' "$OUT/$ENGINE.log" || { echo "playground did not start; see $OUT/$ENGINE.log" >&2; exit 1; }
+  start_playground "$ENGINE"
   "$PRKV" bench ycsb --target prkv://127.0.0.1:2379 --workload load --records "$RECORDS" \
     --value-size 100 --threads 128 >"$OUT/$ENGINE-load.txt"
   # Splits trail the load: wait until the Region count stops growing.
@@ -100,30 +82,13 @@ for ENGINE in $ENGINES; do
   pid=$(pgrep -f "store --config $OUT/$ENGINE/store-1.toml")
   # Idle cost of store 1 once its Regions hibernate: RSS, open descriptors, CPU over 10 s.
   sleep "$IDLE_WAIT"
-  ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
-  t1=$(ticks); sleep 10; t2=$(ticks)
-  hz=$(getconf CLK_TCK)
-  idle_cpu=$(python3 -c "print(f'{100 * ($t2 - $t1) / $hz / 10:.1f}')")
-  rss_mib=$(awk '/^VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$pid/status")
-  fds=$(ls "/proc/$pid/fd" | wc -l)
-  echo "| $ENGINE | $before | $rss_mib MiB | $fds | $idle_cpu % |" >>"$OUT/idle.md"
+  idle_cost "$pid" 10
+  echo "| $ENGINE | $before | $RSS_MIB MiB | $FDS | $IDLE_CPU % |" >>"$OUT/idle.md"
   memtables=$(curl -s http://127.0.0.1:20180/metrics | awk '/^prkv_engine_memtable_bytes/ {print $2}')
-  kill -9 "$pid"
-  while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
-  t0=$(now_ms)
-  "$PRKV" store --config "$OUT/$ENGINE/store-1.toml" >"$OUT/$ENGINE-restart.log" 2>&1 &
-  STORE=$!
-  serving=""; all=""
-  for _ in $(seq 1 6000); do
-    n=$(status_regions 127.0.0.1:20180)
-    if [ "$n" -ge 0 ] && [ -z "$serving" ]; then serving=$(( $(now_ms) - t0 )); fi
-    if [ "$n" -ge "$before" ]; then all=$(( $(now_ms) - t0 )); break; fi
-    sleep 0.05
-  done
-  echo "  store 1: $before Regions, $memtables memtable bytes; serving after ${serving} ms, all Regions after ${all} ms"
-  echo "| $ENGINE | $before | $memtables | ${serving} ms | ${all} ms |" >>"$OUT/table.md"
-  kill "$STORE"; wait "$STORE" 2>/dev/null || true; STORE=""
-  kill "$PLAYGROUND"; wait "$PLAYGROUND" 2>/dev/null || true; PLAYGROUND=""
+  restart_store1 "$ENGINE" "$pid" "$before"
+  echo "  store 1: $before Regions, $memtables memtable bytes; serving after ${SERVING} ms, all Regions after ${ALL} ms"
+  echo "| $ENGINE | $before | $memtables | ${SERVING} ms | ${ALL} ms |" >>"$OUT/table.md"
+  stop_all
   rm -rf "${OUT:?}/$ENGINE"
 done
 cat "$OUT/idle.md"
