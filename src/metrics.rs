@@ -160,6 +160,17 @@ pub static GRPC_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// Linearizable reads the gRPC service tried to serve from a lease on its own thread, by
+/// result: `served`, or why the read went to the store loop instead (`not_readable`,
+/// `lease_expired`, `epoch`, `parked`, `no_replica`; see `raftstore::local_read`).
+pub static LOCAL_READS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "prkv_local_reads_total",
+        "Reads tried from a leader's lease without the store loop, by result",
+        &["result"],
+    )
+});
+
 /// Region errors returned to clients, by kind (not_leader, epoch_not_match, ...).
 pub static REGION_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(

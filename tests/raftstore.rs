@@ -9,6 +9,7 @@ use prkv::config::EngineKind;
 use prkv::raftstore::Error;
 use prkv_proto::metapb::PeerRole;
 use prkv_proto::serverpb::{mutation, Mutation};
+use raft::eraftpb::MessageType;
 
 fn key(i: usize) -> Vec<u8> {
     format!("k{i:05}").into_bytes()
@@ -88,6 +89,96 @@ fn no_stale_read_from_old_leader(kind: EngineKind) {
             ),
         }
     }
+    c.heal();
+    assert_eq!(c.must_get(b"k").as_deref(), Some(&b"new"[..]));
+}
+
+/// A leader that hands its leadership over stops serving reads from its lease at once: the new
+/// leader is elected without waiting out anyone's lease (a transfer campaign is not refused by
+/// followers that heard from the old leader), so it can commit a write while the old lease
+/// still runs. Messages to the old leader are dropped, so it never hears of the new term.
+fn no_stale_read_after_leader_transfer(kind: EngineKind) {
+    let mut c = Cluster::new(3, kind);
+    // A long lease (and election timeout) so that the whole scenario runs inside the lease.
+    c.cfg.raftstore.raft_election_timeout_ticks = 250;
+    c.cfg.raftstore.raft_store_max_leader_lease = prkv::config::ReadableDuration::secs(4);
+    c.bootstrap(1, &[1, 2, 3]);
+    c.start();
+    c.must_put(b"k", b"old");
+    let old = c.must_leader(1);
+    let new = [1, 2, 3].into_iter().find(|s| *s != old).expect("3 stores");
+    c.must_replicate(new, b"k", b"old");
+    assert_eq!(c.get_on(old, b"k").unwrap().as_deref(), Some(&b"old"[..]));
+    assert!(
+        c.stores[&old].router.local_read(1, &c.epoch(1)).is_some(),
+        "the leader holding a lease serves reads locally"
+    );
+    c.net.add_filter(
+        "to-old-leader",
+        std::sync::Arc::new(move |m| {
+            if m.to_store == old {
+                prkv::raftstore::Verdict::Drop
+            } else {
+                prkv::raftstore::Verdict::Deliver
+            }
+        }),
+    );
+    // The moment the old leader sends MsgTimeoutNow (filters run on the sender's store thread,
+    // as it sends), its local readers must already be refused.
+    let probed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (router, epoch, seen) = (c.stores[&old].router.clone(), c.epoch(1), probed.clone());
+    c.net.add_filter(
+        "probe-timeout-now",
+        std::sync::Arc::new(move |m| {
+            if m.from_store == old && m.message.msg_type == MessageType::MsgTimeoutNow {
+                let served = router.local_read(1, &epoch).is_some();
+                seen.lock().unwrap().push(served);
+            }
+            prkv::raftstore::Verdict::Deliver
+        }),
+    );
+    let to = c.status(new, 1).expect("replica on the target").peer;
+    c.stores[&old]
+        .router
+        .try_send(prkv::raftstore::StoreMsg::TransferLeader { region_id: 1, to })
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while c.put_on(new, b"k", b"new").is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the new leader never took a write"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Both ways a read reaches a leader: a local read (falling back to the loop), and the
+    // loop alone.
+    for local in [true, false] {
+        let read = if local {
+            c.get_on(old, b"k")
+        } else {
+            c.get_on_loop(old, b"k")
+        };
+        match read {
+            Ok(v) => assert_eq!(
+                v.as_deref(),
+                Some(&b"new"[..]),
+                "stale read (local: {local}) from the leader that transferred its leadership"
+            ),
+            Err(e) => assert!(
+                matches!(
+                    e,
+                    Error::NotLeader { .. } | Error::ReadIndexTimeout { .. } | Error::Timeout(_)
+                ),
+                "unexpected error {e:?}"
+            ),
+        }
+    }
+    let probed = probed.lock().unwrap().clone();
+    assert!(!probed.is_empty(), "no MsgTimeoutNow was sent");
+    assert!(
+        probed.iter().all(|served| !served),
+        "a local read was served while MsgTimeoutNow left the old leader"
+    );
     c.heal();
     assert_eq!(c.must_get(b"k").as_deref(), Some(&b"new"[..]));
 }
@@ -459,6 +550,7 @@ macro_rules! both_kinds {
 both_kinds!(
     failover,
     no_stale_read_from_old_leader,
+    no_stale_read_after_leader_transfer,
     restart_all_keeps_acknowledged_writes,
     conf_change,
     bounded_proposals,

@@ -180,7 +180,7 @@ pub async fn serve(
             addr: opts.addr,
             source,
         })?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = crate::server::accept_nodelay(listener);
     tracing::info!(addr = %opts.addr, cluster_id, "PD serving");
     // Bounded graceful shutdown: clients' TSO and heartbeat streams would otherwise hold the
     // server open for as long as those clients live.

@@ -12,14 +12,15 @@
 //!
 //! Read in this order: [`msg`] (what goes in and out), [`store`] (the loop and its Ready
 //! round), [`peer`] (one replica: proposals, reads and leases, apply, hibernation),
-//! [`split`] (the split checker and what a split produces), [`worker`] (background split
-//! checks and tablet trims), [`transport`] (the network, real or simulated), [`error`] (what
-//! callers are told).
+//! [`local_read`] (lease reads served on the caller's thread), [`split`] (the split checker
+//! and what a split produces), [`worker`] (background split checks and tablet trims),
+//! [`transport`] (the network, real or simulated), [`error`] (what callers are told).
 //!
 //! [`snap`] (snapshots: generation, transfer, install) and `store/merge.rs` (merging two
 //! Regions: prepare, commit, rollback) complete the picture.
 
 pub mod error;
+pub mod local_read;
 pub mod msg;
 pub mod peer;
 pub mod snap;
@@ -29,6 +30,7 @@ pub mod transport;
 pub mod worker;
 
 pub use error::{Error, Result};
+pub use local_read::LocalReaders;
 pub use msg::{
     ChangePeer, NoPd, PdReporter, RaftMessage, RegionHeartbeat, RegionSnapshot, RegionStatus,
     SplitCallback, SplitIds, StoreId, StoreMsg,

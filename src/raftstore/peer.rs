@@ -34,6 +34,7 @@ use raft::eraftpb::{ConfChangeType, ConfChangeV2, Entry, EntryType};
 use raft::{RawNode, StateRole};
 
 use super::error::{Error, Result};
+use super::local_read::{ReadDelegate, Readable};
 use super::msg::{
     ChangePeer, ReadCallback, RegionHeartbeat, RegionSnapshot, SplitCallback, SplitIds,
     WriteCallback,
@@ -139,6 +140,26 @@ pub struct Peer {
     /// This leader proposed a PrepareMerge that has not applied yet: it takes no writes, so
     /// that none lands after the freeze.
     merge_proposed: bool,
+    /// Where this peer publishes its read state for readers on other threads
+    /// ([`super::local_read`]), and the last state published (compared, so that an unchanged
+    /// state costs no lock).
+    delegate: Option<Arc<ReadDelegate>>,
+    published: Option<PublishedRead>,
+    /// No lease may come from a quorum confirmation requested before this instant: the last
+    /// moment a leadership transfer was seen in progress (the transferee may be elected
+    /// without waiting out the lease, so confirmations from before it prove nothing).
+    lease_fence: Option<Instant>,
+}
+
+/// What [`Peer::publish_reads`] last published: the lease's end, the term, the epoch and the
+/// engine (by address).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct PublishedRead {
+    until: Instant,
+    term: u64,
+    version: u64,
+    conf_ver: u64,
+    engine: usize,
 }
 
 /// A replica whose log trails the leader's commit index by more than this is reported to PD as
@@ -231,6 +252,9 @@ impl Peer {
             split_check_keys: u64::MAX / 2,
             merge_state: None,
             merge_proposed: false,
+            delegate: None,
+            published: None,
+            lease_fence: None,
         })
     }
 
@@ -491,10 +515,77 @@ impl Peer {
     }
 
     fn lease_valid(&self, now: Instant) -> bool {
-        self.is_leader()
+        self.readable_until().is_some_and(|t| now < t)
+    }
+
+    /// Until when this peer may serve reads from its lease, whatever the time now: it leads,
+    /// holds a lease of its term, has applied an entry of that term (so everything committed
+    /// before is applied), and is handing its leadership to nobody.
+    fn readable_until(&self) -> Option<Instant> {
+        if self.is_leader()
             && self.lease_term == self.term()
             && self.applied_term == self.term()
-            && self.lease_until.is_some_and(|t| now < t)
+            && self.raw.raft.lead_transferee.is_none()
+        {
+            self.lease_until
+        } else {
+            None
+        }
+    }
+
+    /// Starts handing leadership to `to`. The lease ends now: the transferee campaigns at
+    /// once, and followers do not refuse a transfer's votes for having heard from us.
+    pub fn transfer_leader(&mut self, to: u64) {
+        self.raw.transfer_leader(to);
+        self.note_transfer();
+    }
+
+    /// Records that a transfer is in progress (started here, or forwarded by a follower and
+    /// stepped): the lease ends, and no confirmation requested before now may renew it.
+    pub fn note_transfer(&mut self) {
+        if self.raw.raft.lead_transferee.is_some() {
+            self.lease_until = None;
+            self.lease_fence = Some(Instant::now());
+            self.publish_reads();
+        }
+    }
+
+    /// Hands this peer its delegate for local reads ([`super::local_read`]) and publishes.
+    pub fn set_read_delegate(&mut self, d: Arc<ReadDelegate>) {
+        self.delegate = Some(d);
+        self.published = None;
+        self.publish_reads();
+    }
+
+    /// Publishes what readers on other threads may do, if it changed. Called by the store
+    /// after every change that can end or move the right to read (see `local_read`).
+    pub fn publish_reads(&mut self) {
+        let Some(d) = &self.delegate else {
+            return;
+        };
+        let readable = if self.check_not_merging().is_ok() {
+            self.readable_until()
+        } else {
+            None
+        };
+        let epoch = self.region.region_epoch.unwrap_or_default();
+        let now = readable.map(|until| PublishedRead {
+            until,
+            term: self.term(),
+            version: epoch.version,
+            conf_ver: epoch.conf_ver,
+            engine: Arc::as_ptr(&self.engine) as *const () as usize,
+        });
+        if now == self.published {
+            return;
+        }
+        self.published = now;
+        d.publish(readable.map(|until| Readable {
+            until,
+            term: self.term(),
+            region: self.region.clone(),
+            engine: self.engine.clone(),
+        }));
     }
 
     fn snapshot(&self) -> RegionSnapshot {
@@ -574,9 +665,14 @@ impl Peer {
             }
         }
         self.serve_reads();
+        self.publish_reads();
     }
 
     fn renew_lease(&mut self, from: Instant) {
+        self.note_transfer();
+        if self.raw.raft.lead_transferee.is_some() || self.lease_fence.is_some_and(|f| from <= f) {
+            return;
+        }
         let until = from + self.cfg.lease;
         if self.lease_term != self.term() {
             self.lease_term = self.term();
@@ -625,6 +721,7 @@ impl Peer {
             }
         }
         self.maybe_issue_reads();
+        self.publish_reads();
     }
 
     /// This leader's report to PD; `None` on followers.
@@ -870,6 +967,7 @@ impl Peer {
             }
         }
         self.serve_reads();
+        self.publish_reads();
         Ok(outcome)
     }
 
@@ -1057,6 +1155,7 @@ impl Peer {
             return cb(Err(self.not_leader()));
         }
         self.merge_proposed = true;
+        self.publish_reads();
         tracing::info!(
             region_id = self.region.id,
             target = target.id,

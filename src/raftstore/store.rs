@@ -22,12 +22,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
-use prkv_proto::metapb::{Peer as PeerMeta, Region};
+use prkv_proto::metapb::{Peer as PeerMeta, Region, RegionEpoch};
 use prkv_proto::serverpb::{PeerState, RaftApplyState, RegionLocalState, SnapshotMeta};
 use prost::Message as _;
 
 use super::error::{Error, Result};
-use super::msg::{PdReporter, RaftMessage, RegionStatus, SplitCallback, StoreId, StoreMsg};
+use super::local_read::LocalReaders;
+use super::msg::{
+    PdReporter, RaftMessage, RegionSnapshot, RegionStatus, SplitCallback, StoreId, StoreMsg,
+};
 use super::peer::{Peer, PeerConfig};
 use super::snap::{self, SnapDirs};
 use super::split::{SplitCheckConfig, RAFT_INIT_LOG_INDEX, RAFT_INIT_LOG_TERM};
@@ -79,9 +82,17 @@ pub struct StoreStats {
 pub struct StoreRouter {
     pub store_id: StoreId,
     tx: Sender<StoreMsg>,
+    readers: Arc<LocalReaders>,
 }
 
 impl StoreRouter {
+    /// A linearizable read served from the leader's lease on the caller's thread, if this
+    /// store leads the Region and may; `None`: send `StoreMsg::Read` instead (see
+    /// [`super::local_read`]).
+    pub fn local_read(&self, region_id: RegionId, epoch: &RegionEpoch) -> Option<RegionSnapshot> {
+        self.readers.read(region_id, epoch)
+    }
+
     /// Sends without waiting; a full inbox is `ServerIsBusy`, a stopped store `StoreStopped`.
     pub fn try_send(&self, msg: StoreMsg) -> Result<()> {
         match self.tx.try_send(msg) {
@@ -264,6 +275,8 @@ struct Store {
     merge_attempts: HashMap<RegionId, Instant>,
     /// Free space against `storage.reserve-space` (see `storage::disk`).
     disk: DiskMonitor,
+    /// The replicas' delegates for lease reads on gRPC threads, shared with the router.
+    readers: Arc<LocalReaders>,
 }
 
 /// Opens every Region replica found in the engines and starts the store loop.
@@ -277,6 +290,7 @@ pub fn start_store(
     let (tx, rx) = bounded(STORE_INBOX_CAPACITY);
     let stats = Arc::new(StoreStats::default());
     let worker = worker::start(id, tx.clone());
+    let readers = Arc::new(LocalReaders::default());
     let cfg_data_dir = cfg.storage.data_dir.clone();
     let reserve_space = cfg.storage.reserve_space.0;
     let mut store = Store {
@@ -305,6 +319,7 @@ pub fn start_store(
         snap_requests: Vec::new(),
         merge_attempts: HashMap::new(),
         disk: DiskMonitor::new(&cfg_data_dir, reserve_space),
+        readers: readers.clone(),
     };
     store.recover()?;
     // Corruption met while running (a read, an apply, a flush) refuses the replica too.
@@ -324,7 +339,11 @@ pub fn start_store(
         .spawn(move || store.run())
         .map_err(|e| Error::Storage(format!("spawning store thread: {e}")))?;
     Ok(StoreHandle {
-        router: StoreRouter { store_id: id, tx },
+        router: StoreRouter {
+            store_id: id,
+            tx,
+            readers,
+        },
         stats,
         thread: Some(thread),
     })
@@ -377,7 +396,7 @@ impl Store {
                 // election, so do not wait an election timeout to hold one.
                 let _ = peer.raw.campaign();
             }
-            self.peers.insert(region_id, peer);
+            self.add_peer(peer);
         }
         self.reload_damaged()?;
         // Generated snapshots are regenerated on demand; of received ones, half-written files
@@ -716,7 +735,7 @@ impl Store {
             StoreMsg::TransferLeader { region_id, to } => {
                 if let Some(p) = self.peers.get_mut(&region_id) {
                     p.wake();
-                    p.raw.transfer_leader(to.id);
+                    p.transfer_leader(to.id);
                 }
             }
             StoreMsg::ReplicaDamaged {
@@ -822,6 +841,8 @@ impl Store {
         if let Err(e) = p.raw.step(m.message) {
             tracing::debug!(region_id = m.region_id, error = %e, "raft step failed");
         }
+        // A follower may have forwarded a leadership transfer.
+        p.note_transfer();
         if p.raw.store().take_snap_request() {
             self.snap_requests.push(m.region_id);
         }
@@ -959,7 +980,7 @@ impl Store {
                     peer_id = m.to_peer.id,
                     "replica created"
                 );
-                self.peers.insert(region.id, p);
+                self.add_peer(p);
                 self.neighbours_stale = true;
                 self.report_damaged(region.id, false); // a refused replica's replacement
                 true
@@ -1051,7 +1072,7 @@ impl Store {
             } else if region.peers.len() == 1 {
                 let _ = peer.raw.campaign();
             }
-            self.peers.insert(region.id, peer);
+            self.add_peer(peer);
         }
         if was_leader {
             self.pd.report_batch_split(regions);
@@ -1359,6 +1380,9 @@ impl Store {
         let mut need_sync = false;
         for id in ids {
             let p = self.peers.get_mut(&id).expect("listed above");
+            // Before any of this round's messages leave: a transfer's MsgTimeoutNow must not
+            // reach its target while local readers still see our lease (`local_read`).
+            p.publish_reads();
             let mut rd = p.raw.ready();
             let msgs = rd.take_messages();
             if !rd.snapshot().is_empty() {
@@ -1457,6 +1481,8 @@ impl Store {
                 return Ok(false); // merged away (see `merge.rs`)
             };
             let mut outcome = p.apply(entries)?;
+            // Before the store creates split Regions or takes in a merge.
+            p.publish_reads();
             if outcome.region_changed {
                 self.neighbours_stale = true;
             }
@@ -1494,9 +1520,18 @@ impl Store {
         Ok(())
     }
 
+    /// Puts a replica under this store's loop, with its delegate for local reads.
+    fn add_peer(&mut self, mut peer: Peer) {
+        let id = peer.region_id();
+        peer.set_read_delegate(self.readers.register(id));
+        self.peers.insert(id, peer);
+    }
+
     /// Stops a replica's peer (its pending commands fail); returns its Region and itself.
     fn take_peer(&mut self, id: RegionId) -> Option<(Region, PeerMeta)> {
         self.neighbours_stale = true;
+        // First, so that no local read starts from a replica that is going away.
+        self.readers.unregister(id);
         let mut p = self.peers.remove(&id)?;
         p.fail_all(Error::RegionNotFound(id));
         Some((p.region.clone(), p.meta))

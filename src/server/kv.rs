@@ -291,10 +291,14 @@ impl KvService {
     }
 
     async fn read(&self, ctx: &Context) -> Result<RegionSnapshot, Fail> {
+        let epoch = ctx.region_epoch.unwrap_or_default();
+        if let Some(snap) = self.inner.router.local_read(ctx.region_id, &epoch) {
+            return Ok(snap);
+        }
         let (tx, rx) = oneshot::channel();
         self.inner.router.try_send(StoreMsg::Read {
             region_id: ctx.region_id,
-            epoch: ctx.region_epoch.unwrap_or_default(),
+            epoch,
             cb: Box::new(move |r| drop(tx.send(r))),
         })?;
         match tokio::time::timeout(STORE_TIMEOUT, rx).await {

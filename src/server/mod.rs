@@ -43,6 +43,27 @@ use crate::storage::{ident, Engines};
 /// How long requests in flight may take to finish once shutdown starts.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The connections a gRPC server accepts, with Nagle's algorithm off.
+///
+/// tonic applies `Server::tcp_nodelay` only to listeners it binds itself, never to an incoming
+/// stream handed to `serve_with_incoming*`. Without it, a response written in more than one
+/// segment waits for the client's delayed ACK (40 ms on Linux) before its last part leaves:
+/// reads through a playground showed a p99 of 51 ms at a p50 of 5 ms, and a third of the CPU
+/// idle under 256 clients.
+pub fn accept_nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt as _;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        if let Err(e) = conn.set_nodelay(true) {
+            // The connection still works, only slower; it may also be closing already.
+            tracing::debug!(error = %e, "setting TCP_NODELAY on an accepted connection");
+        }
+        Ok(conn)
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("{key}: {reason}")]
@@ -394,10 +415,7 @@ pub async fn run(
                 .max_decoding_message_size(max_msg)
                 .max_encoding_message_size(max_msg),
         )
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            stopped(sig_rx.clone()),
-        );
+        .serve_with_incoming_shutdown(accept_nodelay(listener), stopped(sig_rx.clone()));
     tokio::pin!(grpc);
     let served = tokio::select! {
         r = &mut grpc => r,
@@ -418,4 +436,19 @@ pub async fn run(
         addr,
         detail: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt as _;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = Box::pin(super::accept_nodelay(listener));
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let accepted = incoming.next().await.unwrap().unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
 }

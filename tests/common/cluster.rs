@@ -184,7 +184,7 @@ impl Cluster {
         }
     }
 
-    fn epoch(&self, region_id: u64) -> RegionEpoch {
+    pub fn epoch(&self, region_id: u64) -> RegionEpoch {
         self.regions
             .iter()
             .find(|r| r.id == region_id)
@@ -251,8 +251,22 @@ impl Cluster {
         panic!("put {key:?} never acknowledged; last error {last:?}");
     }
 
-    /// A linearizable read through store `s`.
+    /// A linearizable read through store `s`, as the gRPC service makes it: from the leader's
+    /// lease on this thread if it may, else through the store loop.
     pub fn get_on(&self, s: StoreId, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        let region_id = self.region_for_key(key).id;
+        let router = &self.stores.get(&s).ok_or(Error::StoreStopped)?.router;
+        if let Some(snap) = router.local_read(region_id, &self.epoch(region_id)) {
+            return snap
+                .snap
+                .get(Cf::Default, key)
+                .map_err(|e| Error::Storage(e.to_string()));
+        }
+        self.get_on_loop(s, key)
+    }
+
+    /// A linearizable read through store `s`'s loop (never a local read).
+    pub fn get_on_loop(&self, s: StoreId, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
         let region_id = self.region_for_key(key).id;
         let (tx, rx) = std::sync::mpsc::channel();
         let router = &self.stores.get(&s).ok_or(Error::StoreStopped)?.router;

@@ -173,7 +173,7 @@ impl Store {
             let t = self.peers.get_mut(&recorded.id).expect("exists");
             t.wake();
             let me = t.meta.id;
-            t.raw.transfer_leader(me);
+            t.transfer_leader(me);
             return Ok(());
         }
         // The source's entries a lagging replica may miss, carried in the CommitMerge.
