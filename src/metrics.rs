@@ -171,6 +171,21 @@ pub static LOCAL_READS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// Raft entries (or their terms) Raft read back from a Region's log, by where they came from:
+/// the entry cache of persisted, unapplied entries, or raft-engine's files
+/// (`raftlog::region_log`). Resolved once: these are counted on the store thread's hot path.
+pub static RAFT_ENTRY_READS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "prkv_raft_entry_reads_total",
+        "Raft log reads (entries or terms), by source",
+        &["source"],
+    )
+});
+pub static RAFT_ENTRY_READS_CACHE: LazyLock<IntCounter> =
+    LazyLock::new(|| RAFT_ENTRY_READS.with_label_values(&["cache"]));
+pub static RAFT_ENTRY_READS_ENGINE: LazyLock<IntCounter> =
+    LazyLock::new(|| RAFT_ENTRY_READS.with_label_values(&["raft_engine"]));
+
 /// Region errors returned to clients, by kind (not_leader, epoch_not_match, ...).
 pub static REGION_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(

@@ -1405,8 +1405,9 @@ impl Store {
             let p = self.peers.get_mut(&id).expect("listed above");
             p.on_read_states(rd.take_read_states());
             let committed = rd.take_committed_entries();
-            if !rd.entries().is_empty() {
-                wb.append(id, rd.entries())?;
+            let entries = rd.take_entries();
+            if !entries.is_empty() {
+                wb.append(id, &entries)?;
                 need_sync = true;
             }
             if let Some(hs) = rd.hs() {
@@ -1423,7 +1424,7 @@ impl Store {
             }
             let persisted = rd.take_persisted_messages();
             self.send_raft_messages(id, msgs);
-            pending.push((id, rd, committed, persisted));
+            pending.push((id, rd, committed, persisted, entries));
         }
         if need_sync {
             // Durability boundary: one write, one fsync, for every Region of this round.
@@ -1433,10 +1434,12 @@ impl Store {
             self.engines.raft.write(&mut wb, false)?;
         }
         let mut removed = Vec::new();
-        for (id, rd, committed, persisted) in pending {
-            if !self.peers.contains_key(&id) {
+        for (id, rd, committed, persisted, entries) in pending {
+            let Some(p) = self.peers.get(&id) else {
                 continue; // merged away by a Region applied earlier in this round
-            }
+            };
+            // Persisted now: Raft reads them back from memory to apply them (`region_log`).
+            p.raw.store().cache_persisted(entries);
             self.send_raft_messages(id, persisted);
             if self.apply(id, committed)? {
                 removed.push(id);
@@ -1458,6 +1461,9 @@ impl Store {
             };
             let applied = p.applied_index;
             p.raw.advance_apply_to(applied);
+            // The applied entry itself stays: the next append names it as the previous
+            // entry (its term is checked on both ends of the append).
+            p.raw.store().evict_cache_to(applied.saturating_sub(1));
             p.on_role_maybe_changed();
         }
         for id in removed {
