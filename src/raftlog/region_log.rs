@@ -11,7 +11,7 @@
 //! them once committed, and asks [`raft::Storage::term`] of recent indexes on every append
 //! response. From raft-engine each such read finds the entry's log batch in a file, checks its
 //! CRC and decompresses the whole batch, which holds the entries of every Region written in
-//! that round: with 64 busy Regions a profile found the store threads spending about a fifth of
+//! that round: with 64 busy Regions a profile found the store threads spending about a sixth of
 //! their time on it. So the entries a round persisted stay in memory ([`EntryCache`]) until
 //! they are applied; older ones, and ranges the cache does not hold, come from raft-engine.
 
