@@ -42,18 +42,11 @@ while [ $# -gt 0 ]; do
 done
 RECORDS=$(( TOTAL_MIB * 1048576 / (KEY_SIZE + VALUE_SIZE) ))
 
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/prkv-target}"
-cargo build --release --manifest-path "$ROOT/Cargo.toml" --bin prkv >/dev/null
-PRKV="$CARGO_TARGET_DIR/release/prkv"
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 OUT="${OUT:-$(mktemp -d /tmp/prkv-engines.XXXXXX)}"
 mkdir -p "$OUT"
-PLAYGROUND=""
-cleanup() {
-  if [ -n "$PLAYGROUND" ]; then kill "$PLAYGROUND" 2>/dev/null || true; wait "$PLAYGROUND" 2>/dev/null || true; fi
-}
-trap cleanup EXIT
 
 # Both engines get the same settings; only storage.engine differs.
 cat >"$OUT/store.toml" <<EOF
@@ -82,12 +75,7 @@ write_bytes() { # pids...
 
 for ENGINE in ${ENGINES:-partitioned-raft-kv raft-kv}; do
   echo "== $ENGINE: $RECORDS records of $((KEY_SIZE + VALUE_SIZE)) B ($TOTAL_MIB MiB) =="
-  rm -rf "${OUT:?}/$ENGINE"
-  "$PRKV" playground --engine "$ENGINE" --store-config "$OUT/store.toml" --data-dir "$OUT/$ENGINE" \
-    >"$OUT/$ENGINE.log" 2>&1 &
-  PLAYGROUND=$!
-  for _ in $(seq 1 120); do grep -q '^ready' "$OUT/$ENGINE.log" && break; sleep 1; done
-  grep -q '^ready' "$OUT/$ENGINE.log" || { echo "playground did not start; see $OUT/$ENGINE.log" >&2; exit 1; }
+  start_playground "$ENGINE"
   if [ "$PRE_SPLIT" -gt 1 ]; then
     "$PRKV" bench regions --pd 127.0.0.1:2379 --layout ycsb --count "$PRE_SPLIT" --keys-per-region 0
   fi
@@ -117,6 +105,8 @@ for s in json.load(sys.stdin)["stores"]:
         elif line.startswith("prkv_tablet_flushes_total{"):
             kind = "flushes_" + line.split("reason=\"")[1].split("\"")[0]
             tot[kind] = tot.get(kind, 0) + int(float(line.split()[-1]))
+        elif line.startswith("prkv_engine_write_stall_micros"):
+            tot["write_stall_micros"] = tot.get("write_stall_micros", 0) + int(float(line.split()[-1]))
         elif line.startswith("prkv_engine_memory_flushes_total"):
             tot["flushes_memory"] = tot.get("flushes_memory", 0) + int(float(line.split()[-1]))
 print(json.dumps(tot))')
@@ -173,6 +163,10 @@ print("\nTablet flushes prkv asked for, by reason (RocksDB's own, of full memtab
 for e in rows:
     b = json.load(open(f"{out}/{e}-io.json")).get("breakdown", {})
     print(f'  {e}: ' + ", ".join(f'{k[len("flushes_"):]} {v}' for k, v in sorted(b.items()) if k.startswith("flushes_")))
+print("\nSeconds RocksDB writes waited in write stalls during the load and settling (all stores; each holds up a store loop):")
+for e in rows:
+    b = json.load(open(f"{out}/{e}-io.json")).get("breakdown", {})
+    print(f'  {e}: {b.get("write_stall_micros", 0) / 1e6:.1f} s')
 if len(rows) < 2:
     sys.exit(0)
 p, k = rows["partitioned-raft-kv"], rows["raft-kv"]

@@ -390,16 +390,11 @@ fn main() -> ExitCode {
                     seed: 42,
                     settle_timeout: Duration::from_secs(settle_secs),
                 };
-                match engine_bench::run(&opts) {
-                    Ok(results) => {
-                        println!("{}", engine_bench::render_table(&results));
-                        write_json(json.as_deref(), &results)
-                    }
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        ExitCode::FAILURE
-                    }
-                }
+                report(
+                    engine_bench::run(&opts),
+                    |r| engine_bench::render_table(r),
+                    json.as_deref(),
+                )
             }
             BenchCommand::Ycsb {
                 target,
@@ -456,16 +451,7 @@ fn main() -> ExitCode {
                     value_size,
                     distribution,
                 };
-                match ycsb::run(&opts) {
-                    Ok(result) => {
-                        println!("{}", ycsb::render_table(&result));
-                        write_json(json.as_deref(), &result)
-                    }
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        ExitCode::FAILURE
-                    }
-                }
+                report(ycsb::run(&opts), ycsb::render_table, json.as_deref())
             }
             BenchCommand::AddReplica {
                 engine,
@@ -486,16 +472,11 @@ fn main() -> ExitCode {
                     base_port,
                     data_dir,
                 };
-                match prkv::bench::add_replica::run(&opts) {
-                    Ok(results) => {
-                        println!("{}", prkv::bench::add_replica::render_table(&results));
-                        write_json(json.as_deref(), &results)
-                    }
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        ExitCode::FAILURE
-                    }
-                }
+                report(
+                    prkv::bench::add_replica::run(&opts),
+                    |r| prkv::bench::add_replica::render_table(r),
+                    json.as_deref(),
+                )
             }
             BenchCommand::Split {
                 engine,
@@ -514,16 +495,11 @@ fn main() -> ExitCode {
                     value_size,
                     data_dir,
                 };
-                match prkv::bench::split::run(&opts) {
-                    Ok(results) => {
-                        println!("{}", prkv::bench::split::render_table(&results));
-                        write_json(json.as_deref(), &results)
-                    }
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        ExitCode::FAILURE
-                    }
-                }
+                report(
+                    prkv::bench::split::run(&opts),
+                    |r| prkv::bench::split::render_table(r),
+                    json.as_deref(),
+                )
             }
             BenchCommand::Raftstore {
                 engine,
@@ -547,16 +523,11 @@ fn main() -> ExitCode {
                     data_dir: data_dir
                         .unwrap_or_else(|| PathBuf::from("./prkv-data/bench-raftstore")),
                 };
-                match raftstore_bench::run(&opts) {
-                    Ok(results) => {
-                        println!("{}", raftstore_bench::render_table(&results));
-                        write_json(json.as_deref(), &results)
-                    }
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        ExitCode::FAILURE
-                    }
-                }
+                report(
+                    raftstore_bench::run(&opts),
+                    |r| raftstore_bench::render_table(r),
+                    json.as_deref(),
+                )
             }
             BenchCommand::Regions {
                 pd,
@@ -684,6 +655,24 @@ fn run_playground(opts: prkv::playground::PlaygroundOptions) -> ExitCode {
     });
     match prkv::playground::run(&opts, stop) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A bench's outcome: its table on stdout and its JSON in `json` (if asked), or its error.
+fn report<T: serde::Serialize, E: std::fmt::Display>(
+    res: Result<T, E>,
+    render: impl FnOnce(&T) -> String,
+    json: Option<&std::path::Path>,
+) -> ExitCode {
+    match res {
+        Ok(results) => {
+            println!("{}", render(&results));
+            write_json(json, &results)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

@@ -41,6 +41,16 @@ pub static ENGINE_BYTES: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     )
 });
 
+/// Microseconds writers waited in RocksDB's write stalls and slowdowns since the store
+/// started (too many L0 files or unflushed memtables), all instances summed.
+/// An apply waiting here holds up the whole store loop.
+pub static ENGINE_WRITE_STALL_MICROS: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "prkv_engine_write_stall_micros",
+        "Microseconds RocksDB writes waited in stalls since start",
+    )
+});
+
 /// Tablets open now (their RocksDB running).
 pub static TABLETS_OPEN: LazyLock<IntGauge> =
     LazyLock::new(|| gauge("prkv_engine_tablets_open", "Tablets currently open"));

@@ -23,9 +23,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 
 use super::rocks::{RocksRegion, SharedResources};
+use super::signal::Signal;
 use super::RegionId;
 
 /// Flush when active memtables exceed 3/4 of the limit: early enough that RocksDB's own
@@ -51,9 +52,8 @@ pub struct FlushDecision {
 pub struct FlushController {
     shared: Arc<SharedResources>,
     tablets: Weak<Mutex<HashMap<RegionId, Arc<RocksRegion>>>>,
-    wake: Condvar,
-    /// Set by writers above the trigger; cleared by the controller.
-    pending: Mutex<bool>,
+    /// Woken by writers above the trigger, and by shutdown.
+    wake: Signal,
     stop: Mutex<bool>,
     flushes: AtomicU64,
     decisions: Mutex<Vec<FlushDecision>>,
@@ -71,8 +71,7 @@ impl FlushController {
         let ctl = Arc::new(FlushController {
             shared,
             tablets: Arc::downgrade(&tablets),
-            wake: Condvar::new(),
-            pending: Mutex::new(false),
+            wake: Signal::default(),
             stop: Mutex::new(false),
             flushes: AtomicU64::new(0),
             decisions: Mutex::new(Vec::new()),
@@ -91,11 +90,7 @@ impl FlushController {
     /// a registry that is dropped must have closed every tablet when the drop returns.
     pub(crate) fn shutdown(&self) {
         *self.stop.lock() = true;
-        {
-            let mut p = self.pending.lock();
-            *p = true;
-            self.wake.notify_all();
-        }
+        self.wake.wake();
         if let Some(h) = self.thread.lock().take() {
             if h.join().is_err() {
                 tracing::error!("flush controller thread panicked");
@@ -111,11 +106,7 @@ impl FlushController {
     /// manager's usage is one atomic load, cheap enough for every write.
     pub(crate) fn on_write(&self) {
         if self.shared.wbm.get_usage() as u64 >= self.trigger_bytes() {
-            let mut p = self.pending.lock();
-            if !*p {
-                *p = true;
-                self.wake.notify_one();
-            }
+            self.wake.wake();
         }
     }
 
@@ -212,13 +203,7 @@ fn run(ctl: Weak<FlushController>) {
         if *c.stop.lock() {
             return;
         }
-        {
-            let mut p = c.pending.lock();
-            if !*p {
-                c.wake.wait_for(&mut p, IDLE_WAKE);
-            }
-            *p = false;
-        }
+        c.wake.wait(IDLE_WAKE);
         while !*c.stop.lock() && c.run_once().is_some() {
             std::thread::sleep(FLUSH_SETTLE);
         }

@@ -42,6 +42,7 @@ pub mod keys;
 pub mod park;
 pub mod raftkv;
 mod rocks;
+mod signal;
 pub mod tablet;
 
 use std::path::{Path, PathBuf};

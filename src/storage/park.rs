@@ -41,7 +41,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 use prkv_proto::serverpb::RaftApplyState;
 use serde::{Deserialize, Serialize};
 
@@ -155,31 +155,6 @@ fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io(dir, e))
-}
-
-/// Wakes the parker before its next round: a tablet opened beyond the cap.
-#[derive(Default)]
-pub(crate) struct Signal {
-    pending: Mutex<bool>,
-    wake: Condvar,
-}
-
-impl Signal {
-    pub(crate) fn wake(&self) {
-        let mut p = self.pending.lock();
-        if !*p {
-            *p = true;
-            self.wake.notify_all();
-        }
-    }
-
-    fn wait(&self, timeout: Duration) {
-        let mut p = self.pending.lock();
-        if !*p {
-            self.wake.wait_for(&mut p, timeout);
-        }
-        *p = false;
-    }
 }
 
 /// The thread that parks idle tablets and keeps open ones under `rocksdb.max-open-tablets`.

@@ -23,6 +23,7 @@ use rocksdb::{
 
 use super::engine::{Cf, KeyRange, Op, RegionEngine, ScanDir, Snapshot, WriteBatch};
 use super::park::{self, ParkedInfo};
+use super::signal;
 use super::{keys, Error, Index, RegionId, Result};
 use crate::config::RocksDbConfig;
 
@@ -52,7 +53,7 @@ pub(crate) struct SharedResources {
     open_tablets: AtomicUsize,
     parked_tablets: AtomicUsize,
     /// Wakes the parker when a tablet opens beyond `rocksdb.max-open-tablets`.
-    pub(crate) park_signal: park::Signal,
+    pub(crate) park_signal: signal::Signal,
 }
 
 impl SharedResources {
@@ -85,7 +86,7 @@ impl SharedResources {
             epoch: Instant::now(),
             open_tablets: AtomicUsize::new(0),
             parked_tablets: AtomicUsize::new(0),
-            park_signal: park::Signal::default(),
+            park_signal: signal::Signal::default(),
         });
         let mut sources = STATS_SOURCES.lock();
         sources.retain(|w| w.strong_count() > 0);
@@ -206,6 +207,11 @@ pub fn export_engine_stats() {
             .with_label_values(&[kind])
             .set(sum as i64);
     }
+    let stalled: u64 = sources
+        .iter()
+        .map(|s| s.base.get_ticker_count(Ticker::StallMicros))
+        .sum();
+    crate::metrics::ENGINE_WRITE_STALL_MICROS.set(stalled as i64);
 }
 
 /// RocksDB's errors keep their one distinction that matters above: `Corruption` (a checksum
