@@ -14,6 +14,12 @@
 //! Compare-and-swap is atomic: a per-key latch orders it against every other write that passes
 //! through this store, and its write is fenced on the term its read was served in, so no write
 //! from another leader can slip between its read and its write.
+//!
+//! Plain writes (put, delete and their batches) read nothing, so they need no order among
+//! themselves: Raft's log orders them. They share their keys' latches, and only exclude a
+//! compare-and-swap or a transactional command (which hold them alone). Before, every write held
+//! its latch alone, and writes to one hot key queued one Raft round each: YCSB A (zipfian) had an
+//! update p99 of 627 ms against 50 ms for the same load spread uniformly.
 
 // Handlers answer with `tonic::Status`, as every gRPC handler does; its size is tonic's choice.
 #![allow(clippy::result_large_err)]
@@ -25,7 +31,7 @@ use prkv_proto::errorpb;
 use prkv_proto::kvrpcpb::{self, Context};
 use prkv_proto::serverpb::{mutation, Mutation};
 use prkv_proto::tikvpb::tikv_server::Tikv;
-use tokio::sync::{oneshot, Mutex, OwnedMutexGuard};
+use tokio::sync::{oneshot, OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 use tonic::{Request, Response, Status};
 
 use super::raw::{self, RawConfig, MAX_SCAN_LIMIT};
@@ -172,15 +178,25 @@ fn region_error(e: Error) -> Fail {
     Fail::Region(Box::new(out))
 }
 
-/// Per-key write latches (see the module doc).
+/// Per-key write latches (see the module doc): shared by plain writes, held alone by
+/// read-modify-writes.
 struct Latches {
-    slots: Vec<Arc<Mutex<()>>>,
+    slots: Vec<Arc<RwLock<()>>>,
+}
+
+/// A latch held until dropped.
+#[allow(dead_code)] // held for its drop
+enum LatchGuard {
+    Shared(OwnedRwLockReadGuard<()>),
+    Alone(OwnedRwLockWriteGuard<()>),
 }
 
 impl Latches {
     fn new() -> Self {
         Latches {
-            slots: (0..LATCH_SLOTS).map(|_| Arc::new(Mutex::new(()))).collect(),
+            slots: (0..LATCH_SLOTS)
+                .map(|_| Arc::new(RwLock::new(())))
+                .collect(),
         }
     }
 
@@ -191,14 +207,29 @@ impl Latches {
         (h.finish() as usize) % LATCH_SLOTS
     }
 
-    /// Locks the slots of `keys` in slot order (no deadlock between two multi-key writers).
-    async fn acquire(&self, keys: impl Iterator<Item = &[u8]>) -> Vec<OwnedMutexGuard<()>> {
+    /// Locks the slots of `keys` alone, in slot order (no deadlock between two multi-key
+    /// writers, shared or not).
+    async fn acquire(&self, keys: impl Iterator<Item = &[u8]>) -> Vec<LatchGuard> {
+        self.lock(keys, false).await
+    }
+
+    /// Locks the slots of `keys` shared with other plain writes, in slot order.
+    async fn acquire_shared(&self, keys: impl Iterator<Item = &[u8]>) -> Vec<LatchGuard> {
+        self.lock(keys, true).await
+    }
+
+    async fn lock(&self, keys: impl Iterator<Item = &[u8]>, shared: bool) -> Vec<LatchGuard> {
         let mut slots: Vec<usize> = keys.map(Self::slot).collect();
         slots.sort_unstable();
         slots.dedup();
         let mut guards = Vec::with_capacity(slots.len());
         for s in slots {
-            guards.push(self.slots[s].clone().lock_owned().await);
+            let slot = self.slots[s].clone();
+            guards.push(if shared {
+                LatchGuard::Shared(slot.read_owned().await)
+            } else {
+                LatchGuard::Alone(slot.write_owned().await)
+            });
         }
         guards
     }
@@ -332,12 +363,13 @@ impl KvService {
         }
     }
 
-    /// Writes `ms` under their keys' latches (see the module doc).
+    /// Writes `ms` (plain writes: no read) under their keys' latches, shared with other plain
+    /// writes (see the module doc).
     async fn latched_write(&self, ctx: &Context, ms: Vec<Mutation>) -> Result<(), Fail> {
         let _latch = self
             .inner
             .latches
-            .acquire(ms.iter().map(|m| m.key.as_slice()))
+            .acquire_shared(ms.iter().map(|m| m.key.as_slice()))
             .await;
         self.write(ctx, ms, 0).await
     }
@@ -1051,5 +1083,39 @@ impl Tikv for KvService {
             },
         }
         Ok(Response::new(resp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::Latches;
+
+    /// Plain writes to one key do not wait for each other; a read-modify-write waits for them
+    /// and holds the key alone.
+    #[tokio::test]
+    async fn plain_writes_share_latches_and_cas_excludes_them() {
+        let latches = Latches::new();
+        let key: &[u8] = b"hot";
+        let wait = Duration::from_millis(100);
+        let first = latches.acquire_shared(std::iter::once(key)).await;
+        let second = tokio::time::timeout(wait, latches.acquire_shared(std::iter::once(key))).await;
+        assert!(second.is_ok(), "a second plain write waited for the first");
+        let alone = tokio::time::timeout(wait, latches.acquire(std::iter::once(key))).await;
+        assert!(alone.is_err(), "a compare-and-swap ran beside plain writes");
+        drop((first, second));
+        let cas = latches.acquire(std::iter::once(key)).await;
+        let plain = tokio::time::timeout(wait, latches.acquire_shared(std::iter::once(key))).await;
+        assert!(
+            plain.is_err(),
+            "a plain write ran inside a compare-and-swap"
+        );
+        drop(cas);
+        assert!(
+            tokio::time::timeout(wait, latches.acquire_shared(std::iter::once(key)))
+                .await
+                .is_ok()
+        );
     }
 }
