@@ -45,6 +45,21 @@ fn failover(kind: EngineKind) {
     }
 }
 
+/// A read from a replica that may have lost its leadership: the new value `b"new"`, or a
+/// refusal (not leader, no quorum to confirm), never anything older.
+fn assert_new_or_refused(read: Result<Option<Vec<u8>>, Error>, stale: &str) {
+    match read {
+        Ok(v) => assert_eq!(v.as_deref(), Some(&b"new"[..]), "{stale}"),
+        Err(e) => assert!(
+            matches!(
+                e,
+                Error::NotLeader { .. } | Error::ReadIndexTimeout { .. } | Error::Timeout(_)
+            ),
+            "unexpected error {e:?}"
+        ),
+    }
+}
+
 /// A read sent to an isolated old leader after the new leader committed a write returns the
 /// new value or an error, never the old value.
 fn no_stale_read_from_old_leader(kind: EngineKind) {
@@ -74,20 +89,7 @@ fn no_stale_read_from_old_leader(kind: EngineKind) {
         std::thread::sleep(Duration::from_millis(10));
     }
     for _ in 0..5 {
-        match c.get_on(old, b"k") {
-            Ok(v) => assert_eq!(
-                v.as_deref(),
-                Some(&b"new"[..]),
-                "stale read from the old leader"
-            ),
-            Err(e) => assert!(
-                matches!(
-                    e,
-                    Error::NotLeader { .. } | Error::ReadIndexTimeout { .. } | Error::Timeout(_)
-                ),
-                "unexpected error {e:?}"
-            ),
-        }
+        assert_new_or_refused(c.get_on(old, b"k"), "stale read from the old leader");
     }
     c.heal();
     assert_eq!(c.must_get(b"k").as_deref(), Some(&b"new"[..]));
@@ -158,20 +160,10 @@ fn no_stale_read_after_leader_transfer(kind: EngineKind) {
         } else {
             c.get_on_loop(old, b"k")
         };
-        match read {
-            Ok(v) => assert_eq!(
-                v.as_deref(),
-                Some(&b"new"[..]),
-                "stale read (local: {local}) from the leader that transferred its leadership"
-            ),
-            Err(e) => assert!(
-                matches!(
-                    e,
-                    Error::NotLeader { .. } | Error::ReadIndexTimeout { .. } | Error::Timeout(_)
-                ),
-                "unexpected error {e:?}"
-            ),
-        }
+        assert_new_or_refused(
+            read,
+            &format!("stale read (local: {local}) from the leader that transferred its leadership"),
+        );
     }
     let probed = probed.lock().unwrap().clone();
     assert!(!probed.is_empty(), "no MsgTimeoutNow was sent");

@@ -967,6 +967,7 @@ impl Peer {
             }
         }
         self.serve_reads();
+        // Before the store creates split Regions or takes in a merge (`local_read`).
         self.publish_reads();
         Ok(outcome)
     }

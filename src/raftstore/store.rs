@@ -1487,8 +1487,6 @@ impl Store {
                 return Ok(false); // merged away (see `merge.rs`)
             };
             let mut outcome = p.apply(entries)?;
-            // Before the store creates split Regions or takes in a merge.
-            p.publish_reads();
             if outcome.region_changed {
                 self.neighbours_stale = true;
             }
