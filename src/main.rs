@@ -278,10 +278,27 @@ fn init_logging(default: &str) {
         .init();
 }
 
+/// A server process that panics exits. A panic in any thread means an invariant broke, and a
+/// store whose Raft loop died while its gRPC and heartbeat tasks lived on would look alive to
+/// PD and clients and never answer. Exiting lets a supervisor restart it; recovery rebuilds
+/// the state from what is durable.
+fn exit_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        tracing::error!(panic = %info, "a thread panicked; the process exits");
+        // Rust's own exit code for a panicking main thread.
+        std::process::exit(101);
+    }));
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let server = matches!(cli.command, Command::Pd { .. } | Command::Store { .. });
     init_logging(if server { "info" } else { "warn" });
+    if server {
+        exit_on_panic();
+    }
     match cli.command {
         Command::Playground {
             data_dir,

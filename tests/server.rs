@@ -480,3 +480,48 @@ where
         }
     }
 }
+
+/// Waits up to 30 s for store `i` to exit; returns its exit status and log.
+fn store_exit(c: &mut ProcCluster, i: usize) -> (std::process::ExitStatus, String) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let p = c.stores[i - 1].as_mut().expect("store started");
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = p.child.try_wait() {
+            let log = std::fs::read_to_string(c.dir.join(format!("store-{i}.log"))).unwrap();
+            return (status, log);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("store {i} still runs 30 s after its port was found in use");
+}
+
+/// A store whose gRPC or status port is in use exits with an error naming the config key,
+/// before it registers with PD: PD must never place replicas on a store that cannot serve.
+#[test]
+fn store_with_a_port_in_use_exits_before_registering() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = ProcCluster::start(dir.path(), 0, "");
+    for (i, key) in [(1, "server.addr"), (2, "server.status-addr")] {
+        let taken = if i == 1 {
+            c.store_addr(i)
+        } else {
+            c.status_addr(i)
+        };
+        let _squatter = std::net::TcpListener::bind(taken).unwrap();
+        c.start_store(i);
+        let (status, log) = store_exit(&mut c, i);
+        let stores = http_json(c.pd_addr, "/pd/api/v1/stores");
+        assert_eq!(
+            stores["count"], 0,
+            "PD registered a store that cannot serve: {stores}"
+        );
+        assert!(!status.success(), "store {i} exited with {status}: {log}");
+        assert!(
+            log.contains(key) && log.contains(&taken.to_string()),
+            "the error names neither {key} nor {taken}: {log}"
+        );
+    }
+    // With its port free, the same data dir starts and serves.
+    c.start_store(1);
+    procs::wait_cluster(c.pd_addr, 1, 1, Duration::from_secs(60));
+}

@@ -82,6 +82,28 @@ pub enum ServerError {
     },
     #[error("gRPC server on {addr}: {detail}")]
     Serve { addr: SocketAddr, detail: String },
+    #[error("{key}: cannot listen on {addr}: {detail}")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        detail: String,
+    },
+}
+
+/// Binds `addr` (the value of config key `key`) for one of the store's servers.
+fn bind(key: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, ServerError> {
+    let l = std::net::TcpListener::bind(addr).map_err(|e| ServerError::Bind {
+        key,
+        addr,
+        detail: e.to_string(),
+    })?;
+    // tokio and hyper take the socket over only if it does not block.
+    l.set_nonblocking(true).map_err(|e| ServerError::Bind {
+        key,
+        addr,
+        detail: e.to_string(),
+    })?;
+    Ok(l)
 }
 
 fn parse_addr(key: &'static str, s: &str) -> Result<SocketAddr, ServerError> {
@@ -159,6 +181,10 @@ pub async fn run(
     let started = Instant::now();
     let addr = parse_addr("server.addr", &cfg.server.addr)?;
     let status_addr = parse_addr("server.status-addr", &cfg.server.status_addr)?;
+    // Both ports are taken before anything else. A store that registered with PD and then
+    // found its port in use would leave PD placing replicas on a store that never answers.
+    let grpc_listener = bind("server.addr", addr)?;
+    let status_listener = bind("server.status-addr", status_addr)?;
     let advertise = if cfg.server.advertise_addr.is_empty() {
         cfg.server.addr.clone()
     } else {
@@ -336,7 +362,11 @@ pub async fn run(
         stats: handle.stats.clone(),
         kv: kv_engine,
     });
-    let status_task = tokio::spawn(status::serve(status_addr, info, stopped(stop_rx.clone())));
+    let status_task = tokio::spawn(status::serve(
+        status_listener,
+        info,
+        stopped(stop_rx.clone()),
+    ));
 
     let raw_cfg = RawConfig::new(
         cfg.storage.api_version,
@@ -383,9 +413,8 @@ pub async fn run(
         router: router.clone(),
         snap: snap_transfer::Receiver::new(router.clone(), &cfg.storage.data_dir),
     };
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| ServerError::Serve {
+    let listener =
+        tokio::net::TcpListener::from_std(grpc_listener).map_err(|e| ServerError::Serve {
             addr,
             detail: e.to_string(),
         })?;

@@ -5,7 +5,6 @@
 //! `/fault/partition` injects network partitions for fault tests (see `server::fault`).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -152,7 +151,7 @@ fn fault_partition(req: &Request<Body>) -> Response<Body> {
 
 /// Serves until `shutdown` resolves.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: std::net::TcpListener,
     info: Arc<StatusInfo>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
@@ -165,8 +164,8 @@ pub async fn serve(
             }))
         }
     });
-    hyper::Server::try_bind(&addr)
-        .map_err(|e| format!("status address {addr}: {e}"))?
+    hyper::Server::from_tcp(listener)
+        .map_err(|e| format!("status server: {e}"))?
         .serve(make)
         .with_graceful_shutdown(shutdown)
         .await

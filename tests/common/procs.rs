@@ -29,9 +29,13 @@ block-cache-size = "32MiB"
 "#;
 
 /// `n` consecutive free loopback ports (checked by binding them all).
+///
+/// They are drawn from 10000-32767, below Linux's ephemeral range (32768-60999): a port
+/// checked free there could be handed to some process's outgoing connection before the
+/// server that should listen on it starts. Concurrent tests open thousands of connections.
 pub fn free_ports(n: u16) -> u16 {
     for _ in 0..200 {
-        let base: u16 = 20_000 + rand::random::<u16>() % 40_000;
+        let base: u16 = 10_000 + rand::random::<u16>() % (32_768 - 10_000 - n);
         let ok = (0..n).all(|i| {
             base.checked_add(i)
                 .is_some_and(|p| TcpListener::bind(("127.0.0.1", p)).is_ok())
@@ -329,6 +333,32 @@ impl ProcCluster {
         vec![self.pd_addr.to_string()]
     }
 }
+
+impl Drop for ProcCluster {
+    /// A failing test shows the end of every process's log: the temporary directory that
+    /// holds them is removed with the test.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let logs = std::iter::once("pd.log".to_string())
+            .chain((1..=self.stores.len()).map(|i| format!("store-{i}.log")));
+        for name in logs {
+            let Ok(text) = std::fs::read_to_string(self.dir.join(&name)) else {
+                continue;
+            };
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+            println!("---- last {} lines of {name} ----", tail.len());
+            for l in tail {
+                println!("{l}");
+            }
+        }
+    }
+}
+
+/// Enough to show how a process ended, short enough to keep a failing CI log readable.
+const LOG_TAIL_LINES: usize = 40;
 
 /// `prkv playground` as a child process, waiting for its "ready" line.
 pub struct Playground {
