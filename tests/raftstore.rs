@@ -175,6 +175,51 @@ fn no_stale_read_after_leader_transfer(kind: EngineKind) {
     assert_eq!(c.must_get(b"k").as_deref(), Some(&b"new"[..]));
 }
 
+/// While a leader hands its leadership over, raft-rs drops every proposal. A write then gets
+/// `NotLeader` naming no leader, which clients back off on and ask PD about, not `NotLeader`
+/// naming the same leader, which they retry at once and give up on before a slow transfer ends.
+fn writes_during_a_transfer_name_no_leader(kind: EngineKind) {
+    let mut c = Cluster::new(3, kind);
+    // The transfer stays pending until an election timeout passes: long enough to look.
+    c.cfg.raftstore.raft_election_timeout_ticks = 250;
+    c.bootstrap(1, &[1, 2, 3]);
+    c.start();
+    c.must_put(b"k", b"v");
+    let old = c.must_leader(1);
+    let target = [1, 2, 3].into_iter().find(|s| *s != old).expect("3 stores");
+    c.must_replicate(target, b"k", b"v");
+    // The target never hears MsgTimeoutNow, so it never campaigns.
+    c.net.add_filter(
+        "to-target",
+        std::sync::Arc::new(move |m| {
+            if m.to_store == target {
+                prkv::raftstore::Verdict::Drop
+            } else {
+                prkv::raftstore::Verdict::Deliver
+            }
+        }),
+    );
+    let to = c.status(target, 1).expect("replica on the target").peer;
+    c.stores[&old]
+        .router
+        .try_send(prkv::raftstore::StoreMsg::TransferLeader { region_id: 1, to })
+        .unwrap();
+    // The old leader and the third store still commit writes until the transfer starts.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let refused = loop {
+        match c.put_on(old, b"k", b"during") {
+            Ok(()) => assert!(Instant::now() < deadline, "the transfer never started"),
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(refused, Error::NotLeader { leader: None, .. }),
+        "a write during a transfer got {refused:?}"
+    );
+    c.heal();
+    c.must_put(b"k", b"after");
+}
+
 /// 10,000 acknowledged writes across 100 Regions survive stopping every store without a flush.
 fn restart_all_keeps_acknowledged_writes(kind: EngineKind) {
     let mut c = Cluster::new(3, kind);
@@ -543,6 +588,7 @@ both_kinds!(
     failover,
     no_stale_read_from_old_leader,
     no_stale_read_after_leader_transfer,
+    writes_during_a_transfer_name_no_leader,
     restart_all_keeps_acknowledged_writes,
     conf_change,
     bounded_proposals,

@@ -284,6 +284,11 @@ impl Peer {
         self.region.peers.iter().find(|p| p.id == id).cloned()
     }
 
+    /// The peer this leader is handing its leadership to, while a transfer is in progress.
+    fn transferring_to(&self) -> Option<u64> {
+        self.raw.raft.lead_transferee
+    }
+
     fn not_leader(&self) -> Error {
         Error::NotLeader {
             region_id: self.region.id,
@@ -364,6 +369,19 @@ impl Peer {
                 }
             }
         }
+        if self.transferring_to().is_some() {
+            // raft-rs would drop the proposal. Naming this peer as the leader would send the
+            // client straight back here, and it would spend its retries before the transfer
+            // ends; with no leader named, clients back off and ask PD again, as in an election.
+            // (ServerIsBusy is no better: tikv-client 0.4 hands it to the application.)
+            return Err((
+                Error::NotLeader {
+                    region_id: self.region.id,
+                    leader: None,
+                },
+                cb,
+            ));
+        }
         if self.proposals.len() >= MAX_PENDING_PROPOSALS {
             return Err((
                 Error::ServerIsBusy {
@@ -395,7 +413,15 @@ impl Peer {
             ));
         }
         if self.raw.propose(vec![], data).is_err() {
-            return Err((self.not_leader(), cb));
+            // Dropped by raft-rs (e.g. this leader was just removed from the group): whoever
+            // leads, it is not this peer.
+            return Err((
+                Error::NotLeader {
+                    region_id: self.region.id,
+                    leader: None,
+                },
+                cb,
+            ));
         }
         self.track_proposal(cb);
         Ok(())
@@ -525,7 +551,7 @@ impl Peer {
         if self.is_leader()
             && self.lease_term == self.term()
             && self.applied_term == self.term()
-            && self.raw.raft.lead_transferee.is_none()
+            && self.transferring_to().is_none()
         {
             self.lease_until
         } else {
@@ -543,7 +569,7 @@ impl Peer {
     /// Records that a transfer is in progress (started here, or forwarded by a follower and
     /// stepped): the lease ends, and no confirmation requested before now may renew it.
     pub fn note_transfer(&mut self) {
-        if self.raw.raft.lead_transferee.is_some() {
+        if self.transferring_to().is_some() {
             self.lease_until = None;
             self.lease_fence = Some(Instant::now());
             self.publish_reads();
@@ -670,7 +696,7 @@ impl Peer {
 
     fn renew_lease(&mut self, from: Instant) {
         self.note_transfer();
-        if self.raw.raft.lead_transferee.is_some() || self.lease_fence.is_some_and(|f| from <= f) {
+        if self.transferring_to().is_some() || self.lease_fence.is_some_and(|f| from <= f) {
             return;
         }
         let until = from + self.cfg.lease;
