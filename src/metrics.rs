@@ -196,6 +196,17 @@ pub static RAFT_ENTRY_READS_CACHE: LazyLock<IntCounter> =
 pub static RAFT_ENTRY_READS_ENGINE: LazyLock<IntCounter> =
     LazyLock::new(|| RAFT_ENTRY_READS.with_label_values(&["raft_engine"]));
 
+/// `BatchCommands` traffic, by what was counted: `requests`, the `request_messages` that
+/// carried them, and the `response_messages` that carried their answers. Requests per message
+/// is how much batching the clients did; answers per message, how much the store did.
+pub static BATCH_COMMANDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "prkv_batch_commands_total",
+        "BatchCommands requests and the stream messages carrying them and their answers",
+        &["what"],
+    )
+});
+
 /// Region errors returned to clients, by kind (not_leader, epoch_not_match, ...).
 pub static REGION_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(

@@ -525,3 +525,188 @@ fn store_with_a_port_in_use_exits_before_registering() {
     c.start_store(1);
     procs::wait_cluster(c.pd_addr, 1, 1, Duration::from_secs(60));
 }
+
+/// `BatchCommands`, the stream TiKV's Go client sends its requests through: answers carry their
+/// requests' ids and say what the unary calls say, errors included; a request the store does
+/// not serve, or ids that do not pair with requests, end the stream with a status naming why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_commands_answer_like_unary_calls() {
+    use prkv_proto::tikvpb::batch_commands_request::{request::Cmd as Ask, Request as Asked};
+    use prkv_proto::tikvpb::batch_commands_response::response::Cmd as Answer;
+    use prkv_proto::tikvpb::tikv_client::TikvClient;
+    use prkv_proto::tikvpb::{BatchCommandsEmptyRequest, BatchCommandsRequest};
+    use prkv_proto::{kvrpcpb, metapb};
+
+    let dir = tempfile::tempdir().unwrap();
+    let c = ProcCluster::start_with_pd(
+        dir.path(),
+        1,
+        "[storage]\napi-version = 1\n",
+        "[replication]\nmax-replicas = 1\n",
+    );
+    procs::wait_cluster(c.pd_addr, 1, 1, Duration::from_secs(60));
+    let regions = http_json(c.pd_addr, "/pd/api/v1/regions");
+    let r = &regions["regions"][0];
+    let ctx = kvrpcpb::Context {
+        region_id: r["id"].as_u64().unwrap(),
+        region_epoch: Some(metapb::RegionEpoch {
+            conf_ver: r["epoch"]["conf_ver"].as_u64().unwrap(),
+            version: r["epoch"]["version"].as_u64().unwrap(),
+        }),
+        peer: Some(metapb::Peer {
+            id: r["leader"]["id"].as_u64().unwrap(),
+            store_id: r["leader"]["store_id"].as_u64().unwrap(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut stale = ctx.clone();
+    stale.region_epoch.as_mut().unwrap().version += 1;
+    let put = |ctx: &kvrpcpb::Context, i: u64| Asked {
+        cmd: Some(Ask::RawPut(kvrpcpb::RawPutRequest {
+            context: Some(ctx.clone()),
+            key: format!("b{i:03}").into_bytes(),
+            value: format!("v{i}").into_bytes(),
+            ..Default::default()
+        })),
+    };
+    let get = |i: u64| Asked {
+        cmd: Some(Ask::RawGet(kvrpcpb::RawGetRequest {
+            context: Some(ctx.clone()),
+            key: format!("b{i:03}").into_bytes(),
+            ..Default::default()
+        })),
+    };
+    let mut client = TikvClient::connect(format!("http://{}", c.store_addr(1)))
+        .await
+        .unwrap();
+
+    // 200 puts in two messages (ids 0..200), then one message with their 200 gets (ids
+    // 1000..1200), a put with a stale epoch (id 5000) and a probe (id 6000).
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let mut answers = client
+        .batch_commands(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for half in [0..100u64, 100..200] {
+        tx.send(BatchCommandsRequest {
+            requests: half.clone().map(|i| put(&ctx, i)).collect(),
+            request_ids: half.collect(),
+        })
+        .await
+        .unwrap();
+    }
+    let mut got = BTreeMap::new();
+    while got.len() < 200 {
+        let m = answers.message().await.unwrap().expect("stream open");
+        assert_eq!(m.request_ids.len(), m.responses.len());
+        for (id, a) in m.request_ids.into_iter().zip(m.responses) {
+            assert!(got.insert(id, a).is_none(), "request {id} answered twice");
+        }
+    }
+    for (id, a) in &got {
+        match &a.cmd {
+            Some(Answer::RawPut(p)) => {
+                assert!(
+                    p.region_error.is_none() && p.error.is_empty(),
+                    "{id}: {p:?}"
+                )
+            }
+            other => panic!("put {id} answered {other:?}"),
+        }
+    }
+    let mut requests: Vec<Asked> = (0..200).map(get).collect();
+    let mut request_ids: Vec<u64> = (1000..1200).collect();
+    requests.push(put(&stale, 999));
+    request_ids.push(5000);
+    requests.push(Asked {
+        cmd: Some(Ask::Empty(BatchCommandsEmptyRequest {
+            test_id: 7,
+            delay_time: 0,
+        })),
+    });
+    request_ids.push(6000);
+    tx.send(BatchCommandsRequest {
+        requests,
+        request_ids,
+    })
+    .await
+    .unwrap();
+    let mut got = BTreeMap::new();
+    let mut messages = 0;
+    while got.len() < 202 {
+        let m = answers.message().await.unwrap().expect("stream open");
+        messages += 1;
+        for (id, a) in m.request_ids.into_iter().zip(m.responses) {
+            assert!(got.insert(id, a).is_none(), "request {id} answered twice");
+        }
+    }
+    println!("202 answers in {messages} messages");
+    for i in 0..200u64 {
+        match &got[&(1000 + i)].cmd {
+            Some(Answer::RawGet(g)) => {
+                assert_eq!(g.value, format!("v{i}").into_bytes(), "get {i}: {g:?}")
+            }
+            other => panic!("get {i} answered {other:?}"),
+        }
+    }
+    match &got[&5000].cmd {
+        Some(Answer::RawPut(p)) => assert!(
+            p.region_error
+                .as_ref()
+                .is_some_and(|e| e.epoch_not_match.is_some()),
+            "a stale epoch in a batch: {p:?}"
+        ),
+        other => panic!("the stale put answered {other:?}"),
+    }
+    match &got[&6000].cmd {
+        Some(Answer::Empty(e)) => assert_eq!(e.test_id, 7),
+        other => panic!("the probe answered {other:?}"),
+    }
+
+    // Ids that do not pair with requests end the stream, saying so.
+    tx.send(BatchCommandsRequest {
+        requests: vec![get(0)],
+        request_ids: vec![1, 2],
+    })
+    .await
+    .unwrap();
+    let status = loop {
+        match answers.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+    // A command the store does not serve (none at all, here) ends a new stream: Unimplemented,
+    // naming the request.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut answers = client
+        .batch_commands(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(BatchCommandsRequest {
+        requests: vec![Asked { cmd: None }],
+        request_ids: vec![42],
+    })
+    .await
+    .unwrap();
+    let status = answers.message().await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+    assert!(status.message().contains("42"), "{status:?}");
+    // The store still serves.
+    let unary = client
+        .raw_get(kvrpcpb::RawGetRequest {
+            context: Some(ctx.clone()),
+            key: b"b007".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unary.value, b"v7");
+}

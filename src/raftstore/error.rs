@@ -43,6 +43,10 @@ pub enum Error {
     Timeout(String),
     #[error("storage: {0}")]
     Storage(String),
+    /// RocksDB found a Region's data damaged on disk (e.g. a block whose checksum does not
+    /// match). The replica is refused and rebuilt from the others (`raftstore/store/damage.rs`).
+    #[error("storage: {0}")]
+    Corruption(String),
     /// Split keys that cannot cut the Region (outside it, unordered, or at its start).
     #[error("invalid split: {0}")]
     InvalidSplit(String),
@@ -68,7 +72,10 @@ pub enum Error {
 
 impl From<crate::storage::Error> for Error {
     fn from(e: crate::storage::Error) -> Self {
-        Error::Storage(e.to_string())
+        match e {
+            crate::storage::Error::Corruption { .. } => Error::Corruption(e.to_string()),
+            e => Error::Storage(e.to_string()),
+        }
     }
 }
 

@@ -240,6 +240,16 @@ pub fn peer_config(cfg: &Config) -> PeerConfig {
     }
 }
 
+/// What applying a Ready's committed entries did to the replica.
+enum Applied {
+    /// It stays.
+    Kept,
+    /// It left its Region (a conf change removed it): it is destroyed after the round.
+    Removed,
+    /// Its tablet turned out damaged: it was refused, and is gone already.
+    Refused,
+}
+
 struct Store {
     id: StoreId,
     cfg: Config,
@@ -1441,9 +1451,13 @@ impl Store {
             // Persisted now: Raft reads them back from memory to apply them (`region_log`).
             p.raw.store().cache_persisted(entries);
             self.send_raft_messages(id, persisted);
-            if self.apply(id, committed)? {
-                removed.push(id);
-                continue;
+            match self.apply_or_refuse(id, committed)? {
+                Applied::Kept => {}
+                Applied::Removed => {
+                    removed.push(id);
+                    continue;
+                }
+                Applied::Refused => continue,
             }
             let Some(p) = self.peers.get_mut(&id) else {
                 continue;
@@ -1452,9 +1466,13 @@ impl Store {
             let msgs = light.take_messages();
             let committed = light.take_committed_entries();
             self.send_raft_messages(id, msgs);
-            if self.apply(id, committed)? {
-                removed.push(id);
-                continue;
+            match self.apply_or_refuse(id, committed)? {
+                Applied::Kept => {}
+                Applied::Removed => {
+                    removed.push(id);
+                    continue;
+                }
+                Applied::Refused => continue,
             }
             let Some(p) = self.peers.get_mut(&id) else {
                 continue;
@@ -1471,6 +1489,31 @@ impl Store {
         }
         self.report_dirty_to_pd();
         Ok(())
+    }
+
+    /// `apply`, except that a tablet found damaged while applying refuses this replica (its
+    /// peer goes; PD rebuilds it from the others) instead of stopping the whole store. The
+    /// shared DB of `raft-kv` holds every Region: its corruption still stops the store.
+    fn apply_or_refuse(
+        &mut self,
+        id: RegionId,
+        entries: Vec<raft::eraftpb::Entry>,
+    ) -> Result<Applied> {
+        match self.apply(id, entries) {
+            Ok(true) => Ok(Applied::Removed),
+            Ok(false) => Ok(Applied::Kept),
+            Err(Error::Corruption(reason))
+                if self.engines.kv.kind() == EngineKind::PartitionedRaftKv =>
+            {
+                let Some(index) = self.peers.get(&id).map(|p| p.engine.tablet_index()) else {
+                    return Err(Error::Corruption(reason));
+                };
+                tracing::error!(region_id = id, %reason, "applying to a damaged tablet");
+                self.on_replica_damaged(id, index, &reason)?;
+                Ok(Applied::Refused)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Applies entries to one peer; returns whether the peer was removed from its Region.

@@ -36,6 +36,7 @@ use tonic::{Request, Response, Status};
 
 use super::raw::{self, RawConfig, MAX_SCAN_LIMIT};
 
+mod batch;
 mod txn;
 use crate::raftstore::{Error, RegionSnapshot, StoreMsg, StoreRouter};
 use crate::storage::{Cf, ScanDir};
@@ -165,7 +166,7 @@ fn region_error(e: Error) -> Fail {
         }
         Error::InvalidSplit(msg) => return Fail::Other(format!("invalid split: {msg}")),
         Error::InvalidMerge(msg) => return Fail::Other(format!("invalid merge: {msg}")),
-        Error::Storage(msg) => {
+        Error::Storage(msg) | Error::Corruption(msg) => {
             crate::metrics::REGION_ERRORS
                 .with_label_values(&["storage"])
                 .inc();
@@ -522,6 +523,16 @@ fn split_pairs(f: Fail) -> (Option<errorpb::Error>, Vec<kvrpcpb::KvPair>) {
 
 #[tonic::async_trait]
 impl Tikv for KvService {
+    type BatchCommandsStream = batch::BatchStream;
+
+    async fn batch_commands(
+        &self,
+        req: Request<tonic::Streaming<prkv_proto::tikvpb::BatchCommandsRequest>>,
+    ) -> Result<Response<Self::BatchCommandsStream>, Status> {
+        count("batch_commands");
+        self.serve_batch_commands(req).await
+    }
+
     async fn kv_get(
         &self,
         req: Request<kvrpcpb::GetRequest>,

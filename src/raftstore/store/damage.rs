@@ -28,7 +28,9 @@
 //! **While running**, RocksDB's `Corruption` met anywhere in a tablet (a read meeting a block
 //! whose checksum does not match, a flush, a trim) is reported by `storage::corruption` and the
 //! replica is refused the same way; the read that met it fails, and the client retries on the
-//! new leader.
+//! new leader. An apply that meets it (RocksDB refuses every write after a background error)
+//! refuses the replica at once, in the same Ready round (`Store::apply_or_refuse`), rather than
+//! stopping the store.
 //!
 //! Not covered: `raft-kv`'s shared DB (its corruption is returned as an error; its start-up
 //! checks still apply), and a damaged raft-engine, which stops the store at open.
