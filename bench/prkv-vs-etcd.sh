@@ -3,6 +3,8 @@
 # (Debian's etcd-server), both on loopback, driven by the same generator (`prkv bench ycsb`):
 #   1. raw puts (YCSB "insert": 100% new keys), 16 B keys, 256 B values
 #   2. linearizable point reads (YCSB "c" over the loaded keys)
+# prkv runs each twice: through tikv-client 0.4 (one unary call per request), and through
+# BatchCommands streams (`--mode raw-batch`, as TiKV's Go client sends).
 # Prints one table with ratios; the JSON results stay in $OUT.
 #
 #   bench/prkv-vs-etcd.sh [--threads 256] [--duration 30s] [--records 100000]
@@ -55,17 +57,19 @@ grep -q '^ready' "$OUT/prkv.log" || { echo "prkv playground did not start; see $
 PRKV_T="prkv://127.0.0.1:2379"
 sleep 3 # etcd elects its leader meanwhile
 
-run() { # name target workload
-  "$PRKV" bench ycsb --target "$2" --workload "$3" --threads "$THREADS" --duration "$DURATION" \
-    --records "$RECORDS" --json "$OUT/$1.json" >"$OUT/$1.txt"
+run() { # name target workload [mode]
+  "$PRKV" bench ycsb --target "$2" --workload "$3" --mode "${4:-raw}" --threads "$THREADS" \
+    --duration "$DURATION" --records "$RECORDS" --json "$OUT/$1.json" >"$OUT/$1.txt"
   cat "$OUT/$1.txt"
 }
 run etcd-insert "$ETCD" insert
 run prkv-insert "$PRKV_T" insert
+run prkv-insert-batch "$PRKV_T" insert raw-batch
 "$PRKV" bench ycsb --target "$ETCD" --workload load --threads "$THREADS" --records "$RECORDS" >/dev/null
 "$PRKV" bench ycsb --target "$PRKV_T" --workload load --threads "$THREADS" --records "$RECORDS" >/dev/null
 run etcd-read "$ETCD" c
 run prkv-read "$PRKV_T" c
+run prkv-read-batch "$PRKV_T" c raw-batch
 
 python3 - "$OUT" <<'PY'
 import json, sys
@@ -76,8 +80,9 @@ def load(n):
     return r["ops_per_sec"], p99, r["errors"]
 print("| test | etcd ops/s | prkv ops/s | prkv/etcd | etcd p99 ms | prkv p99 ms | errors (etcd/prkv) |")
 print("|---|---|---|---|---|---|---|")
-for name, what in [("insert", "raw put, 256 B"), ("read", "linearizable get")]:
-    e, p = load(f"etcd-{name}"), load(f"prkv-{name}")
+for name, what in [("insert", "raw put, 256 B"), ("insert-batch", "raw put, 256 B, BatchCommands"),
+                   ("read", "linearizable get"), ("read-batch", "linearizable get, BatchCommands")]:
+    e, p = load(f"etcd-{name.split('-')[0]}"), load(f"prkv-{name}")
     print(f"| {what} | {e[0]:.0f} | {p[0]:.0f} | {p[0]/e[0]:.2f}x | {e[1]/1000:.1f} | {p[1]/1000:.1f} | {e[2]}/{p[2]} |")
 PY
 echo "results in $OUT"

@@ -118,7 +118,8 @@ enum BenchCommand {
         /// load, insert, a, b, c, d, e or f.
         #[arg(long, default_value = "a")]
         workload: String,
-        /// raw or txn (prkv only; etcd has one mode).
+        /// raw, raw-batch (raw through BatchCommands streams, as the Go client sends) or txn
+        /// (prkv only; etcd has one mode).
         #[arg(long, default_value = "raw")]
         mode: String,
         #[arg(long, default_value_t = 100_000)]
@@ -436,9 +437,10 @@ fn main() -> ExitCode {
                 };
                 let mode = match mode.as_str() {
                     "raw" => Mode::Raw,
+                    "raw-batch" => Mode::RawBatch,
                     "txn" => Mode::Txn,
                     other => {
-                        eprintln!("error: --mode {other:?}: raw or txn");
+                        eprintln!("error: --mode {other:?}: raw, raw-batch or txn");
                         return ExitCode::from(2);
                     }
                 };

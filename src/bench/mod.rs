@@ -2,6 +2,7 @@
 //! results go to `BENCHMARKS.md` with the command that produced them.
 
 pub mod add_replica;
+pub mod batch_client;
 pub mod engine;
 pub mod raftstore;
 pub mod regions;

@@ -60,6 +60,9 @@ impl TargetSpec {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Mode {
     Raw,
+    /// Raw, sent through `BatchCommands` streams (`bench::batch_client`), as TiKV's Go client
+    /// sends.
+    RawBatch,
     Txn,
 }
 
@@ -234,6 +237,7 @@ fn value_of(rng: &mut Rng, size: usize) -> Vec<u8> {
 
 enum Client {
     Raw(tikv_client::RawClient),
+    Batch(super::batch_client::BatchClient),
     Txn(tikv_client::TransactionClient),
     Etcd(etcd_client::KvClient),
 }
@@ -245,6 +249,10 @@ impl Client {
                 Mode::Raw => tikv_client::RawClient::new(pd.clone())
                     .await
                     .map(Client::Raw)
+                    .map_err(|e| format!("connecting to prkv: {e}")),
+                Mode::RawBatch => super::batch_client::BatchClient::connect(pd)
+                    .await
+                    .map(Client::Batch)
                     .map_err(|e| format!("connecting to prkv: {e}")),
                 Mode::Txn => tikv_client::TransactionClient::new(pd.clone())
                     .await
@@ -261,6 +269,7 @@ impl Client {
     async fn read(&self, key: Vec<u8>) -> Result<Option<Vec<u8>>, String> {
         match self {
             Client::Raw(c) => c.get(key).await.map_err(|e| e.to_string()),
+            Client::Batch(c) => c.get(key).await,
             Client::Txn(c) => {
                 let ts = c.current_timestamp().await.map_err(|e| e.to_string())?;
                 let mut s = c.snapshot(ts, tikv_client::TransactionOptions::new_optimistic());
@@ -277,6 +286,7 @@ impl Client {
     async fn write(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), String> {
         match self {
             Client::Raw(c) => c.put(key, value).await.map_err(|e| e.to_string()),
+            Client::Batch(c) => c.put(key, value).await,
             Client::Txn(c) => {
                 let mut t = c.begin_optimistic().await.map_err(|e| e.to_string())?;
                 t.put(key, value).await.map_err(|e| e.to_string())?;
@@ -296,6 +306,7 @@ impl Client {
         let mut end = from.clone();
         end.push(0xff);
         match self {
+            Client::Batch(_) => Err("--mode raw-batch does not scan yet (workload E)".into()),
             Client::Raw(c) => c
                 .scan(from.., n)
                 .await

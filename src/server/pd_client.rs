@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use prkv_proto::eraftpb::ConfChangeType;
-use prkv_proto::metapb::{PeerRole, Region, Store};
+use prkv_proto::metapb::{Peer, PeerRole, Region, Store};
 use prkv_proto::pdpb::{self, pd_client::PdClient as GrpcPdClient};
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
@@ -201,6 +201,28 @@ impl PdClient {
             .map_err(rpc_err("PutStore"))?
             .into_inner();
         check("PutStore", r.header)
+    }
+
+    /// The Region holding `key` and its leader, if PD knows one.
+    pub async fn get_region(&self, key: &[u8]) -> Result<(Region, Option<Peer>)> {
+        let r = self
+            .grpc
+            .clone()
+            .get_region(pdpb::GetRegionRequest {
+                header: self.header(),
+                region_key: key.to_vec(),
+                need_buckets: false,
+            })
+            .await
+            .map_err(rpc_err("GetRegion"))?
+            .into_inner();
+        check("GetRegion", r.header)?;
+        let region = r.region.ok_or(PdClientError::Refused {
+            call: "GetRegion",
+            kind: 0,
+            message: "no Region holds the key".into(),
+        })?;
+        Ok((region, r.leader))
     }
 
     pub async fn get_store(&self, id: u64) -> Result<Store> {
