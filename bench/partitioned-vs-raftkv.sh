@@ -13,10 +13,11 @@
 #
 #   bench/partitioned-vs-raftkv.sh [--total-mib 4096] [--value-size 1024] [--threads 256]
 #                                  [--duration 60s] [--settle 30] [--split-mib 64]
-#                                  [--pre-split N]
+#                                  [--pre-split N] [--mode raw|raw-batch]
 # (--split-mib 10240 keeps the load in one Region: no splits. --pre-split N cuts the key space
 # into N Regions before the load, as users pre-split for a bulk load: Regions then split only
-# past --split-mib.) KEEP=1 keeps the clusters' data
+# past --split-mib. --mode raw-batch sends through BatchCommands streams, as TiKV's Go client
+# does, instead of tikv-client 0.4's unary calls.) KEEP=1 keeps the clusters' data
 # directories (logs included); ENGINES="raft-kv" runs one engine (no ratio table then).
 set -euo pipefail
 
@@ -28,6 +29,7 @@ DURATION=60s
 SETTLE=30
 SPLIT_MIB=64
 PRE_SPLIT=0
+MODE=raw
 while [ $# -gt 0 ]; do
   case "$1" in
     --total-mib) TOTAL_MIB="$2"; shift 2 ;;
@@ -37,6 +39,7 @@ while [ $# -gt 0 ]; do
     --settle) SETTLE="$2"; shift 2 ;;
     --split-mib) SPLIT_MIB="$2"; shift 2 ;;
     --pre-split) PRE_SPLIT="$2"; shift 2 ;;
+    --mode) MODE="$2"; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -83,7 +86,7 @@ for ENGINE in ${ENGINES:-partitioned-raft-kv raft-kv}; do
   set -- $(store_pids "$ENGINE")
   [ $# -eq 3 ] || { echo "expected 3 store processes, found $#" >&2; exit 1; }
   before=$(write_bytes "$@")
-  "$PRKV" bench ycsb --target prkv://127.0.0.1:2379 --workload load --records "$RECORDS" \
+  "$PRKV" bench ycsb --target prkv://127.0.0.1:2379 --workload load --records "$RECORDS" --mode "$MODE" \
     --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" --threads "$THREADS" \
     --json "$OUT/$ENGINE-load.json" | tee "$OUT/$ENGINE-load.txt"
   after_load=$(write_bytes "$@")
@@ -110,7 +113,7 @@ for s in json.load(sys.stdin)["stores"]:
         elif line.startswith("prkv_engine_memory_flushes_total"):
             tot["flushes_memory"] = tot.get("flushes_memory", 0) + int(float(line.split()[-1]))
 print(json.dumps(tot))')
-  "$PRKV" bench ycsb --target prkv://127.0.0.1:2379 --workload a --records "$RECORDS" \
+  "$PRKV" bench ycsb --target prkv://127.0.0.1:2379 --workload a --records "$RECORDS" --mode "$MODE" \
     --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" --threads "$THREADS" --duration "$DURATION" \
     --json "$OUT/$ENGINE-a.json" | tee "$OUT/$ENGINE-a.txt"
   regions=$(curl -s http://127.0.0.1:2379/pd/api/v1/regions | python3 -c 'import json,sys; print(json.load(sys.stdin)["count"])')
