@@ -220,6 +220,74 @@ fn writes_during_a_transfer_name_no_leader(kind: EngineKind) {
     c.must_put(b"k", b"after");
 }
 
+/// Plain writes that reach a leader in one round of its store loop become one Raft entry, yet
+/// each is answered on its own, and a bad one (a stale epoch here) fails alone.
+fn plain_writes_of_a_round_share_an_entry(kind: EngineKind) {
+    let mut c = Cluster::new(3, kind);
+    c.bootstrap(1, &[1, 2, 3]);
+    c.start();
+    c.must_put(b"k", b"v");
+    let leader = c.must_leader(1);
+    let before = c.status(leader, 1).expect("leader's replica").applied_index;
+    let router = c.stores[&leader].router.clone();
+    // Hold the store loop inside a read's callback while the writes queue up behind it.
+    let (open_gate, gate) = std::sync::mpsc::channel::<()>();
+    router
+        .try_send(prkv::raftstore::StoreMsg::Read {
+            region_id: 1,
+            epoch: c.epoch(1),
+            cb: Box::new(move |_| drop(gate.recv_timeout(Duration::from_secs(10)))),
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let put = |i: u32| Mutation {
+        op: mutation::Op::Put as i32,
+        cf: "default".into(),
+        key: format!("round-{i:03}").into_bytes(),
+        value: i.to_be_bytes().to_vec(),
+    };
+    let mut answers: Vec<_> = (0..199)
+        .map(|i| c.async_write(leader, 1, vec![put(i)]).unwrap())
+        .collect();
+    let mut stale = c.epoch(1);
+    stale.version += 1;
+    let (tx, stale_answer) = std::sync::mpsc::channel();
+    router
+        .try_send(prkv::raftstore::StoreMsg::Write {
+            region_id: 1,
+            epoch: stale,
+            mutations: vec![put(199)],
+            term_fence: 0,
+            cb: Box::new(move |r| drop(tx.send(r))),
+        })
+        .unwrap();
+    answers.extend((200..210).map(|i| c.async_write(leader, 1, vec![put(i)]).unwrap()));
+    open_gate.send(()).unwrap();
+    for (i, rx) in answers.into_iter().enumerate() {
+        let r = rx.recv_timeout(Duration::from_secs(10)).expect("answered");
+        assert!(r.is_ok(), "write {i}: {r:?}");
+    }
+    let r = stale_answer.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        matches!(r, Err(Error::EpochNotMatch { .. })),
+        "the stale write got {r:?}"
+    );
+    let after = c.status(leader, 1).expect("leader's replica").applied_index;
+    assert!(
+        after - before < 10,
+        "209 writes of one round took {} entries",
+        after - before
+    );
+    for i in (0..199u32).chain(200..210) {
+        let key = format!("round-{i:03}");
+        assert_eq!(
+            c.must_get(key.as_bytes()).as_deref(),
+            Some(&i.to_be_bytes()[..])
+        );
+    }
+    assert_eq!(c.must_get(b"round-199"), None);
+}
+
 /// 10,000 acknowledged writes across 100 Regions survive stopping every store without a flush.
 fn restart_all_keeps_acknowledged_writes(kind: EngineKind) {
     let mut c = Cluster::new(3, kind);
@@ -589,6 +657,7 @@ both_kinds!(
     no_stale_read_from_old_leader,
     no_stale_read_after_leader_transfer,
     writes_during_a_transfer_name_no_leader,
+    plain_writes_of_a_round_share_an_entry,
     restart_all_keeps_acknowledged_writes,
     conf_change,
     bounded_proposals,

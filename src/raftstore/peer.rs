@@ -67,8 +67,48 @@ pub struct PeerConfig {
 struct Proposal {
     index: u64,
     term: u64,
+    /// Client writes the entry carries (the store joins a round's plain writes to a Region).
+    writes: usize,
     cb: WriteCallback,
     proposed_at: Instant,
+}
+
+/// Proposals waiting for their entries to apply, oldest first, and how many client writes they
+/// carry: the bound on pending work counts writes, not entries.
+#[derive(Default)]
+struct Proposals {
+    queue: VecDeque<Proposal>,
+    writes: usize,
+}
+
+impl Proposals {
+    fn push_back(&mut self, p: Proposal) {
+        self.writes += p.writes;
+        self.queue.push_back(p);
+    }
+
+    fn front(&self) -> Option<&Proposal> {
+        self.queue.front()
+    }
+
+    fn pop_front(&mut self) -> Option<Proposal> {
+        let p = self.queue.pop_front()?;
+        self.writes -= p.writes;
+        Some(p)
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = Proposal> + '_ {
+        self.writes = 0;
+        self.queue.drain(..)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    fn writes(&self) -> usize {
+        self.writes
+    }
 }
 
 struct PendingRead {
@@ -112,7 +152,7 @@ pub struct Peer {
     kv: Arc<dyn StoreEngine>,
     log: RaftLogStore,
     cfg: PeerConfig,
-    proposals: VecDeque<Proposal>,
+    proposals: Proposals,
     reads: VecDeque<PendingRead>,
     next_read_batch: u64,
     pub applied_index: u64,
@@ -233,7 +273,7 @@ impl Peer {
             kv,
             log,
             cfg,
-            proposals: VecDeque::new(),
+            proposals: Proposals::default(),
             reads: VecDeque::new(),
             next_read_batch: 1,
             applied_index: apply.applied_index,
@@ -334,6 +374,41 @@ impl Peer {
         self.idle_ticks = 0;
     }
 
+    /// Whether a write could be proposed here now: this peer leads and is not handing its
+    /// leadership over, the Region is not merging, the epoch is current and every key is in
+    /// the Region. The store checks each write with it before it joins others in one entry
+    /// (`Store::batch_write`), so that one bad write fails alone.
+    pub fn check_write(&self, epoch: &RegionEpoch, mutations: &[Mutation]) -> Result<()> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        if self.transferring_to().is_some() {
+            // raft-rs would drop the proposal. Naming this peer as the leader would send the
+            // client straight back here, and it would spend its retries before the transfer
+            // ends; with no leader named, clients back off and ask PD again, as in an election.
+            // (ServerIsBusy is no better: tikv-client 0.4 hands it to the application.)
+            return Err(Error::NotLeader {
+                region_id: self.region.id,
+                leader: None,
+            });
+        }
+        self.check_not_merging()?;
+        self.check_epoch(epoch)?;
+        for m in mutations {
+            self.check_key(&m.key)?;
+            if m.op == mutation::Op::DeleteRange as i32 && !m.value.is_empty() {
+                let end_ok = self.region.end_key.is_empty() || m.value <= self.region.end_key;
+                if !end_ok {
+                    return Err(Error::KeyNotInRegion {
+                        key: m.value.clone(),
+                        region: Box::new(self.region.clone()),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Proposes a write. On error the callback has not been consumed and the error is returned.
     pub fn propose_write(
         &mut self,
@@ -342,53 +417,30 @@ impl Peer {
         term_fence: u64,
         cb: WriteCallback,
     ) -> std::result::Result<(), (Error, WriteCallback)> {
+        self.propose_writes(epoch, mutations, term_fence, 1, cb)
+    }
+
+    /// Proposes `writes` client writes, their mutations together, as one entry; `cb` answers
+    /// them all. On error the callback has not been consumed and the error is returned.
+    pub fn propose_writes(
+        &mut self,
+        epoch: &RegionEpoch,
+        mutations: Vec<Mutation>,
+        term_fence: u64,
+        writes: usize,
+        cb: WriteCallback,
+    ) -> std::result::Result<(), (Error, WriteCallback)> {
         self.wake();
-        if !self.is_leader() {
-            return Err((self.not_leader(), cb));
-        }
-        if let Err(e) = self.check_not_merging() {
+        if let Err(e) = self.check_write(epoch, &mutations) {
             return Err((e, cb));
         }
-        if let Err(e) = self.check_epoch(epoch) {
-            return Err((e, cb));
-        }
-        for m in &mutations {
-            if let Err(e) = self.check_key(&m.key) {
-                return Err((e, cb));
-            }
-            if m.op == mutation::Op::DeleteRange as i32 && !m.value.is_empty() {
-                let end_ok = self.region.end_key.is_empty() || m.value <= self.region.end_key;
-                if !end_ok {
-                    return Err((
-                        Error::KeyNotInRegion {
-                            key: m.value.clone(),
-                            region: Box::new(self.region.clone()),
-                        },
-                        cb,
-                    ));
-                }
-            }
-        }
-        if self.transferring_to().is_some() {
-            // raft-rs would drop the proposal. Naming this peer as the leader would send the
-            // client straight back here, and it would spend its retries before the transfer
-            // ends; with no leader named, clients back off and ask PD again, as in an election.
-            // (ServerIsBusy is no better: tikv-client 0.4 hands it to the application.)
-            return Err((
-                Error::NotLeader {
-                    region_id: self.region.id,
-                    leader: None,
-                },
-                cb,
-            ));
-        }
-        if self.proposals.len() >= MAX_PENDING_PROPOSALS {
+        if self.proposals.writes() + writes > MAX_PENDING_PROPOSALS {
             return Err((
                 Error::ServerIsBusy {
                     reason: format!(
-                        "Region {} has {} pending proposals",
+                        "Region {} has {} writes pending",
                         self.region.id,
-                        self.proposals.len()
+                        self.proposals.writes()
                     ),
                 },
                 cb,
@@ -423,7 +475,7 @@ impl Peer {
                 cb,
             ));
         }
-        self.track_proposal(cb);
+        self.track_writes(writes, cb);
         Ok(())
     }
 
@@ -514,7 +566,7 @@ impl Peer {
                 entry_size: data.len() as u64,
             }));
         }
-        if self.proposals.len() >= MAX_PENDING_PROPOSALS {
+        if self.proposals.writes() >= MAX_PENDING_PROPOSALS {
             return cb(Err(Error::ServerIsBusy {
                 reason: format!("Region {} has too many pending proposals", self.region.id),
             }));
@@ -532,9 +584,15 @@ impl Peer {
 
     /// Remembers the entry just proposed, so its callback runs when it is applied.
     fn track_proposal(&mut self, cb: WriteCallback) {
+        self.track_writes(1, cb);
+    }
+
+    /// Remembers the entry just proposed, carrying `writes` client writes.
+    fn track_writes(&mut self, writes: usize, cb: WriteCallback) {
         self.proposals.push_back(Proposal {
             index: self.raw.raft.raft_log.last_index(),
             term: self.term(),
+            writes,
             cb,
             proposed_at: Instant::now(),
         });
@@ -1640,7 +1698,7 @@ impl Peer {
 
     /// Fails everything pending (the peer is being destroyed or the store stops).
     pub fn fail_all(&mut self, err: Error) {
-        for p in self.proposals.drain(..) {
+        for p in self.proposals.drain() {
             (p.cb)(Err(err.clone()));
         }
         for r in self.reads.drain(..) {

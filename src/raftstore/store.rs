@@ -23,13 +23,14 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 use prkv_proto::metapb::{Peer as PeerMeta, Region, RegionEpoch};
-use prkv_proto::serverpb::{PeerState, RaftApplyState, RegionLocalState, SnapshotMeta};
+use prkv_proto::serverpb::{Mutation, PeerState, RaftApplyState, RegionLocalState, SnapshotMeta};
 use prost::Message as _;
 
 use super::error::{Error, Result};
 use super::local_read::LocalReaders;
 use super::msg::{
     PdReporter, RaftMessage, RegionSnapshot, RegionStatus, SplitCallback, StoreId, StoreMsg,
+    WriteCallback,
 };
 use super::peer::{Peer, PeerConfig};
 use super::snap::{self, SnapDirs};
@@ -47,6 +48,12 @@ mod merge;
 /// Messages handled per loop round before the Readies are processed: large enough to batch
 /// many proposals into one fsync, small enough that ticks and Readies are not starved.
 pub const MAX_MSGS_PER_ROUND: usize = 4096;
+/// A round's plain writes to one Region become one Raft entry (`Store::batch_write`), up to
+/// this many bytes of mutations: the entry is replicated and applied whole, and 1 MiB keeps it
+/// small next to `raftstore.raft-entry-max-size` (8 MiB by default) and to one apply round.
+const MAX_BATCHED_BYTES: usize = 1 << 20;
+/// ... and up to this many writes, so that one entry's callbacks stay a short loop.
+const MAX_BATCHED_WRITES: usize = 256;
 /// Capacity of a store's inbox. When it is full, writes get `ServerIsBusy` and Raft messages
 /// are dropped (Raft retransmits): memory stays bounded however fast clients push.
 pub const STORE_INBOX_CAPACITY: usize = 16 * 1024;
@@ -240,6 +247,14 @@ pub fn peer_config(cfg: &Config) -> PeerConfig {
     }
 }
 
+/// Plain writes of this round to one Region, to be proposed as one entry.
+struct BatchedWrites {
+    epoch: RegionEpoch,
+    mutations: Vec<Mutation>,
+    bytes: usize,
+    cbs: Vec<WriteCallback>,
+}
+
 /// What applying a Ready's committed entries did to the replica.
 enum Applied {
     /// It stays.
@@ -281,6 +296,8 @@ struct Store {
     snap_dirs: SnapDirs,
     /// Regions whose Raft asked for a snapshot to send; generated after the round.
     snap_requests: Vec<RegionId>,
+    /// This round's plain writes, by Region; proposed when the round's messages are handled.
+    batched: HashMap<RegionId, BatchedWrites>,
     /// Merges this store leads the source of: when each was last driven (see `merge.rs`).
     merge_attempts: HashMap<RegionId, Instant>,
     /// Free space against `storage.reserve-space` (see `storage::disk`).
@@ -327,6 +344,7 @@ pub fn start_store(
         pending_split_msgs: Vec::new(),
         snap_dirs: SnapDirs::new(&cfg_data_dir),
         snap_requests: Vec::new(),
+        batched: HashMap::new(),
         merge_attempts: HashMap::new(),
         disk: DiskMonitor::new(&cfg_data_dir, reserve_space),
         readers: readers.clone(),
@@ -633,6 +651,7 @@ impl Store {
                         Err(_) => break,
                     }
                 }
+                self.propose_batched();
             }
             if stop {
                 break;
@@ -654,6 +673,83 @@ impl Store {
             p.fail_all(Error::StoreStopped);
         }
         self.worker.shutdown();
+    }
+
+    /// Takes a plain write into this round's entry for its Region. Each write is checked
+    /// alone first, so a bad one (stale epoch, key outside the Region) fails alone; the entry
+    /// is proposed when the round's messages are handled (`propose_batched`), or earlier when
+    /// it is full or the epoch changes. Fewer, larger entries: Raft, raft-engine and the apply
+    /// pay per entry on every replica, and under load a round holds many writes to one Region.
+    fn batch_write(
+        &mut self,
+        region_id: RegionId,
+        epoch: RegionEpoch,
+        mutations: Vec<Mutation>,
+        cb: WriteCallback,
+    ) {
+        let Some(p) = self.peers.get(&region_id) else {
+            return cb(Err(Error::RegionNotFound(region_id)));
+        };
+        if let Err(e) = p.check_write(&epoch, &mutations) {
+            return cb(Err(e));
+        }
+        let bytes: usize = mutations
+            .iter()
+            .map(|m| m.key.len() + m.value.len() + m.cf.len())
+            .sum();
+        if let Some(b) = self.batched.get(&region_id) {
+            if b.epoch != epoch
+                || b.bytes + bytes > MAX_BATCHED_BYTES
+                || b.cbs.len() >= MAX_BATCHED_WRITES
+            {
+                self.propose_batched_for(region_id);
+            }
+        }
+        let b = self
+            .batched
+            .entry(region_id)
+            .or_insert_with(|| BatchedWrites {
+                epoch,
+                mutations: Vec::new(),
+                bytes: 0,
+                cbs: Vec::new(),
+            });
+        b.mutations.extend(mutations);
+        b.bytes += bytes;
+        b.cbs.push(cb);
+    }
+
+    /// Proposes the round's plain writes, one entry per Region.
+    fn propose_batched(&mut self) {
+        let regions: Vec<RegionId> = self.batched.keys().copied().collect();
+        for region_id in regions {
+            self.propose_batched_for(region_id);
+        }
+    }
+
+    fn propose_batched_for(&mut self, region_id: RegionId) {
+        let Some(b) = self.batched.remove(&region_id) else {
+            return;
+        };
+        let writes = b.cbs.len();
+        let mut cbs = b.cbs;
+        let cb: WriteCallback = if writes == 1 {
+            cbs.pop().expect("one write")
+        } else {
+            Box::new(move |res: Result<()>| {
+                for cb in cbs {
+                    cb(res.clone());
+                }
+            })
+        };
+        match self.peers.get_mut(&region_id) {
+            None => cb(Err(Error::RegionNotFound(region_id))),
+            Some(p) => {
+                if let Err((e, cb)) = p.propose_writes(&b.epoch, b.mutations, 0, writes, cb) {
+                    cb(Err(e));
+                }
+            }
+        }
     }
 
     /// Returns true on `Stop`.
@@ -680,6 +776,13 @@ impl Store {
                     }));
                     return false;
                 }
+                if term_fence == 0 {
+                    self.batch_write(region_id, epoch, mutations, cb);
+                    return false;
+                }
+                // A fenced write (compare-and-swap, transactions) is an entry of its own: its
+                // term check is its own. This round's plain writes to the Region go first.
+                self.propose_batched_for(region_id);
                 match self.peers.get_mut(&region_id) {
                     None => cb(Err(Error::RegionNotFound(region_id))),
                     Some(p) => {
