@@ -236,7 +236,9 @@ fn plain_writes_of_a_round_share_an_entry(kind: EngineKind) {
         .try_send(prkv::raftstore::StoreMsg::Read {
             region_id: 1,
             epoch: c.epoch(1),
-            cb: Box::new(move |_| drop(gate.recv_timeout(Duration::from_secs(10)))),
+            cb: Box::new(move |_| {
+                let _ = gate.recv_timeout(Duration::from_secs(10));
+            }),
         })
         .unwrap();
     std::thread::sleep(Duration::from_millis(100));
