@@ -710,3 +710,47 @@ async fn batch_commands_answer_like_unary_calls() {
         .into_inner();
     assert_eq!(unary.value, b"v7");
 }
+
+/// `UnsafeDestroyRange` on a store whose replica of a Region in the range has no leader (its
+/// leader's store and the third one are gone) reports that Region not destroyed, after waiting
+/// a little for an election, instead of answering success for data it never touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroy_range_reports_a_region_without_leader() {
+    use prkv_proto::kvrpcpb;
+    use prkv_proto::tikvpb::tikv_client::TikvClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = ProcCluster::start(dir.path(), 3, "[storage]\napi-version = 1\n");
+    procs::wait_cluster(c.pd_addr, 3, 3, Duration::from_secs(60));
+    let leader = leader_store(&c);
+    let keep = (1..=3).find(|i| *i != leader).expect("3 stores");
+    for i in (1..=3).filter(|i| *i != keep) {
+        c.kill_store(i);
+    }
+    let mut client = TikvClient::connect(format!("http://{}", c.store_addr(keep)))
+        .await
+        .unwrap();
+    // The follower left alone campaigns once its election timeout passes, and stays leaderless.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let started = Instant::now();
+        let resp = client
+            .unsafe_destroy_range(kvrpcpb::UnsafeDestroyRangeRequest {
+                start_key: Vec::new(),
+                end_key: Vec::new(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if resp.error.contains("not destroyed") {
+            println!("reported after {:?}: {}", started.elapsed(), resp.error);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a range over a leaderless Region was answered {resp:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -37,6 +37,11 @@ const MAX_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 const LOCK_WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 /// Mutations per Raft proposal when GC or a range delete rewrites a Region.
 const GC_BATCH: usize = 4096;
+/// How long `UnsafeDestroyRange` waits for a Region in its range to have a leader (an election
+/// takes one election timeout, about 1 s by default) before it reports the Region not
+/// destroyed; and how often it looks.
+const DESTROY_LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+const DESTROY_LEADER_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Why a transactional command did not succeed.
 enum TxnFail {
@@ -823,50 +828,76 @@ impl KvService {
         if !hi.is_empty() && hi <= lo {
             return Ok(Response::new(resp));
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let sent = self
-            .inner
-            .router
-            .try_send(crate::raftstore::StoreMsg::QueryRegions {
-                cb: Box::new(move |st| drop(tx.send(st))),
-            });
-        let statuses = match sent {
-            Ok(()) => rx.await.unwrap_or_default(),
-            Err(e) => {
-                resp.error = e.to_string();
-                return Ok(Response::new(resp));
-            }
-        };
+        // Every store gets the request and destroys the Regions it leads. A Region with no
+        // leader known here (an election, e.g. just after a split) might be skipped by every
+        // store: wait for its leader a little, then report it rather than answer success.
+        let deadline = std::time::Instant::now() + DESTROY_LEADER_WAIT;
+        let mut done = std::collections::HashSet::new();
         let mut failed = Vec::new();
-        for st in statuses.into_iter().filter(|s| s.leader_id == s.peer.id) {
-            let reg = &st.region;
-            let start = lo.clone().max(reg.start_key.clone());
-            let end = match (hi.is_empty(), reg.end_key.is_empty()) {
-                (true, _) => reg.end_key.clone(),
-                (false, true) => hi.clone(),
-                (false, false) => hi.clone().min(reg.end_key.clone()),
+        loop {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let sent = self
+                .inner
+                .router
+                .try_send(crate::raftstore::StoreMsg::QueryRegions {
+                    cb: Box::new(move |st| drop(tx.send(st))),
+                });
+            let statuses = match sent {
+                Ok(()) => rx.await.unwrap_or_default(),
+                Err(e) => {
+                    resp.error = e.to_string();
+                    return Ok(Response::new(resp));
+                }
             };
-            if !end.is_empty() && start >= end {
-                continue; // the Region is outside the range
+            let mut leaderless = Vec::new();
+            for st in statuses {
+                let reg = &st.region;
+                let start = lo.clone().max(reg.start_key.clone());
+                let end = match (hi.is_empty(), reg.end_key.is_empty()) {
+                    (true, _) => reg.end_key.clone(),
+                    (false, true) => hi.clone(),
+                    (false, false) => hi.clone().min(reg.end_key.clone()),
+                };
+                if (!end.is_empty() && start >= end) || done.contains(&reg.id) {
+                    continue; // outside the range, or destroyed already
+                }
+                if st.leader_id == 0 {
+                    leaderless.push(reg.id);
+                    continue;
+                }
+                if st.leader_id != st.peer.id {
+                    continue; // its leader's store destroys it
+                }
+                done.insert(reg.id);
+                let ms: Vec<Mutation> = ["default", "lock", "write"]
+                    .iter()
+                    .map(|cf| Mutation {
+                        op: mutation::Op::DeleteRange as i32,
+                        cf: cf.to_string(),
+                        key: start.clone(),
+                        value: end.clone(),
+                    })
+                    .collect();
+                let ctx = Context {
+                    region_id: reg.id,
+                    region_epoch: reg.region_epoch,
+                    peer: Some(st.peer),
+                    ..Default::default()
+                };
+                if let Err(f) = self.write(&ctx, ms, 0).await {
+                    failed.push((reg.id, parts(f.into())));
+                }
             }
-            let ms: Vec<Mutation> = ["default", "lock", "write"]
-                .iter()
-                .map(|cf| Mutation {
-                    op: mutation::Op::DeleteRange as i32,
-                    cf: cf.to_string(),
-                    key: start.clone(),
-                    value: end.clone(),
-                })
-                .collect();
-            let ctx = Context {
-                region_id: reg.id,
-                region_epoch: reg.region_epoch,
-                peer: Some(st.peer),
-                ..Default::default()
-            };
-            if let Err(f) = self.write(&ctx, ms, 0).await {
-                failed.push((reg.id, parts(f.into())));
+            if leaderless.is_empty() {
+                break;
             }
+            if std::time::Instant::now() >= deadline {
+                for id in leaderless {
+                    failed.push((id, (None, Vec::new())));
+                }
+                break;
+            }
+            tokio::time::sleep(DESTROY_LEADER_POLL).await;
         }
         if !failed.is_empty() {
             resp.error = format!(
