@@ -15,7 +15,7 @@
 //! API v1 keys (no keyspace), as `--mode raw` uses.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,7 +45,7 @@ type Reply = oneshot::Sender<Result<Answer, String>>;
 /// One store's stream.
 struct StoreConn {
     tx: mpsc::Sender<(Asked, Reply)>,
-    broken: Arc<std::sync::atomic::AtomicBool>,
+    broken: Arc<AtomicBool>,
 }
 
 impl StoreConn {
@@ -62,7 +62,7 @@ impl StoreConn {
             .map_err(|e| format!("BatchCommands to {addr}: {e}"))?
             .into_inner();
         let pending: Arc<Mutex<HashMap<u64, Reply>>> = Arc::default();
-        let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let broken = Arc::new(AtomicBool::new(false));
         let (tx, mut rx) = mpsc::channel::<(Asked, Reply)>(QUEUE);
         {
             let pending = pending.clone();

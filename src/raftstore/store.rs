@@ -721,16 +721,21 @@ impl Store {
 
     /// Proposes the round's plain writes, one entry per Region.
     fn propose_batched(&mut self) {
-        let regions: Vec<RegionId> = self.batched.keys().copied().collect();
-        for region_id in regions {
-            self.propose_batched_for(region_id);
+        // Taken out and put back, so the map keeps its capacity from round to round.
+        let mut batched = std::mem::take(&mut self.batched);
+        for (region_id, b) in batched.drain() {
+            self.propose_batch(region_id, b);
         }
+        self.batched = batched;
     }
 
     fn propose_batched_for(&mut self, region_id: RegionId) {
-        let Some(b) = self.batched.remove(&region_id) else {
-            return;
-        };
+        if let Some(b) = self.batched.remove(&region_id) {
+            self.propose_batch(region_id, b);
+        }
+    }
+
+    fn propose_batch(&mut self, region_id: RegionId, b: BatchedWrites) {
         let writes = b.cbs.len();
         let mut cbs = b.cbs;
         let cb: WriteCallback = if writes == 1 {
@@ -1554,13 +1559,8 @@ impl Store {
             // Persisted now: Raft reads them back from memory to apply them (`region_log`).
             p.raw.store().cache_persisted(entries);
             self.send_raft_messages(id, persisted);
-            match self.apply_or_refuse(id, committed)? {
-                Applied::Kept => {}
-                Applied::Removed => {
-                    removed.push(id);
-                    continue;
-                }
-                Applied::Refused => continue,
+            if !self.apply_in_round(id, committed, &mut removed)? {
+                continue;
             }
             let Some(p) = self.peers.get_mut(&id) else {
                 continue;
@@ -1569,13 +1569,8 @@ impl Store {
             let msgs = light.take_messages();
             let committed = light.take_committed_entries();
             self.send_raft_messages(id, msgs);
-            match self.apply_or_refuse(id, committed)? {
-                Applied::Kept => {}
-                Applied::Removed => {
-                    removed.push(id);
-                    continue;
-                }
-                Applied::Refused => continue,
+            if !self.apply_in_round(id, committed, &mut removed)? {
+                continue;
             }
             let Some(p) = self.peers.get_mut(&id) else {
                 continue;
@@ -1592,6 +1587,24 @@ impl Store {
         }
         self.report_dirty_to_pd();
         Ok(())
+    }
+
+    /// `apply_or_refuse` within a Ready round: a replica that left its Region is noted in
+    /// `removed`, to be destroyed after the round. Returns whether the replica is still here.
+    fn apply_in_round(
+        &mut self,
+        id: RegionId,
+        entries: Vec<raft::eraftpb::Entry>,
+        removed: &mut Vec<RegionId>,
+    ) -> Result<bool> {
+        Ok(match self.apply_or_refuse(id, entries)? {
+            Applied::Kept => true,
+            Applied::Removed => {
+                removed.push(id);
+                false
+            }
+            Applied::Refused => false,
+        })
     }
 
     /// `apply`, except that a tablet found damaged while applying refuses this replica (its
