@@ -13,6 +13,7 @@
 pub mod bench;
 pub mod check;
 pub mod config;
+pub mod crash;
 pub mod ctl;
 pub mod metrics;
 pub mod pd;

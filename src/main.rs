@@ -299,6 +299,8 @@ fn main() -> ExitCode {
     init_logging(if server { "info" } else { "warn" });
     if server {
         exit_on_panic();
+        // Crash points and fail points a test asked for (`src/crash.rs`).
+        prkv::crash::arm_from_env();
     }
     match cli.command {
         Command::Playground {

@@ -175,6 +175,193 @@ fn no_stale_read_after_leader_transfer(kind: EngineKind) {
     assert_eq!(c.must_get(b"k").as_deref(), Some(&b"new"[..]));
 }
 
+/// A follower restarts and at once grants its vote to a candidate that had been timing out all
+/// along (cut off from the leader, its pre-votes refused while the follower heard from the
+/// leader). Elected with it, the candidate takes a write while the old leader's lease still
+/// runs: the old leader must not serve the old value. Before a restarted store refused votes
+/// for an election timeout, it did (tikv#15035).
+fn no_stale_read_after_a_follower_restarts_and_votes(kind: EngineKind) {
+    use prkv::raftstore::{Transport, Verdict};
+    use std::sync::{Arc, Mutex};
+    let mut c = Cluster::new(3, kind);
+    // A 1 s election timeout and a 900 ms lease: the whole scenario fits in the lease.
+    c.cfg.raftstore.raft_election_timeout_ticks = 50;
+    c.cfg.raftstore.raft_store_max_leader_lease = prkv::config::ReadableDuration::millis(900);
+    c.bootstrap(1, &[1, 2, 3]);
+    c.start();
+    c.must_put(b"k", b"old");
+    let leader = c.must_leader(1);
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|s| *s != leader).collect();
+    let (voter, candidate) = (others[0], others[1]);
+    c.must_replicate(candidate, b"k", b"old");
+    // The candidate loses the leader and pre-campaigns; its pre-votes are kept, not delivered.
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = held.clone();
+    c.net.add_filter(
+        "hold-pre-votes",
+        Arc::new(move |m| {
+            if m.from_store == candidate
+                && m.to_store == voter
+                && m.message.msg_type == MessageType::MsgRequestPreVote
+            {
+                keep.lock().unwrap().push(m.clone());
+                Verdict::Drop
+            } else {
+                Verdict::Deliver
+            }
+        }),
+    );
+    c.partition(&[leader], &[candidate]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while held.lock().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the candidate never pre-campaigned"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The leader confirms its leadership with the voter: a fresh lease.
+    assert_eq!(
+        c.get_on_loop(leader, b"k").unwrap().as_deref(),
+        Some(&b"old"[..])
+    );
+    assert!(
+        c.stores[&leader]
+            .router
+            .local_read(1, &c.epoch(1))
+            .is_some(),
+        "the leader holds a lease"
+    );
+    // The voter loses the leader too, restarts, and hears the candidate's pre-vote first.
+    c.partition(&[leader], &[voter]);
+    c.restart_store(voter);
+    c.net.remove_filter("hold-pre-votes");
+    let late = held.lock().unwrap().last().cloned().expect("held");
+    c.net.send(late);
+    // The candidate wins (with the voter) and takes a write; or, once the voter grants votes
+    // again, whichever of the two campaigns first.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.put_on(candidate, b"k", b"new").is_err() && c.put_on(voter, b"k", b"new").is_err() {
+        assert!(Instant::now() < deadline, "no new leader took a write");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for local in [true, false] {
+        let read = if local {
+            c.get_on(leader, b"k")
+        } else {
+            c.get_on_loop(leader, b"k")
+        };
+        assert_new_or_refused(
+            read,
+            &format!(
+                "stale read (local: {local}) from the old leader after a restarted follower voted"
+            ),
+        );
+    }
+    c.heal();
+    assert_eq!(c.must_get(b"k").as_deref(), Some(&b"new"[..]));
+}
+
+/// A transfer is aborted after its `MsgTimeoutNow` left (transfer to self), the old leader
+/// renews its lease in the same term, and only then does the delayed `MsgTimeoutNow` reach the
+/// target: it campaigns at once, is elected (a transfer's votes ignore leases) and takes a
+/// write. The old leader must not serve the old value meanwhile, locally or from its loop.
+/// Before leases were refused for the rest of a term that saw a transfer, it did.
+fn no_stale_read_after_an_aborted_transfer(kind: EngineKind) {
+    use prkv::raftstore::{StoreMsg, Transport, Verdict};
+    use std::sync::{Arc, Mutex};
+    let mut c = Cluster::new(3, kind);
+    // A long lease (and election timeout) so that the whole scenario runs inside the lease.
+    c.cfg.raftstore.raft_election_timeout_ticks = 250;
+    c.cfg.raftstore.raft_store_max_leader_lease = prkv::config::ReadableDuration::secs(4);
+    c.bootstrap(1, &[1, 2, 3]);
+    c.start();
+    c.must_put(b"k", b"old");
+    let old = c.must_leader(1);
+    let target = [1, 2, 3].into_iter().find(|s| *s != old).expect("3 stores");
+    c.must_replicate(target, b"k", b"old");
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = held.clone();
+    c.net.add_filter(
+        "hold-timeout-now",
+        Arc::new(move |m| {
+            if m.from_store == old && m.message.msg_type == MessageType::MsgTimeoutNow {
+                keep.lock().unwrap().push(m.clone());
+                Verdict::Drop
+            } else {
+                Verdict::Deliver
+            }
+        }),
+    );
+    let to = c.status(target, 1).expect("replica on the target").peer;
+    c.stores[&old]
+        .router
+        .try_send(StoreMsg::TransferLeader { region_id: 1, to })
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while held.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "no MsgTimeoutNow was sent");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Abort: a transfer to the leader itself.
+    let me = c.status(old, 1).expect("the old leader").peer;
+    c.stores[&old]
+        .router
+        .try_send(StoreMsg::TransferLeader {
+            region_id: 1,
+            to: me,
+        })
+        .unwrap();
+    // The old leader confirms its leadership again (a ReadIndex round through its loop),
+    // which before the fix renewed its lease in the same term.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match c.get_on_loop(old, b"k") {
+            Ok(v) if c.status(old, 1).is_some_and(|s| s.leader_id == s.peer.id) => {
+                assert_eq!(v.as_deref(), Some(&b"old"[..]));
+                break;
+            }
+            _ => assert!(Instant::now() < deadline, "the old leader stopped leading"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The old leader hears nothing more; the held MsgTimeoutNow arrives, late.
+    c.net.remove_filter("hold-timeout-now");
+    c.net.add_filter(
+        "to-old-leader",
+        Arc::new(move |m| {
+            if m.to_store == old {
+                Verdict::Drop
+            } else {
+                Verdict::Deliver
+            }
+        }),
+    );
+    let late = held.lock().unwrap()[0].clone();
+    c.net.send(late);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while c.put_on(target, b"k", b"new").is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the target never took a write after the late MsgTimeoutNow"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for local in [true, false] {
+        let read = if local {
+            c.get_on(old, b"k")
+        } else {
+            c.get_on_loop(old, b"k")
+        };
+        assert_new_or_refused(
+            read,
+            &format!("stale read (local: {local}) from a leader whose aborted transfer's MsgTimeoutNow arrived late"),
+        );
+    }
+    c.heal();
+    assert_eq!(c.must_get(b"k").as_deref(), Some(&b"new"[..]));
+}
+
 /// While a leader hands its leadership over, raft-rs drops every proposal. A write then gets
 /// `NotLeader` naming no leader, which clients back off on and ask PD about, not `NotLeader`
 /// naming the same leader, which they retry at once and give up on before a slow transfer ends.
@@ -658,6 +845,8 @@ both_kinds!(
     failover,
     no_stale_read_from_old_leader,
     no_stale_read_after_leader_transfer,
+    no_stale_read_after_an_aborted_transfer,
+    no_stale_read_after_a_follower_restarts_and_votes,
     writes_during_a_transfer_name_no_leader,
     plain_writes_of_a_round_share_an_entry,
     restart_all_keeps_acknowledged_writes,

@@ -211,6 +211,7 @@ impl Cluster {
         }
         self.put_store(store)?;
         self.meta.put_region(&region)?;
+        crate::crash_point!("pd_bootstrap_before_flag");
         self.tree.insert(region.start_key.clone(), region.id);
         let info = RegionInfo {
             region,
@@ -358,7 +359,13 @@ impl Cluster {
 
     /// Takes in a Region's current state. Returns false if it is older than what PD knows
     /// (a stale heartbeat), in which case nothing changes.
-    pub fn update_region(&mut self, info: RegionInfo) -> Result<bool> {
+    ///
+    /// Older means an older epoch, or the same epoch from an older Raft term: heartbeat streams
+    /// of different stores are independent, and one queued while its stream was down (or
+    /// sent by a leader cut off from its peers) can land after the new leader's. Taken, it
+    /// would name the old leader, route clients to it and send it operators it cannot run,
+    /// until the new leader's next heartbeat. A term of 0 is unknown (split reports).
+    pub fn update_region(&mut self, mut info: RegionInfo) -> Result<bool> {
         let new = epoch(&info.region);
         let id = info.region.id;
         let mut changed = true;
@@ -367,6 +374,12 @@ impl Cluster {
             let old_epoch = epoch(&old.region);
             if new.version < old_epoch.version || new.conf_ver < old_epoch.conf_ver {
                 return Ok(false);
+            }
+            if info.term > 0 && info.term < old.term {
+                return Ok(false);
+            }
+            if info.term == 0 {
+                info.term = old.term;
             }
             changed = old.region != info.region;
             version_changed = new.version != old_epoch.version;
@@ -567,6 +580,36 @@ mod tests {
         assert_eq!(c.region_by_key(b"z").unwrap().region.id, 2);
         assert!(c.alloc_id().unwrap() > id);
         assert_eq!(c.store(1).unwrap().meta.address, "127.0.0.1:20001");
+    }
+
+    /// A heartbeat of an older term arrives after the new leader's (another store's stream):
+    /// PD keeps the new leader.
+    #[test]
+    fn a_late_heartbeat_of_an_older_term_does_not_take_the_leader_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = open(dir.path());
+        let r = region(1, b"", b"", 1, &[1, 2, 3]);
+        c.bootstrap(store(1), r.clone()).unwrap();
+        let report = |c: &mut Cluster, leader: usize, term: u64| {
+            c.update_region(RegionInfo {
+                region: r.clone(),
+                leader: Some(r.peers[leader]),
+                term,
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        assert!(report(&mut c, 0, 5));
+        assert!(report(&mut c, 1, 6), "a new leader in a newer term");
+        assert!(!report(&mut c, 0, 5), "the old leader's late report");
+        let leader = |c: &Cluster| c.region_by_key(b"a").unwrap().leader.unwrap().store_id;
+        assert_eq!(leader(&c), 2);
+        assert!(report(&mut c, 0, 7), "store 1 leads again, in a newer term");
+        assert_eq!(leader(&c), 1);
+        // A report that knows no term (a split's) takes the known one, never lowers it.
+        assert!(report(&mut c, 0, 0));
+        assert!(!report(&mut c, 1, 6));
+        assert_eq!(leader(&c), 1);
     }
 
     #[test]

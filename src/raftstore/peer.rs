@@ -189,6 +189,12 @@ pub struct Peer {
     /// moment a leadership transfer was seen in progress (the transferee may be elected
     /// without waiting out the lease, so confirmations from before it prove nothing).
     lease_fence: Option<Instant>,
+    /// The last term in which this peer saw a leadership transfer of its own in progress. No
+    /// lease for the rest of that term, even once the transfer is over: a `MsgTimeoutNow` it
+    /// sent may still be on its way (delayed, or re-sent), and its target, still in this term,
+    /// campaigns on it at once, with votes granted however recently we were heard from. Only
+    /// a new term makes such a message harmless (raft-rs drops messages of older terms).
+    transfer_term: u64,
 }
 
 /// What [`Peer::publish_reads`] last published: the lease's end, the term, the epoch and the
@@ -295,6 +301,7 @@ impl Peer {
             delegate: None,
             published: None,
             lease_fence: None,
+            transfer_term: 0,
         })
     }
 
@@ -610,6 +617,7 @@ impl Peer {
             && self.lease_term == self.term()
             && self.applied_term == self.term()
             && self.transferring_to().is_none()
+            && self.transfer_term != self.term()
         {
             self.lease_until
         } else {
@@ -630,6 +638,7 @@ impl Peer {
         if self.transferring_to().is_some() {
             self.lease_until = None;
             self.lease_fence = Some(Instant::now());
+            self.transfer_term = self.term();
             self.publish_reads();
         }
     }
@@ -754,7 +763,10 @@ impl Peer {
 
     fn renew_lease(&mut self, from: Instant) {
         self.note_transfer();
-        if self.transferring_to().is_some() || self.lease_fence.is_some_and(|f| from <= f) {
+        if self.transferring_to().is_some()
+            || self.lease_fence.is_some_and(|f| from <= f)
+            || self.transfer_term == self.term()
+        {
             return;
         }
         let until = from + self.cfg.lease;
@@ -939,7 +951,11 @@ impl Peer {
                             }
                             // Data before the split must be in the parent's engine when the
                             // children's engines are made from it.
-                            self.flush_apply(&mut wb, e.index - 1, self.applied_term)?;
+                            self.flush_apply(
+                                &mut wb,
+                                e.index - 1,
+                                prev_term(last, self.applied_term),
+                            )?;
                             match self.apply_split(e.index, e.term, cmd.region_epoch, batch) {
                                 Ok(children) => {
                                     outcome.split.extend(children);
@@ -960,7 +976,11 @@ impl Peer {
                             }
                             // Like a split, a merge command changes the Region: what came
                             // before is written first.
-                            self.flush_apply(&mut wb, e.index - 1, self.applied_term)?;
+                            self.flush_apply(
+                                &mut wb,
+                                e.index - 1,
+                                prev_term(last, self.applied_term),
+                            )?;
                             if let Some(cm) = cmd.commit_merge {
                                 outcome.commit_merge = Some(PendingCommitMerge {
                                     index: e.index,
@@ -973,9 +993,9 @@ impl Peer {
                             let res = match (&cmd.prepare_merge, &cmd.rollback_merge) {
                                 (Some(pm), _) => {
                                     self.merge_proposed = false;
-                                    self.apply_prepare_merge(e.index, e.term, cmd.region_epoch, pm)
+                                    self.apply_prepare_merge(e.index, cmd.region_epoch, pm)
                                 }
-                                (_, Some(rb)) => self.apply_rollback_merge(e.index, e.term, rb),
+                                (_, Some(rb)) => self.apply_rollback_merge(e.index, rb),
                                 _ => unreachable!("one of the merge commands is set"),
                             };
                             match res {
@@ -1011,7 +1031,7 @@ impl Peer {
                 }
                 EntryType::EntryConfChangeV2 | EntryType::EntryConfChange => {
                     // Data before the change must be durable in order with it.
-                    self.flush_apply(&mut wb, e.index - 1, self.applied_term)?;
+                    self.flush_apply(&mut wb, e.index - 1, prev_term(last, self.applied_term))?;
                     let removed = self.apply_conf_change(&e)?;
                     outcome.region_changed = true;
                     self.pd_dirty = true;
@@ -1133,6 +1153,7 @@ impl Peer {
                 merge_state: None,
             },
         )?;
+        crate::crash_point!("split_before_region_states");
         // Durability boundary: the children exist and the parent is narrowed, or neither.
         self.log.write(&mut lb, true)?;
         self.engine = self.kv.open_region(
@@ -1227,6 +1248,33 @@ impl Peer {
                 self.region.id
             ))));
         }
+        // The CommitMerge carries these entries in one Raft entry: one that could not be
+        // proposed (`RaftEntryTooLarge`) would leave the source frozen for good, since
+        // `min_index` never changes once prepared. Nine tenths of the limit leave room for the
+        // CommitMerge's own fields and encoding.
+        let carried = match self.raw.raft.raft_log.entries(
+            min_index + 1,
+            None,
+            raft::GetEntriesContext::empty(false),
+        ) {
+            Ok(es) => es
+                .iter()
+                .map(|e| e.data.len() as u64 + e.context.len() as u64 + 32)
+                .sum::<u64>(),
+            Err(e) => {
+                return cb(Err(Error::InvalidMerge(format!(
+                    "Region {}: reading the entries a merge would carry: {e}",
+                    self.region.id
+                ))))
+            }
+        };
+        if carried > self.cfg.raft_entry_max_size / 10 * 9 {
+            return cb(Err(Error::InvalidMerge(format!(
+                "Region {}: the entries after {min_index} ({carried} bytes) would not fit one \
+                 CommitMerge under raftstore.raft-entry-max-size; a replica lags",
+                self.region.id
+            ))));
+        }
         let cmd = RaftCmdRequest {
             region_id: self.region.id,
             region_epoch: self.region.region_epoch,
@@ -1277,7 +1325,6 @@ impl Peer {
     fn apply_prepare_merge(
         &mut self,
         index: u64,
-        term: u64,
         epoch: Option<RegionEpoch>,
         pm: &PrepareMerge,
     ) -> Result<()> {
@@ -1306,18 +1353,17 @@ impl Peer {
             target: Some(target),
             commit: index,
         };
-        self.persist_region(&region, PeerState::Merging, Some(ms.clone()), index, term)?;
+        self.persist_region(&region, PeerState::Merging, Some(ms.clone()), index)?;
         self.region = region;
         self.merge_state = Some(ms);
-        self.applied_index = index;
-        self.applied_term = term;
+        // `apply` records the entry as applied (in the engine, unflushed) when its batch ends.
         tracing::info!(region_id = self.region.id, index, "merge prepared");
         Ok(())
     }
 
     /// Applies a RollbackMerge: the merge prepared at `commit` is off, the Region takes writes
     /// again (with a new version, so that nothing made against the frozen epoch applies).
-    fn apply_rollback_merge(&mut self, index: u64, term: u64, rb: &RollbackMerge) -> Result<()> {
+    fn apply_rollback_merge(&mut self, index: u64, rb: &RollbackMerge) -> Result<()> {
         if self.merge_state.as_ref().map(|m| m.commit) != Some(rb.commit) {
             return Err(Error::InvalidMerge(format!(
                 "Region {}: no merge prepared at {} to roll back",
@@ -1328,11 +1374,9 @@ impl Peer {
         let mut epoch = region.region_epoch.unwrap_or_default();
         epoch.version += 1;
         region.region_epoch = Some(epoch);
-        self.persist_region(&region, PeerState::Normal, None, index, term)?;
+        self.persist_region(&region, PeerState::Normal, None, index)?;
         self.region = region;
         self.merge_state = None;
-        self.applied_index = index;
-        self.applied_term = term;
         tracing::info!(region_id = self.region.id, index, "merge rolled back");
         Ok(())
     }
@@ -1397,9 +1441,19 @@ impl Peer {
         state: PeerState,
         merge_state: Option<MergeState>,
         index: u64,
-        term: u64,
     ) -> Result<()> {
-        self.make_durable_through(index, term)?;
+        // Durable through the entry *before* this one, not this one: a crash between the
+        // engine's flush and the raft-engine write below must leave this entry to be replayed
+        // (under the old Region state, which it was made against). Once the new state is
+        // written, its `conf_index` tells a replay that the entry is done.
+        assert_eq!(
+            self.applied_index,
+            index - 1,
+            "Region {}: a Region state change at {index} applied out of order",
+            self.region.id
+        );
+        self.make_durable_through(index - 1, self.applied_term)?;
+        crate::crash_point!("merge_before_region_state");
         let rs = self.region_state(region, state, merge_state, index);
         let mut lb = LogWriteBatch::new();
         lb.put_region_state(region.id, &rs)?;
@@ -1464,7 +1518,9 @@ impl Peer {
         Ok(())
     }
 
-    /// Writes `wb` with the apply state `index`/`term`, if anything moved.
+    /// Writes `wb` with the apply state `index`/`term`, if anything moved. `term` must be the
+    /// term of the entry at `index`: a snapshot made at this apply state carries it, and a
+    /// follower whose log disagrees with it at `index` would reject every append after it.
     fn flush_apply(&mut self, wb: &mut WriteBatch, index: u64, term: u64) -> Result<()> {
         if index <= self.applied_index && wb.is_empty() {
             return Ok(());
@@ -1604,8 +1660,12 @@ impl Peer {
     /// live replica has, so that a healthy follower never needs a snapshot. Each replica then
     /// compacts no further than its own durable apply index.
     pub fn maybe_propose_compact(&mut self, threshold: u64) {
-        // A merging Region keeps its log: lagging replicas may need it (see `MergeState`).
-        if !self.is_leader() || self.hibernated || self.merge_state.is_some() {
+        // A merging Region keeps its log: lagging replicas may need it (see `MergeState`). So
+        // does one whose PrepareMerge is proposed but not applied yet: a compaction proposed
+        // now would apply after it and cut the log below `min_index`, which the CommitMerge
+        // must carry from (the merge would wait for ever).
+        if !self.is_leader() || self.hibernated || self.merge_state.is_some() || self.merge_proposed
+        {
             return;
         }
         let truncated = self.raw.store().truncated().0;
@@ -1653,6 +1713,13 @@ impl Peer {
             .engine
             .persisted_apply_state()?
             .map_or(0, |s| s.applied_index);
+        // A compaction ordered after a PrepareMerge (proposed before it by a leader that did
+        // not know) stops at the merge's `min_index`: the CommitMerge carries the entries after
+        // it from this log. `merge_state` is set in log order, so every replica cuts alike.
+        let index = match &self.merge_state {
+            Some(ms) => index.min(ms.min_index),
+            None => index,
+        };
         let target = index.min(durable);
         let behind_entries = self.applied_index.saturating_sub(durable);
         // An upper bound: the tablet is durable at least through the mark.
@@ -1713,6 +1780,13 @@ fn cf_of(name: &str) -> Cf {
         "write" => Cf::Write,
         _ => Cf::Default,
     }
+}
+
+/// The term of the entry just before the one being applied: the last one this apply batch
+/// went through, else the last one applied before it. (`applied_term` alone is wrong when the
+/// batch's earlier entries, written but not yet recorded as applied, are of a newer term.)
+fn prev_term(last: Option<(u64, u64)>, applied_term: u64) -> u64 {
+    last.map_or(applied_term, |(_, term)| term)
 }
 
 fn apply_mutations(wb: &mut WriteBatch, mutations: &[Mutation]) {

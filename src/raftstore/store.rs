@@ -199,6 +199,7 @@ pub fn bootstrap_region(engines: &Engines, region: &Region) -> Result<()> {
     });
     engine.write(&wb)?;
     engine.flush(true)?;
+    crate::crash_point!("bootstrap_region_before_raft_state");
     let mut lb = LogWriteBatch::new();
     lb.put_region_state(region.id, &state)?;
     lb.put_hard_state(
@@ -304,6 +305,8 @@ struct Store {
     disk: DiskMonitor,
     /// The replicas' delegates for lease reads on gRPC threads, shared with the router.
     readers: Arc<LocalReaders>,
+    /// Until when this store grants no votes (see `refuses_votes_after_start`).
+    votes_refused_until: Instant,
 }
 
 /// Opens every Region replica found in the engines and starts the store loop.
@@ -320,7 +323,12 @@ pub fn start_store(
     let readers = Arc::new(LocalReaders::default());
     let cfg_data_dir = cfg.storage.data_dir.clone();
     let reserve_space = cfg.storage.reserve_space.0;
+    // A restarted replica has forgotten when it last heard from its leader: for one election
+    // timeout it grants no vote (see `refuses_votes_after_start`).
+    let election_timeout =
+        cfg.raftstore.raft_base_tick_interval.0 * cfg.raftstore.raft_election_timeout_ticks as u32;
     let mut store = Store {
+        votes_refused_until: Instant::now() + election_timeout,
         id,
         tick_interval: cfg.raftstore.raft_base_tick_interval.0,
         next_tick: Instant::now(),
@@ -597,9 +605,12 @@ impl Store {
             .clone()
             .ok_or_else(|| Error::Storage(format!("Region {id}: snapshot without a Region")))?;
         let started = Instant::now();
+        // One synced write: the old log gone and the new state in. As two writes, a crash
+        // between them left a replica with neither a Region state nor a HardState: recreated
+        // empty, it forgot its vote, and raft-rs panicked on its leader's commit index at
+        // every restart.
         let mut lb = LogWriteBatch::new();
         lb.clean(id);
-        engines.raft.write(&mut lb, false)?;
         let mut state = RegionLocalState {
             state: PeerState::Applying as i32,
             region: Some(region.clone()),
@@ -612,6 +623,7 @@ impl Store {
         lb.compact_to(id, index, term)?;
         lb.put_hard_state(id, &p.raw.raft.hard_state())?;
         engines.raft.write(&mut lb, true)?;
+        crate::crash_point!("snapshot_install_after_applying_state");
         let applied = RaftApplyState {
             applied_index: index,
             applied_term: term,
@@ -623,6 +635,7 @@ impl Store {
             &applied,
             std::path::Path::new(&meta.dir),
         )?;
+        crate::crash_point!("snapshot_install_before_normal_state");
         state.state = PeerState::Normal as i32;
         lb.put_region_state(id, &state)?;
         engines.raft.write(&mut lb, true)?;
@@ -935,6 +948,12 @@ impl Store {
             && m.message.get_msg_type() == raft::eraftpb::MessageType::MsgHeartbeatResponse;
         if p.hibernated && !quiet_ack {
             p.wake();
+        }
+        if self.votes_refused_until > Instant::now() && refuses_votes_after_start(p, &m) {
+            crate::metrics::RAFT_MESSAGES_DROPPED
+                .with_label_values(&["vote_after_start"])
+                .inc();
+            return;
         }
         if m.message.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
             // The files must be this store's before Raft may accept the snapshot: once accepted
@@ -1678,6 +1697,7 @@ impl Store {
             return Ok(());
         };
         self.write_tombstone(id, region, meta.id)?;
+        crate::crash_point!("destroy_after_tombstone");
         self.engines.kv.destroy_region(id)?;
         tracing::info!(store_id = self.id, region_id = id, "replica destroyed");
         Ok(())
@@ -1702,10 +1722,10 @@ impl Store {
 
     /// Drops a replica's log and leaves a tombstone of `destroyed_peer_id`: late messages to it
     /// cannot recreate it, and only a newer replica may take its place.
+    /// One synced write (see `install_snapshot` for why not two).
     fn write_tombstone(&self, id: RegionId, region: Region, destroyed_peer_id: u64) -> Result<()> {
         let mut wb = LogWriteBatch::new();
         wb.clean(id);
-        self.engines.raft.write(&mut wb, true)?;
         let tomb = RegionLocalState {
             state: PeerState::Tombstone as i32,
             region: Some(region),
@@ -1716,6 +1736,32 @@ impl Store {
         self.engines.raft.write(&mut wb, true)?;
         Ok(())
     }
+}
+
+/// Whether a replica that started less than an election timeout ago must ignore `m`: a vote
+/// or pre-vote request that is not a leadership transfer's, in a Region with other voters.
+///
+/// The leader's lease rests on its followers refusing votes for an election timeout after
+/// hearing from it (`check_quorum`). A follower that restarts forgets when it last heard, and
+/// would vote at once for a candidate that has been timing out all along: with it, that
+/// candidate wins and commits while the old leader still serves reads from its lease (TiKV hit
+/// this, tikv#15035). Refusing votes for one election timeout after the start restores the
+/// promise: the old lease, shorter than an election timeout, has run out before any vote
+/// counts. A leadership transfer's votes are let through, as Raft lets them through a lease.
+fn refuses_votes_after_start(p: &Peer, m: &RaftMessage) -> bool {
+    use raft::eraftpb::MessageType;
+    let vote = matches!(
+        m.message.get_msg_type(),
+        MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+    );
+    let transfer = m.message.context.as_ref() == raft::CAMPAIGN_TRANSFER;
+    let voters = p
+        .region
+        .peers
+        .iter()
+        .filter(|x| x.role != prkv_proto::metapb::PeerRole::Learner as i32)
+        .count();
+    vote && !transfer && voters > 1
 }
 
 fn status_of(p: &Peer) -> RegionStatus {

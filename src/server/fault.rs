@@ -9,6 +9,19 @@
 //!   GET  /fault/partition              the stores cut off now, as JSON
 //! ```
 //!
+//! Messages can also be delayed rather than dropped: each Raft message from the stores named
+//! is held for a random time up to `ms` before its store sees it, so they arrive late and out
+//! of order (a `MsgTimeoutNow` after the transfer it belonged to was over, a vote from an old
+//! term, an append overtaken by a newer one). At most [`MAX_DELAYED`] messages wait at once;
+//! beyond that they are dropped, as a congested network would.
+//!
+//! ```text
+//!   POST /fault/delay?stores=2,3&ms=2500   hold messages from 2 and 3 up to 2.5 s
+//!   POST /fault/delay?stores=              stop delaying
+//! ```
+//!
+//! `POST /fault/crash?point=<name>` arms a crash point (`crate::crash`).
+//!
 //! Off unless the process was started with `PRKV_FAULTS=1`: a production store answers these
 //! requests with 403, and its transport pays one relaxed atomic load per message.
 //! Clients and PD are never cut off: the faults are between stores only.
@@ -31,6 +44,19 @@ static CUT: RwLock<BTreeSet<StoreId>> = RwLock::new(BTreeSet::new());
 
 /// The number of stores one partition request may name: more is not a cluster this tests.
 const MAX_CUT: usize = 64;
+
+/// The most messages held back at once by a delay fault: a bound on the memory and tasks a
+/// fault may cost (a busy store receives a few thousand messages a second).
+pub const MAX_DELAYED: usize = 10_000;
+/// The longest delay a request may ask for: long enough for several election timeouts.
+const MAX_DELAY_MS: u64 = 30_000;
+
+/// Fast path: false while no store's messages are delayed.
+static ANY_DELAY: AtomicBool = AtomicBool::new(false);
+/// Stores whose messages are delayed, and the longest delay.
+static DELAY: RwLock<(BTreeSet<StoreId>, u64)> = RwLock::new((BTreeSet::new(), 0));
+/// Messages held back now.
+pub static DELAYED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 pub fn enabled() -> bool {
     *ENABLED
@@ -58,6 +84,39 @@ pub fn set_partition(query: &str) -> Result<Vec<StoreId>, String> {
     ANY_CUT.store(!cut.is_empty(), Ordering::Relaxed);
     tracing::warn!(stores = ?v, "fault: Raft traffic with these stores is dropped");
     Ok(v)
+}
+
+/// The longest delay for messages from `store` now, if any.
+pub fn delay_from(store: StoreId) -> Option<u64> {
+    if !ANY_DELAY.load(Ordering::Relaxed) {
+        return None;
+    }
+    let d = DELAY.read();
+    d.0.contains(&store).then_some(d.1)
+}
+
+/// Parses `stores=2,3&ms=2500` (no stores: stop delaying) and makes it the delay fault.
+pub fn set_delay(query: &str) -> Result<(Vec<StoreId>, u64), String> {
+    if !enabled() {
+        return Err("faults are off (start the store with PRKV_FAULTS=1)".into());
+    }
+    let stores = parse_stores(query)?;
+    let ms = match query.split('&').find_map(|kv| kv.strip_prefix("ms=")) {
+        Some(ms) => ms
+            .parse::<u64>()
+            .map_err(|e| format!("bad ms {ms:?}: {e}"))?,
+        None if stores.is_empty() => 0,
+        None => return Err("expected &ms=<longest delay in milliseconds>".into()),
+    };
+    if ms > MAX_DELAY_MS {
+        return Err(format!("ms={ms}: at most {MAX_DELAY_MS}"));
+    }
+    let v: Vec<StoreId> = stores.iter().copied().collect();
+    let mut d = DELAY.write();
+    *d = (stores, ms);
+    ANY_DELAY.store(!d.0.is_empty() && ms > 0, Ordering::Relaxed);
+    tracing::warn!(stores = ?v, ms, "fault: Raft messages from these stores are delayed");
+    Ok((v, ms))
 }
 
 fn parse_stores(query: &str) -> Result<BTreeSet<StoreId>, String> {

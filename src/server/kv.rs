@@ -340,11 +340,20 @@ impl KvService {
         }
     }
 
+    /// Proposes `mutations` and waits for them to apply. `latch` (the guards of the keys'
+    /// latches, or none) is handed to the proposal: it is released when the proposal is applied
+    /// or has certainly failed (its callback runs, or is dropped unrun because nothing was
+    /// proposed), never when this future is dropped. A client's deadline or a closed
+    /// connection drops the handler, but not the entry in Raft: a latch released then would let
+    /// the next command on the key read a snapshot without this write and propose a conflicting
+    /// one (two compare-and-swaps that both succeed from one value, a committed primary rolled
+    /// back). TiKV's scheduler holds latches the same way, until the write is applied.
     async fn write(
         &self,
         ctx: &Context,
         mutations: Vec<Mutation>,
         term_fence: u64,
+        latch: Vec<LatchGuard>,
     ) -> Result<(), Fail> {
         if mutations.is_empty() {
             return Ok(());
@@ -355,7 +364,11 @@ impl KvService {
             epoch: ctx.region_epoch.unwrap_or_default(),
             mutations,
             term_fence,
-            cb: Box::new(move |r| drop(tx.send(r))),
+            cb: Box::new(move |r| {
+                // The answer first: the next holder of the latch reads after this apply anyway.
+                let _ = tx.send(r);
+                drop(latch);
+            }),
         })?;
         match tokio::time::timeout(STORE_TIMEOUT, rx).await {
             Ok(Ok(r)) => Ok(r?),
@@ -367,12 +380,12 @@ impl KvService {
     /// Writes `ms` (plain writes: no read) under their keys' latches, shared with other plain
     /// writes (see the module doc).
     async fn latched_write(&self, ctx: &Context, ms: Vec<Mutation>) -> Result<(), Fail> {
-        let _latch = self
+        let latch = self
             .inner
             .latches
             .acquire_shared(ms.iter().map(|m| m.key.as_slice()))
             .await;
-        self.write(ctx, ms, 0).await
+        self.write(ctx, ms, 0, latch).await
     }
 
     /// The live value of `key` (storage form) in `snap`, TTL applied.
@@ -896,7 +909,7 @@ impl Tikv for KvService {
                 key: self.bound_to_storage(&r.start_key),
                 value: self.bound_to_storage(&r.end_key),
             };
-            self.write(ctx, vec![m], 0).await
+            self.write(ctx, vec![m], 0, Vec::new()).await
         }
         .await;
         let mut resp = kvrpcpb::RawDeleteRangeResponse::default();
@@ -1009,7 +1022,7 @@ impl Tikv for KvService {
                 .encode_value(&r.value, r.ttl)
                 .map_err(Fail::Other)?;
             let key = self.encode_key(&r.key);
-            let _latch = self
+            let latch = self
                 .inner
                 .latches
                 .acquire(std::iter::once(key.as_slice()))
@@ -1024,7 +1037,7 @@ impl Tikv for KvService {
             if matches {
                 // Fenced on the read's term: if leadership changed since the read, the write
                 // is dropped at apply and the client retries the whole compare-and-swap.
-                self.write(ctx, vec![self.put(&r.key, value)], snap.term)
+                self.write(ctx, vec![self.put(&r.key, value)], snap.term, latch)
                     .await?;
             }
             Ok((matches, current))

@@ -280,6 +280,7 @@ pub async fn run(
             }
         }
         regions.sort_by(|a, b| a.start_key.cmp(&b.start_key));
+        crate::crash_point!("bootstrap_before_pd");
         let first = regions[0].clone();
         let won = retry("bootstrapping the cluster", || {
             pd.bootstrap(store_meta.clone(), first.clone())

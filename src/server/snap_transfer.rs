@@ -197,6 +197,36 @@ pub struct Receiver {
     pub router: StoreRouter,
     pub dirs: SnapDirs,
     pub slots: Arc<Semaphore>,
+    /// Keys of the snapshots being received now: one stream per key at a time.
+    receiving: Arc<parking_lot::Mutex<std::collections::HashSet<String>>>,
+}
+
+/// A snapshot key claimed by one receiving stream, released when the stream ends.
+struct Receiving {
+    key: String,
+    set: Arc<parking_lot::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl Receiving {
+    /// Claims `key`, or says who has it. Two streams of one key would write the same
+    /// `<file>.tmp`: the second's create truncates what the first wrote, the first goes on at
+    /// its own offset, leaving zeros, and renames a file whose chunks each passed their checks
+    /// (a sender's retry while its first stream still runs does exactly this).
+    fn claim(
+        set: &Arc<parking_lot::Mutex<std::collections::HashSet<String>>>,
+        key: &str,
+    ) -> Option<Receiving> {
+        set.lock().insert(key.to_string()).then(|| Receiving {
+            key: key.to_string(),
+            set: set.clone(),
+        })
+    }
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        self.set.lock().remove(&self.key);
+    }
 }
 
 impl Receiver {
@@ -205,6 +235,7 @@ impl Receiver {
             router,
             dirs: SnapDirs::new(data_dir),
             slots: Arc::new(Semaphore::new(MAX_CONCURRENT_RECEIVES)),
+            receiving: Arc::default(),
         }
     }
 
@@ -246,6 +277,15 @@ impl Receiver {
         if !valid_key(&meta.key) || meta.files.iter().any(|f| !valid_file_name(&f.name)) {
             return Err(Status::invalid_argument("bad snapshot key or file name"));
         }
+        let Some(_claim) = Receiving::claim(&self.receiving, &meta.key) else {
+            crate::metrics::SNAPSHOTS
+                .with_label_values(&["refused_concurrent"])
+                .inc();
+            return Err(Status::unavailable(format!(
+                "snapshot {} is already being received",
+                meta.key
+            )));
+        };
         let sizes: HashMap<String, u64> = meta
             .files
             .iter()
@@ -295,6 +335,7 @@ impl Receiver {
                 tokio::task::block_in_place(|| file.sync_all())
                     .map_err(|e| Status::internal(e.to_string()))?;
                 let tmp = dir.join(format!("{name}.tmp"));
+                crate::crash_point!("snapshot_recv_before_rename");
                 std::fs::rename(&tmp, dir.join(name.as_str()))
                     .map_err(|e| Status::internal(e.to_string()))?;
                 current = None;
@@ -318,5 +359,29 @@ impl Receiver {
             .try_send(StoreMsg::Raft(Box::new(msg)))
             .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(SnapshotDone {})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One stream per snapshot key: a second claim of a key in use is refused until the first
+    /// stream ends.
+    #[test]
+    fn one_stream_per_snapshot_key() {
+        let set = Arc::default();
+        let first = Receiving::claim(&set, "7_5_100").expect("free");
+        assert!(
+            Receiving::claim(&set, "7_5_100").is_none(),
+            "a second stream of one key"
+        );
+        let other = Receiving::claim(&set, "8_5_100").expect("another key is free");
+        drop(first);
+        assert!(
+            Receiving::claim(&set, "7_5_100").is_some(),
+            "free again once the first ends"
+        );
+        drop(other);
     }
 }

@@ -63,6 +63,12 @@ fn handle(req: &Request<Body>, info: &StatusInfo) -> Response<Body> {
     if req.uri().path() == "/fault/partition" {
         return fault_partition(req);
     }
+    if req.uri().path() == "/fault/crash" {
+        return fault_crash(req);
+    }
+    if req.uri().path() == "/fault/delay" {
+        return fault_delay(req);
+    }
     if req.method() != Method::GET {
         return Response::builder()
             .status(StatusCode::METHOD_NOT_ALLOWED)
@@ -146,6 +152,78 @@ fn fault_partition(req: &Request<Body>) -> Response<Body> {
             StatusCode::METHOD_NOT_ALLOWED,
             json!({"error": "GET or POST"}),
         ),
+    }
+}
+
+/// `POST /fault/delay?stores=..&ms=..` (see `server::fault`): 403 unless faults are on.
+fn fault_delay(req: &Request<Body>) -> Response<Body> {
+    let json_response = |status: StatusCode, body: serde_json::Value| {
+        Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap_or_default()
+    };
+    if req.method() != Method::POST {
+        return json_response(StatusCode::METHOD_NOT_ALLOWED, json!({"error": "POST"}));
+    }
+    match super::fault::set_delay(req.uri().query().unwrap_or("")) {
+        Ok((stores, ms)) => json_response(StatusCode::OK, json!({"delayed": stores, "ms": ms})),
+        Err(e) if !super::fault::enabled() => {
+            json_response(StatusCode::FORBIDDEN, json!({ "error": e }))
+        }
+        Err(e) => json_response(StatusCode::BAD_REQUEST, json!({ "error": e })),
+    }
+}
+
+/// `POST /fault/crash?point=<name>[&nth=<n>]` arms a crash point (`crate::crash`);
+/// `?point=` disarms them all. 403 unless faults are on.
+pub fn fault_crash(req: &Request<Body>) -> Response<Body> {
+    let json_response = |status: StatusCode, body: serde_json::Value| {
+        Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap_or_default()
+    };
+    if !super::fault::enabled() {
+        return json_response(
+            StatusCode::FORBIDDEN,
+            json!({"error": "faults are off (start the process with PRKV_FAULTS=1)"}),
+        );
+    }
+    if req.method() != Method::POST {
+        return json_response(StatusCode::METHOD_NOT_ALLOWED, json!({"error": "POST"}));
+    }
+    let query = req.uri().query().unwrap_or("");
+    let param = |name: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+    };
+    let Some(point) = param("point") else {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "expected ?point=<name>[&nth=<n>] (empty name: disarm all)"}),
+        );
+    };
+    if point.is_empty() {
+        crate::crash::disarm_all();
+        return json_response(StatusCode::OK, json!({"armed": null}));
+    }
+    let nth = match param("nth").map(str::parse::<u64>) {
+        None => 1,
+        Some(Ok(n)) => n,
+        Some(Err(e)) => {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                json!({"error": format!("nth: {e}")}),
+            )
+        }
+    };
+    match crate::crash::arm(point, nth) {
+        Ok(()) => json_response(StatusCode::OK, json!({"armed": point, "nth": nth})),
+        Err(e) => json_response(StatusCode::BAD_REQUEST, json!({"error": e})),
     }
 }
 

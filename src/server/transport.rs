@@ -240,6 +240,29 @@ async fn connection(
     }
 }
 
+/// Hands `m` to the store after a random delay of up to `max_ms` (the delay fault of
+/// `server::fault`): messages arrive late and out of order.
+fn delay_message(router: &StoreRouter, m: RaftMessage, max_ms: u64) {
+    use std::sync::atomic::Ordering;
+    let held = &super::fault::DELAYED;
+    if held.fetch_add(1, Ordering::Relaxed) >= super::fault::MAX_DELAYED {
+        held.fetch_sub(1, Ordering::Relaxed);
+        RAFT_MESSAGES_DROPPED.with_label_values(&["fault"]).inc();
+        return;
+    }
+    let router = router.clone();
+    let wait = std::time::Duration::from_millis(rand::random::<u64>() % max_ms.max(1));
+    tokio::spawn(async move {
+        tokio::time::sleep(wait).await;
+        held.fetch_sub(1, Ordering::Relaxed);
+        if router.try_send(StoreMsg::Raft(Box::new(m))).is_err() {
+            RAFT_MESSAGES_DROPPED
+                .with_label_values(&["inbox_full"])
+                .inc();
+        }
+    });
+}
+
 /// The receiving side: hands every message to the store loop (dropping it if the loop's inbox
 /// is full: Raft retransmits).
 #[derive(Clone)]
@@ -268,7 +291,9 @@ impl StoreTransport for RaftService {
                         .inc();
                     continue;
                 }
+                let delay = super::fault::delay_from(m.from_store);
                 match decode(m) {
+                    Ok(m) if delay.is_some() => delay_message(&self.router, m, delay.unwrap_or(0)),
                     Ok(m) => {
                         if self.router.try_send(StoreMsg::Raft(Box::new(m))).is_err() {
                             RAFT_MESSAGES_DROPPED

@@ -351,6 +351,7 @@ impl DbHandle {
         }
         // The record goes first, durably: it must never describe a tablet that changed.
         park::remove_record(&self.path)?;
+        crate::crash_point!("park_unpark_after_record_removed");
         let (opts, cfs) = self.shared.db_options(self.tablet);
         let db = Arc::new(
             DB::open_cf_descriptors(&opts, &self.path, cfs)
@@ -423,6 +424,7 @@ impl DbHandle {
         crate::metrics::TABLETS_OPEN.dec();
         // Without the record the tablet is merely closed: its next use opens it the ordinary
         // way, and so does a restart.
+        crate::crash_point!("park_before_record");
         park::write_record(&self.path, &info)?;
         slot.parked = Some(Arc::new(info));
         self.shared.parked_tablets.fetch_add(1, Ordering::Relaxed);
@@ -1097,9 +1099,13 @@ impl RegionEngine for RocksRegion {
         // SSTs wholly above the range go at once, without a rewrite. Not those below it:
         // RocksDB's DeleteFilesInRange (all the C API offers) includes the range's end, so a
         // file whose last key is the Region's first key would go with that key. Above the
-        // range the end is `DATA_END`, which no key reaches. Dropping files never resurrects
-        // data, so the range may change from here on.
-        drop(owner);
+        // range the end is `DATA_END`, which no key reaches.
+        //
+        // Still under the owner lock: a merge that widens the tablet to the right copies the
+        // source's keys in and flushes them, and in `lock` or `write` those can make SSTs lying
+        // wholly above the old range's end, which the deletion below would drop. (It only
+        // touches metadata, so the merge waits milliseconds.)
+        fail::fail_point!("trim_before_dropping_files");
         if self.data_end.as_slice() < keys::DATA_END {
             for cf in Cf::ALL {
                 db.delete_file_in_range_cf(
@@ -1110,6 +1116,7 @@ impl RegionEngine for RocksRegion {
                 .map_err(|e| rocks_err(&self.handle.path, e))?;
             }
         }
+        drop(owner);
         Ok(())
     }
 }
@@ -1292,16 +1299,29 @@ pub(crate) fn ingest_snapshot(
         wb.delete_range_cf(cf_of(&db, cf), lo, hi);
     }
     db.write(wb).map_err(|e| rocks_err(&handle.path, e))?;
+    // RocksDB moves an ingested file (links it in, then unlinks the original). The received
+    // files must outlive the install, though: until the apply state below is synced, a crash
+    // makes the restart run this install again from them, and had they gone, it would clear
+    // the range, ingest nothing and record the snapshot's index over an empty Region. So each
+    // file is ingested through a hard link of its own in `dir/ingest/`; the originals stay.
+    let staging = dir.join("ingest");
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+    }
+    std::fs::create_dir(&staging).map_err(|e| Error::io(&staging, e))?;
     for cf in Cf::ALL {
         let path = dir.join(format!("{}.sst", cf.name()));
         if !path.exists() {
             continue;
         }
+        let link = staging.join(format!("{}.sst", cf.name()));
+        std::fs::hard_link(&path, &link).map_err(|e| Error::io(&link, e))?;
         let mut opts = rocksdb::IngestExternalFileOptions::default();
         opts.set_move_files(true);
-        db.ingest_external_file_cf_opts(cf_of(&db, cf), &opts, vec![&path])
-            .map_err(|e| rocks_err(&path, e))?;
+        db.ingest_external_file_cf_opts(cf_of(&db, cf), &opts, vec![&link])
+            .map_err(|e| rocks_err(&link, e))?;
     }
+    crate::crash_point!("snapshot_ingest_before_apply_state");
     let mut wb = rocksdb::WriteBatch::default();
     wb.put_cf(cf_of(&db, Cf::Default), apply_key, applied.encode_to_vec());
     db.write(wb).map_err(|e| rocks_err(&handle.path, e))?;

@@ -320,6 +320,7 @@ impl StoreEngine for TabletRegistry {
             std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
         }
         std::fs::rename(dir, &path).map_err(|e| Error::io(dir, e))?;
+        crate::crash_point!("snapshot_install_after_rename");
         let handle = DbHandle::open(&self.shared, &path, true)?;
         // The checkpoint carries the leader's apply state as of its last write; the snapshot's
         // index may be later (admin entries change no data). Record the snapshot's.

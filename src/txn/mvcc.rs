@@ -14,6 +14,12 @@
 //!   its transaction was rolled back by someone resolving its lock) cannot resurrect it.
 //! * Commit and rollback are idempotent; committing a rolled-back key, or rolling back a
 //!   committed one, is an error.
+//! * A pessimistic lock fails with `WriteConflict` if a commit newer than its `for_update_ts`
+//!   exists (the statement retries with a newer one), and for good with
+//!   `PessimisticLockRolledBack` if its own transaction was rolled back on the key, however
+//!   many commits lie above that rollback.
+//!
+//! The unit tests (`mvcc/tests.rs`) run every rule on an in-memory snapshot.
 
 use prkv_proto::kvrpcpb::{self, KeyError, Op};
 use prkv_proto::serverpb::{mutation, Mutation};
@@ -64,6 +70,12 @@ fn retryable(msg: String) -> TxnError {
         ..Default::default()
     }
     .into()
+}
+
+fn pessimistic_lock_not_found(key: &[u8], start_ts: u64) -> TxnError {
+    retryable(format!(
+        "PessimisticLockNotFound: key {key:?}, start_ts {start_ts}"
+    ))
 }
 
 pub fn txn_not_found(start_ts: u64, primary: &[u8]) -> TxnError {
@@ -296,8 +308,18 @@ pub fn prewrite(
     let op = Op::try_from(m.op).map_err(|_| abort(format!("unknown mutation op {}", m.op)))?;
     let ek = encode_key(&m.key);
     let start_ts = props.start_ts;
+    let mut lock_ttl = props.lock_ttl;
     match reader.load_lock(&ek)? {
-        Some(lock) if lock.start_ts != start_ts => return Err(locked(&lock, &m.key)),
+        Some(lock) if lock.start_ts != start_ts => {
+            // Locks are exclusive: a key that should hold our pessimistic lock but holds
+            // another transaction's has lost ours, and resolving that lock and retrying could
+            // only end in `PessimisticLockNotFound`; say it now (TiKV's rule).
+            return Err(if pessimistic {
+                pessimistic_lock_not_found(&m.key, start_ts)
+            } else {
+                locked(&lock, &m.key)
+            });
+        }
         Some(lock) if lock.lock_type != LockType::Pessimistic => return Ok(()), // done already
         Some(_) if !pessimistic => {
             return Err(abort(format!(
@@ -305,16 +327,17 @@ pub fn prewrite(
                 m.key
             )))
         }
-        Some(_) => {}
+        // The prewrite lock replaces our pessimistic one. A heartbeat may have extended the
+        // pessimistic lock's TTL past the request's; keeping the longer one stops the prewrite
+        // from making a live primary look expired to resolvers (TiKV keeps the larger too).
+        Some(lock) => lock_ttl = lock_ttl.max(lock.ttl),
         None if pessimistic => {
-            // The pessimistic lock is gone: rolled back by someone resolving it, or already
-            // committed (a retried prewrite).
+            // The pessimistic lock is gone: rolled back by someone resolving it (its rollback
+            // record is found below newer commits too), or already committed (a retried
+            // prewrite).
             return match reader.commit_record(&ek, start_ts)? {
                 CommitRecord::Committed(_) => Ok(()),
-                _ => Err(retryable(format!(
-                    "PessimisticLockNotFound: key {:?}, start_ts {start_ts}",
-                    m.key
-                ))),
+                _ => Err(pessimistic_lock_not_found(&m.key, start_ts)),
             };
         }
         None => {
@@ -382,7 +405,7 @@ pub fn prewrite(
             lock_type,
             primary: props.primary.to_vec(),
             start_ts,
-            ttl: props.lock_ttl,
+            ttl: lock_ttl,
             short_value,
             for_update_ts: props.for_update_ts,
             txn_size: props.txn_size,
@@ -403,11 +426,12 @@ pub fn commit(
     let ek = encode_key(key);
     match reader.load_lock(&ek)? {
         Some(lock) if lock.start_ts == start_ts => {
-            let Some(write_type) = WriteType::from_lock(lock.lock_type) else {
-                return Err(retryable(format!(
-                    "TxnLockNotFound: key {key:?} holds only a pessimistic lock of {start_ts}"
-                )));
-            };
+            // A pessimistic lock that was never prewritten is left behind when its transaction
+            // lost the pessimistic rollback (or the reply to the lock request) and committed
+            // without the key. Resolvers that find the transaction committed commit its locks;
+            // refusing this one would leave the key locked for good. It changes no data, so it
+            // commits as a `Lock` record (TiKV's rule).
+            let write_type = WriteType::from_lock(lock.lock_type).unwrap_or(WriteType::Lock);
             if commit_ts < lock.min_commit_ts {
                 return Err(KeyError {
                     commit_ts_expired: Some(kvrpcpb::CommitTsExpired {
@@ -556,7 +580,7 @@ pub fn check_txn_status(
     }
 }
 
-/// A pessimistic lock on one key. Returns the key's newest value when `need_value`.
+/// What a pessimistic lock needs besides the key.
 pub struct PessimisticLockProps<'a> {
     pub start_ts: u64,
     pub for_update_ts: u64,
@@ -566,6 +590,17 @@ pub struct PessimisticLockProps<'a> {
     pub lock_only_if_exists: bool,
 }
 
+/// What a pessimistic lock request found in the key's write records.
+enum Found {
+    /// A data or lock record committed after `for_update_ts`.
+    Newer(u64, Write),
+    /// The requesting transaction's own rollback.
+    RolledBack,
+    /// The requesting transaction's own commit, at or below `for_update_ts`.
+    Committed(u64),
+}
+
+/// Takes a pessimistic lock on one key; returns the key's newest value when `need_value`.
 pub fn pessimistic_lock(
     reader: &Reader,
     txn: &mut Txn,
@@ -589,40 +624,69 @@ pub fn pessimistic_lock(
             Ok(None)
         };
     }
-    let mut conflict = None;
+    // The write records decide, newest first. A data or lock record above `for_update_ts`
+    // means the caller read a stale version: it retries with a newer `for_update_ts` (another
+    // transaction's rollback up there changes no data and is passed over).
+    //
+    // Our own rollback must be found even below newer commits. It means someone resolving our
+    // locks found the transaction dead and may have rolled back its other keys as well; a lock
+    // taken again here would let it prewrite and commit this key anyway, a partial commit (on
+    // the primary, a commit of a transaction declared rolled back). Looking only at the newest
+    // record misses the rollback as soon as another transaction commits the key after it.
+    let for_update_ts = props.for_update_ts;
+    let mut found = None;
     reader.walk_writes(&ek, u64::MAX, &mut |commit_ts, w| {
-        if w.start_ts == start_ts {
-            conflict = Some((commit_ts, w, true));
+        let ours = w.start_ts == start_ts;
+        if ours && w.write_type == WriteType::Rollback {
+            found = Some(Found::RolledBack);
             return false;
         }
-        if commit_ts > props.for_update_ts && w.write_type != WriteType::Rollback {
-            conflict = Some((commit_ts, w, false));
+        if commit_ts > for_update_ts {
+            if w.write_type != WriteType::Rollback {
+                found = Some(Found::Newer(commit_ts, w));
+                return false;
+            }
+            return true;
+        }
+        if commit_ts < start_ts {
+            return false; // older than the transaction: none of its records below
+        }
+        if ours {
+            found = Some(Found::Committed(commit_ts));
             return false;
         }
-        commit_ts > props.for_update_ts
+        true
     })?;
-    if let Some((commit_ts, w, ours)) = conflict {
-        if ours && w.write_type != WriteType::Rollback {
+    match found {
+        None => {}
+        Some(Found::RolledBack) => {
+            // TiKV's `PessimisticLockRolledBack`, which it reports as an abort.
             return Err(abort(format!(
-                "transaction {start_ts} already committed key {key:?}"
+                "PessimisticLockRolledBack: transaction {start_ts} was rolled back on key {key:?}"
             )));
         }
-        return Err(KeyError {
-            conflict: Some(kvrpcpb::WriteConflict {
-                start_ts,
-                conflict_ts: w.start_ts,
-                conflict_commit_ts: commit_ts,
-                key: key.to_vec(),
-                primary: props.primary.to_vec(),
-                reason: if ours {
-                    kvrpcpb::write_conflict::Reason::SelfRolledBack
-                } else {
-                    kvrpcpb::write_conflict::Reason::PessimisticRetry
-                } as i32,
-            }),
-            ..Default::default()
+        Some(Found::Committed(commit_ts)) => {
+            // At or below `for_update_ts`, which a client never asks for after its commit
+            // (TiKV would take the lock). A lock over a finished transaction's own commit can
+            // only be a stale or confused request; refuse it.
+            return Err(abort(format!(
+                "transaction {start_ts} already committed key {key:?} at {commit_ts}"
+            )));
         }
-        .into());
+        Some(Found::Newer(commit_ts, w)) => {
+            return Err(KeyError {
+                conflict: Some(kvrpcpb::WriteConflict {
+                    start_ts,
+                    conflict_ts: w.start_ts,
+                    conflict_commit_ts: commit_ts,
+                    key: key.to_vec(),
+                    primary: props.primary.to_vec(),
+                    reason: kvrpcpb::write_conflict::Reason::PessimisticRetry as i32,
+                }),
+                ..Default::default()
+            }
+            .into());
+        }
     }
     let value = if props.need_value || props.lock_only_if_exists {
         reader.get_value(&ek, u64::MAX)?
@@ -715,3 +779,6 @@ pub fn gc_key(reader: &Reader, txn: &mut Txn, ek: &[u8], safe_point: u64) -> Res
     }
     Ok(removed)
 }
+
+#[cfg(test)]
+mod tests;

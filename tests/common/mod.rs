@@ -70,5 +70,7 @@ pub fn wait_for_line(reader: &mut impl BufRead, prefix: &str) -> String {
 pub fn child_stdout(child: &mut Child) -> BufReader<std::process::ChildStdout> {
     BufReader::new(child.stdout.take().expect("piped stdout"))
 }
+pub mod bank;
 pub mod cluster;
 pub mod procs;
+pub mod workload;

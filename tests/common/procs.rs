@@ -102,6 +102,11 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(args: &[&str], log: &Path) -> Proc {
+        Self::spawn_env(args, log, &[])
+    }
+
+    /// Like `spawn`, with more environment variables.
+    pub fn spawn_env(args: &[&str], log: &Path, envs: &[(String, String)]) -> Proc {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -116,6 +121,7 @@ impl Proc {
             )
             // The status port's `/fault/partition` (network partitions for the nemesis).
             .env("PRKV_FAULTS", "1")
+            .envs(envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -185,6 +191,10 @@ pub struct ProcCluster {
     pub pd_config: String,
     /// Stores with reserved ports.
     pub max_stores: usize,
+    /// Environment variables for the next start of PD and of every store (e.g.
+    /// `PRKV_CRASH_AT`).
+    pub pd_env: Vec<(String, String)>,
+    pub store_env: Vec<(String, String)>,
 }
 
 /// Stores a test may add to a running cluster (ports are reserved for them).
@@ -197,6 +207,18 @@ impl ProcCluster {
 
     /// Like `start`, with a PD config file (`[replication]`, `[schedule]`).
     pub fn start_with_pd(dir: &Path, n: usize, extra_config: &str, pd_config: &str) -> ProcCluster {
+        Self::start_with_env(dir, n, extra_config, pd_config, Vec::new(), Vec::new())
+    }
+
+    /// Like `start_with_pd`, with environment variables for PD and for the stores.
+    pub fn start_with_env(
+        dir: &Path,
+        n: usize,
+        extra_config: &str,
+        pd_config: &str,
+        pd_env: Vec<(String, String)>,
+        store_env: Vec<(String, String)>,
+    ) -> ProcCluster {
         let base = free_ports(1 + 2 * (n + SPARE_STORES) as u16);
         let mut c = ProcCluster {
             dir: dir.to_path_buf(),
@@ -207,6 +229,8 @@ impl ProcCluster {
             extra_config: extra_config.to_string(),
             pd_config: pd_config.to_string(),
             max_stores: n + SPARE_STORES,
+            pd_env,
+            store_env,
         };
         c.start_pd();
         for i in 1..=n {
@@ -219,7 +243,7 @@ impl ProcCluster {
         let data = self.dir.join("pd");
         let cfg = self.dir.join("pd.toml");
         std::fs::write(&cfg, &self.pd_config).unwrap();
-        self.pd = Some(Proc::spawn(
+        self.pd = Some(Proc::spawn_env(
             &[
                 "pd",
                 "--addr",
@@ -230,6 +254,7 @@ impl ProcCluster {
                 cfg.to_str().unwrap(),
             ],
             &self.dir.join("pd.log"),
+            &self.pd_env,
         ));
     }
 
@@ -263,9 +288,10 @@ impl ProcCluster {
         let cfg = toml::to_string(&doc).unwrap();
         let path = self.dir.join(format!("store-{i}.toml"));
         std::fs::write(&path, cfg).unwrap();
-        self.stores[i - 1] = Some(Proc::spawn(
+        self.stores[i - 1] = Some(Proc::spawn_env(
             &["store", "--config", path.to_str().unwrap()],
             &self.dir.join(format!("store-{i}.log")),
+            &self.store_env,
         ));
     }
 
@@ -289,6 +315,15 @@ impl ProcCluster {
         }
     }
 
+    /// How PD ended, if it has (see `store_exit`).
+    pub fn pd_exit(&mut self) -> Option<Option<i32>> {
+        let p = self.pd.as_mut()?;
+        match p.child.try_wait() {
+            Ok(Some(status)) => Some(status.code()),
+            _ => None,
+        }
+    }
+
     pub fn kill_pd(&mut self) {
         if let Some(mut p) = self.pd.take() {
             p.sigkill();
@@ -309,10 +344,53 @@ impl ProcCluster {
         }
     }
 
-    /// Heals every partition.
+    /// Heals every partition and ends every delay.
     pub fn heal(&self) {
         for s in 1..=self.stores.len() {
             self.fault_partition(s, "");
+            self.fault_post(s, "/fault/delay?stores=");
+        }
+    }
+
+    /// Delays Raft messages between store `i` and every other store (both ways) by a random
+    /// time up to `ms` each: they arrive late and reordered (`server::fault`).
+    pub fn delay_store(&self, i: usize, ms: u64) {
+        let n = self.stores.len();
+        for s in 1..=n {
+            let from: Vec<String> = if s == i {
+                (1..=n).filter(|o| *o != i).map(|o| o.to_string()).collect()
+            } else {
+                vec![i.to_string()]
+            };
+            self.fault_post(
+                s,
+                &format!("/fault/delay?stores={}&ms={ms}", from.join(",")),
+            );
+        }
+    }
+
+    /// Arms crash point `point` on store `i` (`prkv::crash`); `""` disarms every point.
+    pub fn arm_crash(&self, i: usize, point: &str) {
+        self.fault_post(i, &format!("/fault/crash?point={point}"));
+    }
+
+    /// How store `i` ended, if it has: its exit code (`None` inside: killed by a signal).
+    pub fn store_exit(&mut self, i: usize) -> Option<Option<i32>> {
+        let p = self.stores[i - 1].as_mut()?;
+        match p.child.try_wait() {
+            Ok(Some(status)) => Some(status.code()),
+            _ => None,
+        }
+    }
+
+    fn fault_post(&self, s: usize, path: &str) {
+        if self.stores[s - 1].is_none() {
+            return;
+        }
+        match prkv::playground::http_request(self.status_addr(s), "POST", path) {
+            Ok((200, _, _)) => {}
+            Ok((_, head, body)) => println!("store {s}: POST {path}: {head} {body}"),
+            Err(e) => println!("store {s}: POST {path}: {e}"),
         }
     }
 

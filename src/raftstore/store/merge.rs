@@ -293,13 +293,23 @@ impl Store {
         if partitioned {
             copy_region_data(s.engine.as_ref(), engine.as_ref(), &source)?;
         }
-        // The target's engine durable through the CommitMerge before its new Region state is
-        // (see `Peer::make_durable_through`): the copied keys, the target's own writes before
-        // it, and an apply state saying so. Tablets have no WAL: flush; raft-kv: sync the WAL.
+        // The target's engine durable before its new Region state is (see
+        // `Peer::make_durable_through`): the copied keys and the target's own writes before the
+        // CommitMerge, with an apply state of the entry *before* it. A crash before the
+        // raft-engine write below then replays the CommitMerge, which copies the same frozen
+        // keys again; after it, the Region state's `conf_index` says the entry is done. (An apply
+        // state of the CommitMerge itself, as written before, skipped that replay: the source
+        // stayed frozen here, merged everywhere else.) Tablets have no WAL: flush; raft-kv: sync
+        // the WAL.
+        assert_eq!(
+            t.applied_index,
+            index - 1,
+            "Region {target_id}: CommitMerge at {index} applied out of order"
+        );
         let mut wb = WriteBatch::new();
         wb.set_apply_state(RaftApplyState {
-            applied_index: index,
-            applied_term: term,
+            applied_index: index - 1,
+            applied_term: t.applied_term,
             ..Default::default()
         });
         engine.write(&wb)?;
@@ -310,9 +320,11 @@ impl Store {
             .persisted_apply_state()?
             .map_or(0, |s| s.applied_index);
         assert!(
-            durable >= index,
-            "Region {target_id}: engine durable through {durable}, not {index}, at its CommitMerge"
+            durable >= index - 1,
+            "Region {target_id}: engine durable through {durable}, not {}, at its CommitMerge",
+            index - 1
         );
+        crate::crash_point!("commit_merge_before_region_state");
         let mut lb = LogWriteBatch::new();
         lb.put_region_state(
             target_id,
@@ -331,6 +343,14 @@ impl Store {
         )?;
         // Durability boundary: from here on the target covers the source's range.
         self.engines.raft.write(&mut lb, true)?;
+        // Now the CommitMerge itself counts as applied (unflushed, like any apply).
+        let mut wb = WriteBatch::new();
+        wb.set_apply_state(RaftApplyState {
+            applied_index: index,
+            applied_term: term,
+            ..Default::default()
+        });
+        engine.write(&wb)?;
         let t = self.peers.get_mut(&target_id).expect("exists");
         t.finish_commit_merge(merged.clone(), engine, index, term, Ok(()));
         tracing::info!(

@@ -161,7 +161,7 @@ impl KvService {
     ) -> Result<T, TxnFail> {
         self.check_txn(ctx, keys)?;
         let encoded: Vec<Vec<u8>> = keys.iter().map(|k| encode_key(k)).collect();
-        let _latch = self
+        let latch = self
             .inner
             .latches
             .acquire(encoded.iter().map(|k| k.as_slice()))
@@ -171,7 +171,8 @@ impl KvService {
         let reader = Reader::new(snap.snap.as_ref());
         let mut txn = Txn::default();
         let out = action(&reader, &mut txn)?;
-        self.write(ctx, txn.mutations, snap.term).await?;
+        // The latch goes with the proposal (see `KvService::write`).
+        self.write(ctx, txn.mutations, snap.term, latch).await?;
         Ok(out)
     }
 
@@ -746,7 +747,8 @@ impl KvService {
         if let Some(e) = failure {
             return Err(e.into());
         }
-        self.write(ctx, txn.mutations, snap.term).await?;
+        self.write(ctx, txn.mutations, snap.term, Vec::new())
+            .await?;
         Ok(removed)
     }
 
@@ -795,12 +797,12 @@ impl KvService {
                     value: hi.clone(),
                 })
                 .collect();
-            let _latch = self
+            let latch = self
                 .inner
                 .latches
                 .acquire([lo.as_slice()].into_iter())
                 .await;
-            self.write(ctx, ms, 0).await?;
+            self.write(ctx, ms, 0, latch).await?;
             Ok(())
         }
         .await;
@@ -884,7 +886,7 @@ impl KvService {
                     peer: Some(st.peer),
                     ..Default::default()
                 };
-                if let Err(f) = self.write(&ctx, ms, 0).await {
+                if let Err(f) = self.write(&ctx, ms, 0, Vec::new()).await {
                     failed.push((reg.id, parts(f.into())));
                 }
             }

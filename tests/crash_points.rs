@@ -1,0 +1,376 @@
+//! Every crash point, crashed at (see `prkv::crash`).
+//!
+//! The crash points are read from the source tree: every `crash_point!("name")` mark. For each
+//! one, a cluster of real processes (PD and 3 stores, built with the `failpoints` feature) runs
+//! the nemesis' register and set workloads; the point is armed on every store through its
+//! status port, and what reaches it is asked for (a split, a merge, a replica removed and added
+//! back as a snapshot, ...). The first store to pass the point exits there at once. It is
+//! restarted, and must come back and stay up; the next point follows, on the same cluster.
+//! At the end: the register history must be linearizable, every acknowledged insert present,
+//! and every Region's replicas equal (same keys, same checksum, at the same applied index).
+//!
+//! Points passed only when a cluster is first bootstrapped (a store's or PD's) are armed
+//! through the environment of a fresh cluster instead, which must then bootstrap once its
+//! crashed process restarts.
+//!
+//! What reaches a point is chosen by the start of its name (`TRIGGERS`). A new mark whose name
+//! no rule covers fails `every_crash_point_has_a_trigger`; a mark the workload never reaches
+//! fails the run of its engine.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::procs::{self, ProcCluster};
+use common::workload::{self, Options, Rng, Workload};
+
+/// One cluster at a time: on 2 cores, two would measure each other.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const PARTITIONED: &str = "partitioned-raft-kv";
+const RAFT_KV: &str = "raft-kv";
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Trigger {
+    /// PD splits a Region.
+    Split,
+    /// PD merges two adjacent Regions.
+    Merge,
+    /// A replica is removed and PD adds it back: the leader sends the new one a snapshot.
+    Snapshot,
+    /// Tablets park when idle (the cluster runs with at most 2 open and a 500 ms timeout).
+    Park,
+    /// A store bootstraps a new cluster (armed in a fresh cluster's environment).
+    StoreBootstrap,
+    /// PD records the bootstrap (likewise).
+    PdBootstrap,
+}
+
+/// Which workload reaches a crash point, by the start of its name, and on which engines.
+const TRIGGERS: &[(&str, Trigger, &[&str])] = &[
+    ("split_", Trigger::Split, &[PARTITIONED, RAFT_KV]),
+    ("merge_", Trigger::Merge, &[PARTITIONED, RAFT_KV]),
+    ("commit_merge_", Trigger::Merge, &[PARTITIONED, RAFT_KV]),
+    ("snapshot_ingest_", Trigger::Snapshot, &[RAFT_KV]),
+    (
+        "snapshot_install_after_rename",
+        Trigger::Snapshot,
+        &[PARTITIONED],
+    ),
+    ("snapshot_", Trigger::Snapshot, &[PARTITIONED, RAFT_KV]),
+    ("destroy_", Trigger::Snapshot, &[PARTITIONED, RAFT_KV]),
+    ("park_", Trigger::Park, &[PARTITIONED]),
+    ("bootstrap_", Trigger::StoreBootstrap, &[PARTITIONED]),
+    ("pd_bootstrap_", Trigger::PdBootstrap, &[PARTITIONED]),
+];
+
+/// How long one point may take to be reached: several rounds of its trigger, each of which
+/// waits for PD's operators (a replica added back takes a few heartbeats).
+const REACH_TIMEOUT: Duration = Duration::from_secs(45);
+/// How often the trigger is asked for again while the point is not reached.
+const TRIGGER_EVERY: Duration = Duration::from_millis(1500);
+
+fn rule(point: &str) -> Option<(Trigger, &'static [&'static str])> {
+    TRIGGERS
+        .iter()
+        .find(|(prefix, _, _)| point.starts_with(prefix))
+        .map(|(_, t, kinds)| (*t, *kinds))
+}
+
+/// The crash points `kind` must reach, with their triggers, in source order.
+fn points_for(kind: &str) -> Vec<(String, Trigger)> {
+    workload::crash_points_in_source()
+        .into_iter()
+        .filter_map(|(name, _)| {
+            let (t, kinds) = rule(&name)?;
+            kinds.contains(&kind).then_some((name, t))
+        })
+        .collect()
+}
+
+#[test]
+fn every_crash_point_has_a_trigger() {
+    let points = workload::crash_points_in_source();
+    let orphans: Vec<String> = points
+        .iter()
+        .filter(|(name, _)| rule(name).is_none())
+        .map(|(name, file)| format!("{name} ({file})"))
+        .collect();
+    assert!(
+        orphans.is_empty(),
+        "crash points no workload reaches: {orphans:?}; add a rule to TRIGGERS in \
+         tests/crash_points.rs"
+    );
+    assert!(
+        points.len() >= 10,
+        "only {} crash points found",
+        points.len()
+    );
+    println!("{} crash points:", points.len());
+    for (name, file) in &points {
+        println!("  {name:<45} {file}");
+    }
+}
+
+fn config(kind: &str) -> String {
+    let mut cfg = format!("[storage]\nengine = \"{kind}\"\napi-version = 2\n");
+    if kind == PARTITIONED {
+        cfg.push_str("[rocksdb]\nmax-open-tablets = 2\ntablet-idle-timeout = \"500ms\"\n");
+    }
+    cfg
+}
+
+/// Asks for what reaches a point of `trigger` (running-cluster triggers only).
+fn pull(c: &ProcCluster, rng: &mut Rng, trigger: Trigger) -> String {
+    match trigger {
+        Trigger::Split => workload::split_random(c, rng),
+        Trigger::Merge => {
+            if workload::regions(c).len() < 3 {
+                workload::split_random(c, rng)
+            } else {
+                workload::merge_random(c, rng)
+            }
+        }
+        Trigger::Snapshot => workload::region_op_random(c, rng, "remove-peer", None),
+        Trigger::Park | Trigger::StoreBootstrap | Trigger::PdBootstrap => String::new(),
+    }
+}
+
+/// The stores that have exited, after giving the others that pass the same point (every
+/// replica applies a merge) a moment to do so.
+async fn exited(c: &mut ProcCluster) -> Vec<usize> {
+    let any = (1..=3).any(|s| c.store_exit(s).is_some());
+    if !any {
+        return Vec::new();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    (1..=3).filter(|s| c.store_exit(*s).is_some()).collect()
+}
+
+/// Every Region's replicas hold the same data: the checksum of each store's replica, once
+/// all have applied the same index (they converge once the workload stops).
+fn replicas_equal(c: &ProcCluster) -> Result<usize, String> {
+    let regions = workload::regions(c);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (id, _, _) in &regions {
+        loop {
+            let sums: Vec<(usize, u64, u64, u64)> = (1..=3)
+                .filter_map(|s| {
+                    let body = procs::http_get(c.status_addr(s), &format!("/region/{id}/checksum"))
+                        .ok()?;
+                    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+                    Some((
+                        s,
+                        v["applied_index"].as_u64()?,
+                        v["keys"].as_u64()?,
+                        v["crc32"].as_u64()?,
+                    ))
+                })
+                .collect();
+            let same_index = sums.len() == 3 && sums.iter().all(|x| x.1 == sums[0].1);
+            if same_index {
+                if sums.iter().any(|x| (x.2, x.3) != (sums[0].2, sums[0].3)) {
+                    return Err(format!(
+                        "Region {id}: replicas differ at applied index {}: {sums:?} \
+                         (store, applied, keys, crc32)",
+                        sums[0].1
+                    ));
+                }
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "Region {id}: replicas never reached one applied index: {sums:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    Ok(regions.len())
+}
+
+/// Crashes a running cluster of `kind` at each of its running-cluster points in turn.
+async fn running_cluster(kind: &str, seed: u64) {
+    let points: Vec<(String, Trigger)> = points_for(kind)
+        .into_iter()
+        .filter(|(_, t)| !matches!(t, Trigger::StoreBootstrap | Trigger::PdBootstrap))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = ProcCluster::start(dir.path(), 3, &config(kind));
+    procs::wait_cluster(c.pd_addr, 3, 3, Duration::from_secs(60));
+    let w = Workload::start(c.endpoints(), seed, Options { bank: false }).await;
+    let mut rng = Rng(seed);
+    // A few Regions to merge and move.
+    for _ in 0..3 {
+        println!("  {}", workload::split_random(&c, &mut rng));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut reached: BTreeMap<String, String> = BTreeMap::new();
+    let mut missed = Vec::new();
+    for (point, trigger) in &points {
+        for s in 1..=3 {
+            c.arm_crash(s, point);
+        }
+        let started = Instant::now();
+        let mut next_pull = Instant::now();
+        let mut crashed = Vec::new();
+        let mut asked = Vec::new();
+        while started.elapsed() < REACH_TIMEOUT {
+            crashed = exited(&mut c).await;
+            if !crashed.is_empty() {
+                break;
+            }
+            if Instant::now() >= next_pull {
+                let what = pull(&c, &mut rng, *trigger);
+                if !what.is_empty() {
+                    asked.push(what);
+                }
+                next_pull = Instant::now() + TRIGGER_EVERY;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for s in 1..=3 {
+            if !crashed.contains(&s) {
+                c.arm_crash(s, "");
+            }
+        }
+        if crashed.is_empty() {
+            println!("  {point}: NOT reached in {REACH_TIMEOUT:?} (asked: {asked:?})");
+            missed.push(point.clone());
+            continue;
+        }
+        for s in &crashed {
+            let code = c.store_exit(*s).flatten();
+            assert_eq!(
+                code,
+                Some(prkv::crash::CRASH_EXIT_CODE),
+                "{kind}: store {s} exited with {code:?} while {point} was armed, not at it \
+                 (see its log)"
+            );
+            c.kill_store(*s);
+            c.start_store(*s);
+        }
+        // The restarted stores recover and stay up: every Region has its replicas again.
+        procs::wait_cluster(c.pd_addr, 3, 3, Duration::from_secs(60));
+        for s in &crashed {
+            assert!(
+                c.store_running(*s),
+                "{kind}: store {s} did not stay up after its crash at {point} (see its log)"
+            );
+        }
+        let took = started.elapsed();
+        println!(
+            "  {point}: store(s) {crashed:?} crashed after {:.1}s, recovered",
+            took.as_secs_f64()
+        );
+        reached.insert(point.clone(), format!("{crashed:?}"));
+    }
+    let v = w.finish(&c, 3).await;
+    let regions = replicas_equal(&c).unwrap_or_else(|e| panic!("{kind}: {e}"));
+    println!(
+        "{kind}: {} of {} crash points reached and recovered; {regions} Regions' replicas equal",
+        reached.len(),
+        points.len()
+    );
+    assert!(
+        v.violation.is_none() && v.lost.is_empty(),
+        "{kind}: violation {:?}; {} acknowledged inserts lost",
+        v.violation,
+        v.lost.len()
+    );
+    assert!(v.acknowledged > 50, "{kind}: too little got done");
+    assert!(
+        missed.is_empty(),
+        "{kind}: crash points never reached: {missed:?}"
+    );
+}
+
+/// Crashes a fresh cluster's bootstrap at each bootstrap point: the process stopped there
+/// restarts, and the cluster must come up and take writes.
+async fn bootstrap_points(kind: &str) {
+    let points: Vec<(String, Trigger)> = points_for(kind)
+        .into_iter()
+        .filter(|(_, t)| matches!(t, Trigger::StoreBootstrap | Trigger::PdBootstrap))
+        .collect();
+    for (point, trigger) in points {
+        let dir = tempfile::tempdir().unwrap();
+        let env = vec![("PRKV_CRASH_AT".to_string(), point.clone())];
+        let (pd_env, store_env) = match trigger {
+            Trigger::PdBootstrap => (env, Vec::new()),
+            _ => (Vec::new(), env),
+        };
+        let mut c =
+            ProcCluster::start_with_env(dir.path(), 3, &config(kind), "", pd_env, store_env);
+        let started = Instant::now();
+        let mut crashed = Vec::new();
+        let mut pd_crashed = false;
+        while started.elapsed() < REACH_TIMEOUT && crashed.is_empty() && !pd_crashed {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            crashed = exited(&mut c).await;
+            pd_crashed = c.pd_exit().is_some();
+        }
+        c.pd_env.clear();
+        c.store_env.clear();
+        assert!(
+            !crashed.is_empty() || pd_crashed,
+            "{kind}: bootstrap crash point {point} never reached"
+        );
+        if pd_crashed {
+            let code = c.pd_exit().flatten();
+            assert_eq!(
+                code,
+                Some(prkv::crash::CRASH_EXIT_CODE),
+                "PD exited with {code:?}"
+            );
+            c.kill_pd();
+            c.start_pd();
+        }
+        for s in &crashed {
+            let code = c.store_exit(*s).flatten();
+            assert_eq!(
+                code,
+                Some(prkv::crash::CRASH_EXIT_CODE),
+                "store {s} exited with {code:?}, not at {point}"
+            );
+            c.kill_store(*s);
+            c.start_store(*s);
+        }
+        procs::wait_cluster(c.pd_addr, 3, 3, Duration::from_secs(60));
+        let client = tikv_client::RawClient::new_with_config(
+            c.endpoints(),
+            tikv_client::Config::default().with_default_keyspace(),
+        )
+        .await
+        .unwrap();
+        for i in 0..50u32 {
+            let k = format!("boot{i:03}");
+            client.put(k.clone(), k.clone()).await.unwrap();
+        }
+        for i in 0..50u32 {
+            let k = format!("boot{i:03}");
+            assert_eq!(client.get(k.clone()).await.unwrap(), Some(k.into_bytes()));
+        }
+        println!(
+            "  {point}: {} crashed, the cluster bootstrapped on restart",
+            if pd_crashed {
+                "PD".to_string()
+            } else {
+                format!("store(s) {crashed:?}")
+            }
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crash_points_partitioned() {
+    let _serial = SERIAL.lock().await;
+    bootstrap_points(PARTITIONED).await;
+    running_cluster(PARTITIONED, 71).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crash_points_raft_kv() {
+    let _serial = SERIAL.lock().await;
+    running_cluster(RAFT_KV, 72).await;
+}
