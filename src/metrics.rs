@@ -244,6 +244,11 @@ pub static STORE_LEADERS: LazyLock<IntGauge> =
 pub fn render() -> String {
     use prometheus::Encoder;
     crate::storage::export_engine_stats();
+    if let Some(n) = crate::storage::fds::open_fds() {
+        PROCESS_OPEN_FDS.set(n as i64);
+    }
+    FD_EXHAUSTED
+        .set(crate::storage::fds::EXHAUSTED.load(std::sync::atomic::Ordering::Relaxed) as i64);
     let mut families = REGISTRY.gather();
     families.extend(prometheus::gather());
     let mut buf = Vec::new();
@@ -253,6 +258,40 @@ pub fn render() -> String {
     }
     String::from_utf8(buf).unwrap_or_default()
 }
+
+/// File descriptors: open now, the limit, the open-tablet cap derived from it, and operations
+/// that ran out and waited (`storage::fds`); refreshed at each scrape.
+pub static PROCESS_OPEN_FDS: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "prkv_process_open_fds",
+        "File descriptors this process holds",
+    )
+});
+pub static FD_LIMIT: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "prkv_fd_limit",
+        "RLIMIT_NOFILE of this process (soft, raised to hard)",
+    )
+});
+pub static TABLET_CAP: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "prkv_engine_tablet_cap",
+        "Tablets that may be open at once: rocksdb.max-open-tablets or what descriptors allow",
+    )
+});
+/// Tablet openings that waited for the parker because too many tablets were open.
+pub static TABLET_ADMISSION_WAITS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "prkv_engine_tablet_admission_waits_total",
+        "Tablet openings that waited for parking: open tablets were past the cap",
+    )
+});
+pub static FD_EXHAUSTED: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "prkv_fd_exhausted_total",
+        "Operations that met EMFILE or ENFILE and waited for the parker",
+    )
+});
 
 /// Region snapshots by event: generated (leader), sent / send_failed (transfer), installed
 /// (receiver).

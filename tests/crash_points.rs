@@ -301,7 +301,7 @@ async fn bootstrap_points(kind: &str) {
             _ => (Vec::new(), env),
         };
         let mut c =
-            ProcCluster::start_with_env(dir.path(), 3, &config(kind), "", pd_env, store_env);
+            ProcCluster::start_with_env(dir.path(), 3, &config(kind), "", pd_env, store_env, None);
         let started = Instant::now();
         let mut crashed = Vec::new();
         let mut pd_crashed = false;

@@ -398,7 +398,7 @@ async fn scale_out_and_in(kind: &str) {
     assert_eq!(data_checksum(&client, N).await, before);
 
     // Scale in, as an operator would.
-    let out = std::process::Command::new(procs::PRKV)
+    let out = std::process::Command::new(procs::prkv_bin())
         .args(["ctl", "--pd", &c.pd_addr.to_string(), "store-delete"])
         .arg(store_id_at(&c, 4).to_string())
         .output()
@@ -428,7 +428,7 @@ async fn scale_out_and_in(kind: &str) {
     assert_eq!(data_checksum(&client, N).await, before);
     replicas_identical(&c);
     // Deleting the last stores that hold 3 replicas is refused, with the reason.
-    let out = std::process::Command::new(procs::PRKV)
+    let out = std::process::Command::new(procs::prkv_bin())
         .args(["ctl", "--pd", &c.pd_addr.to_string(), "store-delete"])
         .arg(store_id_at(&c, 1).to_string())
         .output()

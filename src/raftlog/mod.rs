@@ -126,6 +126,11 @@ impl LogWriteBatch {
     }
 }
 
+/// How long a raft-engine write waits for file descriptors before it gives up (see
+/// [`RaftLogStore::write`]): the parker frees descriptors within a round or two (a second
+/// each); half a minute without any means something else holds them all.
+pub const RAFT_WRITE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl RaftLogStore {
     pub fn open(dir: &Path, config: &RaftEngineConfig) -> Result<RaftLogStore> {
         let cfg = raft_engine::Config {
@@ -142,8 +147,28 @@ impl RaftLogStore {
 
     /// Persists `batch`; with `sync`, one fsync covers every Region in it. Returns the bytes
     /// written. The batch is left empty and reusable.
+    /// Writes `batch`. Out of file descriptors (raft-engine rotating to a new log file), the
+    /// write waits for the parker and is repeated from a copy taken beforehand, kept only
+    /// while descriptors run low (`storage::fds`): a failed raft-engine write consumes its
+    /// batch. Still failing after [`RAFT_WRITE_PATIENCE`], the error is returned (the store
+    /// then stops: its Raft state would be unknown).
     pub fn write(&self, batch: &mut LogWriteBatch, sync: bool) -> Result<usize> {
-        Ok(self.engine.write(&mut batch.batch, sync)?)
+        if !crate::storage::fds::near_limit() {
+            return Ok(self.engine.write(&mut batch.batch, sync)?);
+        }
+        let copy = batch.batch.clone();
+        let started = std::time::Instant::now();
+        crate::storage::fds::retry_while_exhausted(
+            "writing the Raft log",
+            &crate::storage::wake_parkers,
+            |e: &Error| e.is_fd_exhaustion() && started.elapsed() < RAFT_WRITE_PATIENCE,
+            || {
+                let mut attempt = copy.clone();
+                let n = self.engine.write(&mut attempt, sync)?;
+                batch.batch = LogBatch::default();
+                Ok(n)
+            },
+        )
     }
 
     pub fn hard_state(&self, region_id: RegionId) -> Result<Option<HardState>> {

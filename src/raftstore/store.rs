@@ -388,6 +388,7 @@ pub fn start_store(
 impl Store {
     /// Rebuilds every peer: Raft state from raft-engine, applied state from the engines.
     fn recover(&mut self) -> Result<()> {
+        let mut destroyed = Vec::new();
         for region_id in self.engines.raft.regions() {
             let Some(mut state) = self.engines.raft.region_state(region_id)? else {
                 continue;
@@ -396,6 +397,9 @@ impl Store {
                 state = self.finish_interrupted_install(region_id, state)?;
             }
             if state.state == PeerState::Tombstone as i32 {
+                if let Some(r) = &state.region {
+                    destroyed.push((region_id, range_of(r)));
+                }
                 continue;
             }
             let Some(region) = state.region.clone() else {
@@ -433,6 +437,16 @@ impl Store {
                 let _ = peer.raw.campaign();
             }
             self.add_peer(peer);
+        }
+        // A crash between a replica's tombstone and the removal of its data (`destroy_peer`)
+        // leaves the data: gone now, before anything could mistake it for a new replica's.
+        let purged = self.engines.kv.purge_destroyed(&destroyed)?;
+        if purged > 0 {
+            tracing::info!(
+                store_id = self.id,
+                purged,
+                "removed data of replicas destroyed before a crash"
+            );
         }
         self.reload_damaged()?;
         // Generated snapshots are regenerated on demand; of received ones, half-written files
@@ -492,6 +506,7 @@ impl Store {
         let mut lb = LogWriteBatch::new();
         lb.put_region_state(region_id, &state)?;
         self.engines.raft.write(&mut lb, true)?;
+        remove_installed_snapshot(&dir);
         tracing::info!(
             region_id,
             index = t.index,
@@ -639,6 +654,9 @@ impl Store {
         state.state = PeerState::Normal as i32;
         lb.put_region_state(id, &state)?;
         engines.raft.write(&mut lb, true)?;
+        // Only now may the received files go (raft-kv ingested links to them; a partitioned
+        // install renamed the directory away).
+        remove_installed_snapshot(std::path::Path::new(&meta.dir));
         p.on_snapshot_installed(region, engine, index, term);
         crate::metrics::SNAPSHOTS
             .with_label_values(&["installed"])
@@ -1762,6 +1780,15 @@ fn refuses_votes_after_start(p: &Peer, m: &RaftMessage) -> bool {
         .filter(|x| x.role != prkv_proto::metapb::PeerRole::Learner as i32)
         .count();
     vote && !transfer && voters > 1
+}
+
+/// Removes a snapshot's received files once its install is recorded.
+fn remove_installed_snapshot(dir: &std::path::Path) {
+    if dir.exists() {
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "removing an installed snapshot failed");
+        }
+    }
 }
 
 fn status_of(p: &Peer) -> RegionStatus {

@@ -54,8 +54,22 @@ pub fn accept_nodelay(
     listener: tokio::net::TcpListener,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
     use tokio_stream::StreamExt as _;
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
-        let conn = conn?;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).then(|conn| async move {
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                if crate::storage::fds::is_exhaustion(&e) {
+                    // The connection stays in the backlog and the next accept fails again at
+                    // once: without a pause this loop would spin a core. The parker frees
+                    // descriptors meanwhile (`storage::fds`).
+                    crate::storage::fds::EXHAUSTED
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    crate::storage::wake_parkers();
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                return Err(e);
+            }
+        };
         if let Err(e) = conn.set_nodelay(true) {
             // The connection still works, only slower; it may also be closing already.
             tracing::debug!(error = %e, "setting TCP_NODELAY on an accepted connection");

@@ -255,6 +255,13 @@ pub trait StoreEngine: Send + Sync {
     /// apply state in the shared DB). Handles still held stay readable until dropped.
     fn destroy_region(&self, region_id: RegionId) -> Result<()>;
 
+    /// At start-up: removes what is left of replicas destroyed before a crash (`destroyed`:
+    /// their ids and last ranges). A replica's tombstone is written before its data goes, so a
+    /// crash in between leaves the data; a later replica of the same Region on this store
+    /// would find it (an apply state far past its empty log). Data of a range that a Region
+    /// open here now serves stays. Call after every live Region is opened.
+    fn purge_destroyed(&self, destroyed: &[(RegionId, KeyRange)]) -> Result<usize>;
+
     /// Whether generation `tablet_index` of `region_id` exists on disk. Opening creates what
     /// is missing, so a start-up that expects data checks first: a replica whose tablet
     /// vanished must not come back empty. Always true in `raft-kv` mode (one shared DB).

@@ -36,6 +36,7 @@
 pub mod corruption;
 pub mod disk;
 pub mod engine;
+pub mod fds;
 pub mod flush;
 pub mod ident;
 pub mod keys;
@@ -49,7 +50,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use engine::{Cf, KeyRange, RegionEngine, ScanDir, StoreEngine, WriteBatch};
-pub use rocks::export_engine_stats;
+pub use rocks::{export_engine_stats, wake_parkers};
 
 use crate::config::{Config, EngineKind};
 
@@ -103,6 +104,18 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// Whether this is running out of file descriptors (`EMFILE`/`ENFILE`): transient, waited
+    /// out rather than failed on (`fds`).
+    pub fn is_fd_exhaustion(&self) -> bool {
+        match self {
+            Error::Rocks { message, .. } => fds::message_is_exhaustion(message),
+            Error::Io { source, .. } => fds::is_exhaustion(source),
+            Error::RaftEngine(raft_engine::Error::Io(e)) => fds::is_exhaustion(e),
+            Error::RaftEngine(e) => fds::message_is_exhaustion(&e.to_string()),
+            _ => false,
+        }
+    }
+
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         Error::Io {
             path: path.to_path_buf(),

@@ -74,6 +74,10 @@ pub struct ParkedInfo {
     pub approximate_size: u64,
     /// Exact below [`super::EXACT_KEY_COUNT_BELOW`] (counted when parking), else the estimate.
     pub approximate_keys: u64,
+    /// The tablet still holds keys outside the range (a split child parked before its trim,
+    /// which opens it again). Records written before this field existed were always trimmed.
+    #[serde(default)]
+    pub untrimmed: bool,
 }
 
 /// The apply state as its protobuf encoding (the form it has in the tablet).
@@ -206,7 +210,19 @@ impl Parker {
         drop(tablets);
         let now = self.shared.now_ns();
         let idle_ns = self.shared.config.tablet_idle_timeout.0.as_nanos() as u64;
-        let cap = self.shared.config.max_open_tablets;
+        // The cap is what `rocksdb.max-open-tablets` and the descriptor budget allow
+        // (`storage::fds`); beyond it, descriptors actually open past the budget count too,
+        // and someone waiting for descriptors means a full batch now.
+        let cap = self.shared.tablet_cap();
+        let fds = super::fds::open_fds();
+        let budget = self.shared.fd_budget;
+        super::fds::set_near_limit(fds.is_some_and(|n| n + budget.reserve > budget.limit));
+        let by_fds = fds.map(|n| budget.tablets_over(n)).unwrap_or(0);
+        let by_pressure = if super::fds::under_pressure() {
+            PARKS_PER_ROUND
+        } else {
+            0
+        };
         let mut open: Vec<(u64, &Arc<RocksRegion>)> = views
             .iter()
             .filter(|v| v.handle.is_open())
@@ -215,19 +231,17 @@ impl Parker {
         // Views of one Region share a handle only transiently (a swap); the registry holds
         // one view per Region, so this list has each open tablet once.
         open.sort_unstable_by_key(|(used, _)| *used);
-        let over = if cap > 0 {
-            open.len().saturating_sub(cap)
-        } else {
-            0
-        };
+        let over = open.len().saturating_sub(cap).max(by_fds).max(by_pressure);
         let mut parked = 0;
-        for (i, (used, view)) in open.iter().enumerate() {
+        for (used, view) in &open {
             if parked == PARKS_PER_ROUND || self.stop.load(Ordering::Relaxed) {
                 break;
             }
             let idle = idle_ns > 0 && now.saturating_sub(*used) >= idle_ns;
-            // Sorted oldest first: past the excess and the idle ones, nothing else qualifies.
-            if !idle && i >= over {
+            // Sorted oldest first: once the excess is parked, only idle ones still go. A
+            // tablet that cannot park now (in use, compacting) does not count against the
+            // excess: the next one is tried.
+            if !idle && parked >= over {
                 break;
             }
             match view.try_park() {
@@ -288,6 +302,7 @@ mod tests {
             }),
             approximate_size: 1 << 20,
             approximate_keys: 1000,
+            untrimmed: false,
         }
     }
 

@@ -136,6 +136,30 @@ impl StoreEngine for RaftKvEngine {
             .map_err(|e| super::rocks::rocks_err(&self.path, e))
     }
 
+    fn purge_destroyed(&self, destroyed: &[(RegionId, KeyRange)]) -> Result<usize> {
+        let mut purged = 0;
+        for (id, range) in destroyed {
+            if self.regions.lock().contains_key(id) {
+                continue;
+            }
+            let db = self.handle.db()?;
+            let left = db
+                .get_cf(
+                    db.cf_handle(Cf::Default.name()).expect("column family"),
+                    keys::apply_state_key(*id),
+                )
+                .map_err(|e| super::rocks::rocks_err(&self.path, e))?;
+            if left.is_none() {
+                continue; // destroyed whole before the crash
+            }
+            // A view for `destroy_region`, which spares the ranges of the open Regions.
+            self.open_region(*id, range.clone(), 0)?;
+            self.destroy_region(*id)?;
+            purged += 1;
+        }
+        Ok(purged)
+    }
+
     fn has_region_data(&self, _region_id: RegionId, _tablet_index: Index) -> bool {
         true
     }
@@ -177,9 +201,8 @@ impl StoreEngine for RaftKvEngine {
             &keys::apply_state_key(region_id),
             applied,
         )?;
-        if let Err(e) = std::fs::remove_dir_all(dir) {
-            tracing::warn!(dir = %dir.display(), error = %e, "removing an installed snapshot failed");
-        }
+        // `dir` stays until the store has recorded the install (Region state `Normal`): a crash
+        // before that runs this again from it.
         // A fresh view: it reads the apply state just written.
         self.regions.lock().remove(&region_id);
         self.open_region(region_id, range, applied.applied_index)

@@ -54,6 +54,8 @@ pub(crate) struct SharedResources {
     parked_tablets: AtomicUsize,
     /// Wakes the parker when a tablet opens beyond `rocksdb.max-open-tablets`.
     pub(crate) park_signal: signal::Signal,
+    /// How the process's file descriptors are spent (`storage::fds`).
+    pub(crate) fd_budget: super::fds::FdBudget,
 }
 
 impl SharedResources {
@@ -73,6 +75,21 @@ impl SharedResources {
             config.write_buffer_limit.0 as usize,
             true,
         );
+        let fd_budget =
+            super::fds::FdBudget::from_limit(super::fds::raise_limit(), config.max_open_files);
+        let cap = fd_budget.tablet_cap(config.max_open_tablets);
+        if config.max_open_tablets == 0 || cap < config.max_open_tablets {
+            tracing::info!(
+                fd_limit = fd_budget.limit,
+                reserve = fd_budget.reserve,
+                per_tablet = fd_budget.per_tablet,
+                open_tablets = cap,
+                configured = config.max_open_tablets,
+                "rocksdb.max-open-tablets lowered to what file descriptors allow"
+            );
+        }
+        crate::metrics::FD_LIMIT.set(fd_budget.limit as i64);
+        crate::metrics::TABLET_CAP.set(cap as i64);
         let mut base = Options::default();
         base.enable_statistics();
         // Counters only: timers would cost a clock read per operation.
@@ -87,6 +104,7 @@ impl SharedResources {
             open_tablets: AtomicUsize::new(0),
             parked_tablets: AtomicUsize::new(0),
             park_signal: signal::Signal::default(),
+            fd_budget,
         });
         let mut sources = STATS_SOURCES.lock();
         sources.retain(|w| w.strong_count() > 0);
@@ -97,6 +115,39 @@ impl SharedResources {
     /// Nanoseconds since [`Self::epoch`], never 0.
     pub(crate) fn now_ns(&self) -> u64 {
         self.epoch.elapsed().as_nanos().max(1) as u64
+    }
+
+    /// How many tablets may be open at once (`storage::fds`).
+    pub(crate) fn tablet_cap(&self) -> usize {
+        self.fd_budget.tablet_cap(self.config.max_open_tablets)
+    }
+
+    /// Before a tablet opens: if open tablets are well past the cap (a burst of splits or
+    /// snapshots outran the parker), waits for the parker to catch up, up to
+    /// [`ADMISSION_WAIT`]. The opener (the store loop, the region worker) slows down instead
+    /// of taking descriptors that RocksDB's flushes and raft-engine will need.
+    ///
+    /// It waits only while the parker makes progress: tablets it cannot park now (running a
+    /// flush or compaction, in use) must not hold the opener for long.
+    fn wait_for_room(&self) {
+        let cap = self.tablet_cap();
+        let allowed = cap + cap / 8 + 4;
+        if self.open_tablets() < allowed {
+            return;
+        }
+        crate::metrics::TABLET_ADMISSION_WAITS.inc();
+        let started = Instant::now();
+        let mut last = (self.open_tablets(), Instant::now());
+        while self.open_tablets() >= allowed && started.elapsed() < ADMISSION_WAIT {
+            self.park_signal.wake();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            let open = self.open_tablets();
+            if open < last.0 {
+                last = (open, Instant::now());
+            } else if last.1.elapsed() > std::time::Duration::from_millis(50) {
+                break; // the parker is stuck on busy tablets: go on
+            }
+        }
     }
 
     pub(crate) fn open_tablets(&self) -> usize {
@@ -142,6 +193,10 @@ impl SharedResources {
         if tablet {
             db.set_atomic_flush(true);
             db.set_max_open_files(self.config.max_open_files);
+            // One shard: RocksDB rounds each shard's share of `max_open_files - 10` up to one
+            // reader, so with its default 64 shards a tablet could keep 64 SSTs open, not 10,
+            // and the descriptor budget (`storage::fds`) would be off by six times.
+            db.set_table_cache_num_shard_bits(0);
             db.set_max_file_opening_threads(1);
             // A tablet's manifest rarely grows; keep it small so reopening is quick.
             db.set_max_manifest_file_size(4 << 20);
@@ -181,6 +236,18 @@ impl SharedResources {
 static STATS_SOURCES: std::sync::LazyLock<
     parking_lot::Mutex<Vec<std::sync::Weak<SharedResources>>>,
 > = std::sync::LazyLock::new(Default::default);
+
+/// The longest a tablet's opening waits for the parker when too many are open (see
+/// `SharedResources::wait_for_room`): a parker round or two. Past it the tablet opens anyway;
+/// the descriptor reserve and `storage::fds`'s retries take the rest.
+const ADMISSION_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Wakes the parker of every store engine in the process: someone ran out of descriptors.
+pub fn wake_parkers() {
+    for s in STATS_SOURCES.lock().iter().filter_map(|w| w.upgrade()) {
+        s.park_signal.wake();
+    }
+}
 
 /// Copies RocksDB's byte counters into the engine metrics (called at each scrape): what
 /// flushes, compactions and the WAL wrote, summed over every instance of every store engine
@@ -352,11 +419,23 @@ impl DbHandle {
         // The record goes first, durably: it must never describe a tablet that changed.
         park::remove_record(&self.path)?;
         crate::crash_point!("park_unpark_after_record_removed");
-        let (opts, cfs) = self.shared.db_options(self.tablet);
-        let db = Arc::new(
-            DB::open_cf_descriptors(&opts, &self.path, cfs)
-                .map_err(|e| rocks_err(&self.path, e))?,
-        );
+        if self.tablet {
+            self.shared.wait_for_room();
+        }
+        // Out of descriptors, this waits for the parker (back-pressure, `storage::fds`): the
+        // open serves an apply, a read or a split, none of which may simply fail for it.
+        let shared = self.shared.clone();
+        let db = super::fds::retry_while_exhausted(
+            "opening a tablet",
+            &|| shared.park_signal.wake(),
+            |e: &Error| e.is_fd_exhaustion(),
+            || {
+                let (opts, cfs) = self.shared.db_options(self.tablet);
+                DB::open_cf_descriptors(&opts, &self.path, cfs)
+                    .map_err(|e| rocks_err(&self.path, e))
+            },
+        )?;
+        let db = Arc::new(db);
         if self.tablet {
             if slot.parked.take().is_some() {
                 self.shared.parked_tablets.fetch_sub(1, Ordering::Relaxed);
@@ -365,8 +444,7 @@ impl DbHandle {
             }
             let open = self.shared.open_tablets.fetch_add(1, Ordering::Relaxed) + 1;
             crate::metrics::TABLETS_OPEN.inc();
-            let cap = self.shared.config.max_open_tablets;
-            if cap > 0 && open > cap {
+            if open > self.shared.tablet_cap() {
                 self.shared.park_signal.wake();
             }
         }
@@ -687,6 +765,10 @@ impl RocksRegion {
                 self.oldest_unflushed_ns.store(0, Ordering::SeqCst);
                 flush_db(db, &self.handle.path, true)?;
             }
+            // A tablet with a compaction pending waits to park, so that it does not reopen
+            // to compact, unless descriptors run low: then it goes too (closing only waits for
+            // running jobs), and compacts when it next opens.
+            let short = super::fds::near_limit();
             let busy = Cf::ALL.iter().any(|cf| {
                 [
                     "rocksdb.compaction-pending",
@@ -695,11 +777,16 @@ impl RocksRegion {
                     "rocksdb.mem-table-flush-pending",
                 ]
                 .iter()
+                .filter(|p| !(short && **p == "rocksdb.compaction-pending"))
                 .any(|p| int_property(db, *cf, p) > 0)
             });
-            if busy || self.has_outside_data(db)? {
+            if busy {
                 return Ok(None);
             }
+            // A split child parks before its trim if it must: in a storm of splits the trims
+            // queue up, and tablets held open until their turn would exhaust the descriptors.
+            // The queued trim reopens it; until then the record says it needs one.
+            let untrimmed = self.has_outside_data(db)?;
             let mut persisted = ReadOptions::default();
             persisted.set_read_tier(ReadTier::Persisted);
             let applied = read_apply_state(db, &self.handle.path, self.region_id, persisted)?;
@@ -734,6 +821,7 @@ impl RocksRegion {
                 apply_state: applied,
                 approximate_size: self.approximate_size_in(db),
                 approximate_keys: keys,
+                untrimmed,
             }))
         })
     }
@@ -1047,9 +1135,12 @@ impl RegionEngine for RocksRegion {
     }
 
     fn needs_trim(&self) -> Result<bool> {
-        if self.layout == Layout::Shared || self.parked().is_some() {
-            // A tablet parks trimmed, and stays so while parked.
+        if self.layout == Layout::Shared {
             return Ok(false);
+        }
+        if let Some(p) = self.parked() {
+            // Nothing changes a parked tablet: as its record says.
+            return Ok(p.untrimmed);
         }
         let db = self.handle.db_quiet()?;
         self.has_outside_data(&db)

@@ -23,9 +23,9 @@
 //! [`super`]. Memory is shared and bounded by the [`super::flush::FlushController`].
 //!
 //! File descriptors: a tablet holds its `LOCK`, `MANIFEST`, current (empty) WAL and directory
-//! open, plus at most `rocksdb.max-open-files - 10` SSTs; the info log goes to `tracing`, not a
-//! file. So a store needs about `4 * tablets + SSTs in use` descriptors, and raises its soft
-//! `RLIMIT_NOFILE` to the hard limit at start ([`raise_fd_limit`]).
+//! open, plus at most `rocksdb.max-open-files - 10` SSTs (one table-cache shard, see
+//! `db_options`); the info log goes to `tracing`, not a file. How many tablets may be open is
+//! derived from `RLIMIT_NOFILE` (raised to the hard limit at start): see [`super::fds`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -55,7 +55,6 @@ pub struct TabletRegistry {
 impl TabletRegistry {
     pub fn open(root: &Path, config: &RocksDbConfig) -> Result<TabletRegistry> {
         std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
-        raise_fd_limit();
         let shared = SharedResources::new(config)?;
         let tablets = Arc::new(Mutex::new(HashMap::new()));
         let flush = FlushController::start(shared.clone(), tablets.clone());
@@ -249,6 +248,20 @@ impl StoreEngine for TabletRegistry {
         Ok(())
     }
 
+    fn purge_destroyed(&self, destroyed: &[(RegionId, KeyRange)]) -> Result<usize> {
+        let ids: std::collections::HashSet<RegionId> = destroyed.iter().map(|(r, _)| *r).collect();
+        let mut purged = 0;
+        for (r, _, path) in self.scan_dir()? {
+            if ids.contains(&r) && !self.tablets.lock().contains_key(&r) {
+                let tomb = path.with_extension("tomb");
+                std::fs::rename(&path, &tomb).map_err(|e| Error::io(&path, e))?;
+                std::fs::remove_dir_all(&tomb).map_err(|e| Error::io(&tomb, e))?;
+                purged += 1;
+            }
+        }
+        Ok(purged)
+    }
+
     fn has_region_data(&self, region_id: RegionId, tablet_index: Index) -> bool {
         self.tablet_path(region_id, tablet_index).is_dir()
     }
@@ -361,12 +374,22 @@ impl StoreEngine for TabletRegistry {
         for (id, range) in children {
             let index = init.applied_index;
             let path = self.tablet_path(*id, index);
-            if path.exists() {
-                // Left by an interrupted attempt at this same split (the split's Region states
-                // were not persisted, or we would not be here): start over.
-                std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
-            }
-            parent_tablet.handle.checkpoint(&path)?;
+            // Out of descriptors, the checkpoint waits for the parker (`storage::fds`); each
+            // attempt starts from nothing.
+            let shared = self.shared.clone();
+            super::fds::retry_while_exhausted(
+                "checkpointing a split child",
+                &|| shared.park_signal.wake(),
+                |e: &Error| e.is_fd_exhaustion(),
+                || {
+                    if path.exists() {
+                        // Left by an interrupted attempt at this same split (the split's
+                        // Region states were not persisted, or we would not be here).
+                        std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+                    }
+                    parent_tablet.handle.checkpoint(&path)
+                },
+            )?;
             let handle = DbHandle::open(&self.shared, &path, true)?;
             let mut wb = rocksdb::WriteBatch::default();
             let db = handle.db()?;
@@ -378,8 +401,16 @@ impl StoreEngine for TabletRegistry {
                 prost::Message::encode_to_vec(init),
             );
             handle.write_durable(wb, true)?;
+            drop(db);
             let tablet = self.view(handle, *id, range.clone(), index)?;
             self.register(&mut self.tablets.lock(), &tablet);
+            // A split into many children would open them all at once: past the cap, each
+            // closes again at once (flushed already; its trim, queued, reopens it later).
+            if self.shared.open_tablets() > self.shared.tablet_cap() {
+                if let Err(e) = tablet.try_park() {
+                    tracing::warn!(region_id = *id, error = %e, "parking a split child failed");
+                }
+            }
             out.push(tablet);
         }
         Ok(out)
@@ -398,24 +429,6 @@ impl Drop for TabletRegistry {
 fn parse_tablet_name(name: &str) -> Option<(RegionId, Index)> {
     let (r, i) = name.split_once('_')?;
     Some((r.parse().ok()?, i.parse().ok()?))
-}
-
-/// Raises the soft open-files limit to the hard limit: thousands of tablets need thousands of
-/// descriptors, and the soft default (often 1024) is an accident of history, not a budget.
-pub fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                tracing::warn!("could not raise RLIMIT_NOFILE");
-            }
-        }
-    }
 }
 
 #[cfg(test)]

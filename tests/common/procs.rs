@@ -9,7 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub const PRKV: &str = env!("CARGO_BIN_EXE_prkv");
+pub const PRKV_BUILT: &str = env!("CARGO_BIN_EXE_prkv");
+
+/// The `prkv` binary under test: the one this build made, or `PRKV_TEST_BIN` (to run a test
+/// against another build, e.g. to show that it fails before a fix).
+pub fn prkv_bin() -> String {
+    std::env::var("PRKV_TEST_BIN").unwrap_or_else(|_| PRKV_BUILT.to_string())
+}
 
 /// Store settings that make failover quick in tests: 100 ms ticks (1 s election timeout), PD
 /// heartbeats every second, small memtables.
@@ -107,13 +113,34 @@ impl Proc {
 
     /// Like `spawn`, with more environment variables.
     pub fn spawn_env(args: &[&str], log: &Path, envs: &[(String, String)]) -> Proc {
+        Self::spawn_limited(args, log, envs, None)
+    }
+
+    /// Like `spawn_env`, under `ulimit -n nofile` if given (soft and hard: the process cannot
+    /// raise it).
+    pub fn spawn_limited(
+        args: &[&str],
+        log: &Path,
+        envs: &[(String, String)],
+        nofile: Option<u64>,
+    ) -> Proc {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
         let err = out.try_clone().unwrap();
-        let child = Command::new(PRKV)
+        let mut cmd = match nofile {
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(prkv_bin());
+                c
+            }
+            None => Command::new(prkv_bin()),
+        };
+        let child = cmd
             .args(args)
             .env(
                 "PRKV_LOG",
@@ -195,6 +222,8 @@ pub struct ProcCluster {
     /// `PRKV_CRASH_AT`).
     pub pd_env: Vec<(String, String)>,
     pub store_env: Vec<(String, String)>,
+    /// `ulimit -n` for stores started from now on, if set.
+    pub store_nofile: Option<u64>,
 }
 
 /// Stores a test may add to a running cluster (ports are reserved for them).
@@ -207,10 +236,19 @@ impl ProcCluster {
 
     /// Like `start`, with a PD config file (`[replication]`, `[schedule]`).
     pub fn start_with_pd(dir: &Path, n: usize, extra_config: &str, pd_config: &str) -> ProcCluster {
-        Self::start_with_env(dir, n, extra_config, pd_config, Vec::new(), Vec::new())
+        Self::start_with_env(
+            dir,
+            n,
+            extra_config,
+            pd_config,
+            Vec::new(),
+            Vec::new(),
+            None,
+        )
     }
 
-    /// Like `start_with_pd`, with environment variables for PD and for the stores.
+    /// Like `start_with_pd`, with environment variables for PD and for the stores, and the
+    /// stores' `ulimit -n`.
     pub fn start_with_env(
         dir: &Path,
         n: usize,
@@ -218,6 +256,7 @@ impl ProcCluster {
         pd_config: &str,
         pd_env: Vec<(String, String)>,
         store_env: Vec<(String, String)>,
+        store_nofile: Option<u64>,
     ) -> ProcCluster {
         let base = free_ports(1 + 2 * (n + SPARE_STORES) as u16);
         let mut c = ProcCluster {
@@ -231,6 +270,7 @@ impl ProcCluster {
             max_stores: n + SPARE_STORES,
             pd_env,
             store_env,
+            store_nofile,
         };
         c.start_pd();
         for i in 1..=n {
@@ -288,10 +328,11 @@ impl ProcCluster {
         let cfg = toml::to_string(&doc).unwrap();
         let path = self.dir.join(format!("store-{i}.toml"));
         std::fs::write(&path, cfg).unwrap();
-        self.stores[i - 1] = Some(Proc::spawn_env(
+        self.stores[i - 1] = Some(Proc::spawn_limited(
             &["store", "--config", path.to_str().unwrap()],
             &self.dir.join(format!("store-{i}.log")),
             &self.store_env,
+            self.store_nofile,
         ));
     }
 
@@ -450,7 +491,7 @@ impl Playground {
     pub fn start(dir: &Path, ports: u16, store_config: &Path, stores: usize) -> Playground {
         let pd_addr = addr(ports);
         let (store_port, status_port) = (ports + 1, ports + 1 + stores as u16);
-        let mut child = Command::new(PRKV)
+        let mut child = Command::new(prkv_bin())
             .args([
                 "playground",
                 "--data-dir",

@@ -330,6 +330,9 @@ impl Store {
             target_id,
             &t.region_state(&merged, PeerState::Normal, None, index),
         )?;
+        // The source's log goes in the same write as its tombstone (as `write_tombstone` does),
+        // not left in raft-engine for good.
+        lb.clean(source.id);
         lb.put_region_state(
             source.id,
             &RegionLocalState {
