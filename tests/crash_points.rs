@@ -78,15 +78,33 @@ fn rule(point: &str) -> Option<(Trigger, &'static [&'static str])> {
         .map(|(_, t, kinds)| (*t, *kinds))
 }
 
-/// The crash points `kind` must reach, with their triggers, in source order.
+/// The crash points `kind` must reach, with their triggers, in source order. To look at a
+/// few: `PRKV_CRASH_POINTS=<name>,<name>`.
 fn points_for(kind: &str) -> Vec<(String, Trigger)> {
+    let only: Option<Vec<String>> = std::env::var("PRKV_CRASH_POINTS")
+        .ok()
+        .map(|v| v.split(',').map(str::to_string).collect());
     workload::crash_points_in_source()
         .into_iter()
         .filter_map(|(name, _)| {
             let (t, kinds) = rule(&name)?;
             kinds.contains(&kind).then_some((name, t))
         })
+        .filter(|(name, _)| only.as_ref().is_none_or(|o| o.contains(name)))
         .collect()
+}
+
+/// A test's directory, kept (and named) if `PRKV_TEST_KEEP` is set.
+fn test_dir() -> tempfile::TempDir {
+    let keep = std::env::var("PRKV_TEST_KEEP").is_ok();
+    let dir = tempfile::Builder::new()
+        .disable_cleanup(keep)
+        .tempdir()
+        .unwrap();
+    if keep {
+        println!("data and logs in {}", dir.path().display());
+    }
+    dir
 }
 
 #[test]
@@ -127,12 +145,33 @@ fn pull(c: &ProcCluster, rng: &mut Rng, trigger: Trigger) -> String {
         Trigger::Split => workload::split_random(c, rng),
         Trigger::Merge => {
             if workload::regions(c).len() < 3 {
-                workload::split_random(c, rng)
-            } else {
-                workload::merge_random(c, rng)
+                return workload::split_random(c, rng);
             }
+            // Pairs busy with another operator refuse: try others until one merges.
+            let mut tried = Vec::new();
+            for _ in 0..8 {
+                let what = workload::merge_random(c, rng);
+                let moved = what.contains(": 200 ");
+                tried.push(what);
+                if moved {
+                    break;
+                }
+            }
+            tried.join("; ")
         }
-        Trigger::Snapshot => workload::region_op_random(c, rng, "remove-peer", None),
+        Trigger::Snapshot => {
+            // A Region busy with another operator refuses: try others until one moves.
+            let mut tried = Vec::new();
+            for _ in 0..8 {
+                let what = workload::region_op_random(c, rng, "remove-peer", None);
+                let moved = what.contains(": 200 ");
+                tried.push(what);
+                if moved {
+                    break;
+                }
+            }
+            tried.join("; ")
+        }
         Trigger::Park | Trigger::StoreBootstrap | Trigger::PdBootstrap => String::new(),
     }
 }
@@ -196,7 +235,7 @@ async fn running_cluster(kind: &str, seed: u64) {
         .into_iter()
         .filter(|(_, t)| !matches!(t, Trigger::StoreBootstrap | Trigger::PdBootstrap))
         .collect();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let mut c = ProcCluster::start(dir.path(), 3, &config(kind));
     procs::wait_cluster(c.pd_addr, 3, 3, Duration::from_secs(60));
     let w = Workload::start(c.endpoints(), seed, Options { bank: false }).await;
@@ -210,7 +249,10 @@ async fn running_cluster(kind: &str, seed: u64) {
     let mut missed = Vec::new();
     for (point, trigger) in &points {
         for s in 1..=3 {
-            c.arm_crash(s, point);
+            assert!(
+                c.arm_crash(s, point),
+                "{kind}: store {s} refused to arm {point}"
+            );
         }
         let started = Instant::now();
         let mut next_pull = Instant::now();
@@ -232,7 +274,7 @@ async fn running_cluster(kind: &str, seed: u64) {
         }
         for s in 1..=3 {
             if !crashed.contains(&s) {
-                c.arm_crash(s, "");
+                let _ = c.arm_crash(s, "");
             }
         }
         if crashed.is_empty() {
@@ -294,7 +336,7 @@ async fn bootstrap_points(kind: &str) {
         .filter(|(_, t)| matches!(t, Trigger::StoreBootstrap | Trigger::PdBootstrap))
         .collect();
     for (point, trigger) in points {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let env = vec![("PRKV_CRASH_AT".to_string(), point.clone())];
         let (pd_env, store_env) = match trigger {
             Trigger::PdBootstrap => (env, Vec::new()),

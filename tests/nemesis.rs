@@ -157,7 +157,7 @@ async fn crash_at_point(c: &mut ProcCluster, rng: &mut Rng, kind: &str, hold: Du
     }
     let point = points[(rng.next() % points.len() as u64) as usize].clone();
     for s in 1..=3 {
-        c.arm_crash(s, &point);
+        let _ = c.arm_crash(s, &point);
     }
     let asked = if point.starts_with("snapshot") {
         workload::region_op_random(c, rng, "remove-peer", None)
@@ -172,7 +172,7 @@ async fn crash_at_point(c: &mut ProcCluster, rng: &mut Rng, kind: &str, hold: Du
     }
     for s in 1..=3 {
         if !crashed.contains(&s) {
-            c.arm_crash(s, "");
+            let _ = c.arm_crash(s, "");
         }
     }
     for s in &crashed {

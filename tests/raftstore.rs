@@ -175,6 +175,51 @@ fn no_stale_read_after_leader_transfer(kind: EngineKind) {
     assert_eq!(c.must_get(b"k").as_deref(), Some(&b"new"[..]));
 }
 
+/// A lagging follower applies a new leader's no-op and a membership change in one batch. The
+/// apply state it records before the change (at the no-op's index) must carry the no-op's
+/// term, not the term of the entry it had applied before the batch: a snapshot made from that
+/// state would name the wrong term, and a follower installing it would refuse every append
+/// after it. Before the fix it carried the older term.
+fn apply_state_before_an_admin_entry_has_its_own_term(kind: EngineKind) {
+    let mut c = Cluster::new(3, kind);
+    c.bootstrap(1, &[1, 2, 3]);
+    c.start();
+    c.must_put(b"k", b"v");
+    c.must_transfer_leader(1, 1);
+    c.must_replicate(3, b"k", b"v");
+    let old_term = c.status(3, 1).expect("replica on 3").term;
+    c.isolate(3);
+    c.must_transfer_leader(1, 2);
+    // A membership change right behind the new leader's no-op (a learner on a store that
+    // does not exist: it only has to commit).
+    c.add_learner(1, peer(104, 4, PeerRole::Learner));
+    c.heal();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let st = loop {
+        let st = c.status(3, 1).expect("replica on 3");
+        if st.region.peers.iter().any(|p| p.id == 104) {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "store 3 never applied the change"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(st.term > old_term, "a new term began");
+    let state = c.kv[&3]
+        .region(1)
+        .expect("engine on 3")
+        .apply_state()
+        .unwrap()
+        .expect("an apply state");
+    assert_eq!(
+        state.applied_term, st.term,
+        "the apply state at {} names term {}, but that entry is the new leader's",
+        state.applied_index, state.applied_term
+    );
+}
+
 /// A follower restarts and at once grants its vote to a candidate that had been timing out all
 /// along (cut off from the leader, its pre-votes refused while the follower heard from the
 /// leader). Elected with it, the candidate takes a write while the old leader's lease still
@@ -847,6 +892,7 @@ both_kinds!(
     no_stale_read_after_leader_transfer,
     no_stale_read_after_an_aborted_transfer,
     no_stale_read_after_a_follower_restarts_and_votes,
+    apply_state_before_an_admin_entry_has_its_own_term,
     writes_during_a_transfer_name_no_leader,
     plain_writes_of_a_round_share_an_entry,
     restart_all_keeps_acknowledged_writes,

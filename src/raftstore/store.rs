@@ -1806,9 +1806,17 @@ fn status_of(p: &Peer) -> RegionStatus {
 /// Removes a Region replica written by [`bootstrap_region`] that never became part of a
 /// cluster (another store bootstrapped first).
 pub fn discard_bootstrap_region(engines: &Engines, region_id: RegionId) -> Result<()> {
+    // The engine's data is found by the Region's range (raft-kv), through an open view.
+    if let Some(region) = engines.raft.region_state(region_id)?.and_then(|s| s.region) {
+        engines
+            .kv
+            .open_region(region_id, range_of(&region), RAFT_INIT_LOG_INDEX)?;
+    }
     let mut wb = LogWriteBatch::new();
     wb.clean(region_id);
     engines.raft.write(&mut wb, true)?;
-    engines.kv.destroy_region(region_id)?;
-    Ok(())
+    match engines.kv.destroy_region(region_id) {
+        Err(crate::storage::Error::RegionNotFound(_)) | Ok(()) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }

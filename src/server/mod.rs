@@ -31,6 +31,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use prkv_proto::metapb::{Peer, PeerRole, Region, RegionEpoch, Store, StoreState};
 use prkv_proto::pdpb;
 use prkv_proto::serverpb::store_transport_server::StoreTransportServer;
+use prkv_proto::serverpb::PeerState;
 use prkv_proto::tikvpb::tikv_server::TikvServer;
 use tokio::sync::watch;
 
@@ -309,6 +310,28 @@ pub async fn run(
         } else {
             for r in &regions {
                 raftstore::discard_bootstrap_region(&engines, r.id)?;
+            }
+        }
+    } else if !retry("asking PD whether it knows this store", || {
+        pd.store_known(store_id)
+    })
+    .await
+    {
+        // PD is bootstrapped but has never heard of this store: whatever Regions it holds were
+        // written for a bootstrap that another store won while this one was down (it crashed
+        // between writing them and asking PD). A store holds no other Regions before PD knows
+        // it (PD places replicas on registered stores only), and these would overlap the real
+        // ones: replicas of those arriving here would wait for them for ever. So they go.
+        for rid in engines.raft.regions() {
+            if let Some(st) = engines.raft.region_state(rid)? {
+                if st.state != PeerState::Tombstone as i32 {
+                    tracing::info!(
+                        store_id,
+                        region_id = rid,
+                        "discarding a Region of a bootstrap another store won"
+                    );
+                    raftstore::discard_bootstrap_region(&engines, rid)?;
+                }
             }
         }
     }

@@ -244,6 +244,16 @@ impl PdClient {
         })
     }
 
+    /// Whether PD knows store `id` (registered it, or took it in at bootstrap). An error only
+    /// when PD could not be asked.
+    pub async fn store_known(&self, id: u64) -> Result<bool> {
+        match self.get_store(id).await {
+            Ok(_) => Ok(true),
+            Err(PdClientError::Refused { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// PD's GC safe point: versions below it that a newer one hides may be removed.
     pub async fn gc_safe_point(&self) -> Result<u64> {
         let r = self

@@ -410,9 +410,29 @@ impl ProcCluster {
         }
     }
 
-    /// Arms crash point `point` on store `i` (`prkv::crash`); `""` disarms every point.
-    pub fn arm_crash(&self, i: usize, point: &str) {
-        self.fault_post(i, &format!("/fault/crash?point={point}"));
+    /// Arms crash point `point` on store `i` (`prkv::crash`); `""` disarms every point. A
+    /// store just restarted may not listen yet: asked again for up to 10 s. Returns whether
+    /// the store took it.
+    pub fn arm_crash(&self, i: usize, point: &str) -> bool {
+        if self.stores[i - 1].is_none() {
+            return false;
+        }
+        let path = format!("/fault/crash?point={point}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match prkv::playground::http_request(self.status_addr(i), "POST", &path) {
+                Ok((200, _, _)) => return true,
+                Ok((_, head, body)) => {
+                    println!("store {i}: POST {path}: {head} {body}");
+                    return false;
+                }
+                Err(e) if Instant::now() > deadline => {
+                    println!("store {i}: POST {path}: {e}");
+                    return false;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
     }
 
     /// How store `i` ended, if it has: its exit code (`None` inside: killed by a signal).

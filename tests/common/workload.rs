@@ -304,6 +304,20 @@ impl Workload {
         let mut violation = linearizability::check(&history)
             .err()
             .map(|v| v.to_string());
+        if violation.is_some() {
+            // The whole register history beside the cluster's logs, for the post-mortem
+            // (`PRKV_TEST_KEEP` keeps them): one line per operation, in call order, times in
+            // microseconds since the workload started.
+            let mut ops = history.clone();
+            ops.sort_by_key(|o| o.call);
+            let text: String = ops
+                .iter()
+                .map(|o| format!("{} {o}\n", String::from_utf8_lossy(&o.key)))
+                .collect();
+            let path = c.dir.join("history.txt");
+            let _ = std::fs::write(&path, text);
+            println!("seed {seed}: the register history is in {}", path.display());
+        }
         let mut transfers = 0;
         if let Some(bank) = &self.bank {
             transfers = bank.transfers.load(Ordering::Relaxed);
