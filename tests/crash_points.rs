@@ -140,12 +140,13 @@ fn config(kind: &str) -> String {
 }
 
 /// Asks for what reaches a point of `trigger` (running-cluster triggers only).
-fn pull(c: &ProcCluster, rng: &mut Rng, trigger: Trigger) -> String {
+/// `store`: PD's id of the one store armed, if only one is (a replica removed must be there).
+fn pull(c: &ProcCluster, rng: &mut Rng, trigger: Trigger, store: Option<u64>) -> String {
     match trigger {
-        Trigger::Split => workload::split_random(c, rng),
+        Trigger::Split => workload::split_largest(c),
         Trigger::Merge => {
             if workload::regions(c).len() < 3 {
-                return workload::split_random(c, rng);
+                return workload::split_largest(c);
             }
             // Pairs busy with another operator refuse: try others until one merges.
             let mut tried = Vec::new();
@@ -163,7 +164,7 @@ fn pull(c: &ProcCluster, rng: &mut Rng, trigger: Trigger) -> String {
             // A Region busy with another operator refuses: try others until one moves.
             let mut tried = Vec::new();
             for _ in 0..8 {
-                let what = workload::region_op_random(c, rng, "remove-peer", None);
+                let what = workload::region_op_random(c, rng, "remove-peer", store);
                 let moved = what.contains(": 200 ");
                 tried.push(what);
                 if moved {
@@ -242,18 +243,33 @@ async fn running_cluster(kind: &str, seed: u64) {
     let mut rng = Rng(seed);
     // A few Regions to merge and move.
     for _ in 0..3 {
-        println!("  {}", workload::split_random(&c, &mut rng));
+        println!("  {}", workload::split_largest(&c));
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let mut reached: BTreeMap<String, String> = BTreeMap::new();
     let mut missed = Vec::new();
-    for (point, trigger) in &points {
-        for s in 1..=3 {
+    // Each point twice: armed on every store (every replica crashes in the same window), then
+    // on one store only (one replica crashes there while the others go on without it, the case
+    // where replicas can diverge).
+    let rounds: Vec<(String, Trigger, Option<usize>)> = points
+        .iter()
+        .enumerate()
+        .flat_map(|(n, (p, t))| [(p.clone(), *t, None), (p.clone(), *t, Some(1 + n % 3))])
+        .collect();
+    for (point, trigger, only) in &rounds {
+        let armed: Vec<usize> = only.map_or(vec![1, 2, 3], |s| vec![s]);
+        for s in &armed {
             assert!(
-                c.arm_crash(s, point),
+                c.arm_crash(*s, point),
                 "{kind}: store {s} refused to arm {point}"
             );
         }
+        let only_store = only.and_then(|s| {
+            procs::http_get(c.status_addr(s), "/status")
+                .ok()
+                .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["store_id"].as_u64())
+        });
         let started = Instant::now();
         let mut next_pull = Instant::now();
         let mut crashed = Vec::new();
@@ -264,7 +280,7 @@ async fn running_cluster(kind: &str, seed: u64) {
                 break;
             }
             if Instant::now() >= next_pull {
-                let what = pull(&c, &mut rng, *trigger);
+                let what = pull(&c, &mut rng, *trigger, only_store);
                 if !what.is_empty() {
                     asked.push(what);
                 }
@@ -272,14 +288,17 @@ async fn running_cluster(kind: &str, seed: u64) {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        for s in 1..=3 {
-            if !crashed.contains(&s) {
-                let _ = c.arm_crash(s, "");
+        for s in &armed {
+            if !crashed.contains(s) {
+                let _ = c.arm_crash(*s, "");
             }
         }
+        let mode = only.map_or("every store armed".to_string(), |s| {
+            format!("store {s} armed")
+        });
         if crashed.is_empty() {
-            println!("  {point}: NOT reached in {REACH_TIMEOUT:?} (asked: {asked:?})");
-            missed.push(point.clone());
+            println!("  {point} ({mode}): NOT reached in {REACH_TIMEOUT:?} (asked: {asked:?})");
+            missed.push(format!("{point} ({mode})"));
             continue;
         }
         for s in &crashed {
@@ -303,7 +322,7 @@ async fn running_cluster(kind: &str, seed: u64) {
         }
         let took = started.elapsed();
         println!(
-            "  {point}: store(s) {crashed:?} crashed after {:.1}s, recovered",
+            "  {point} ({mode}): store(s) {crashed:?} crashed after {:.1}s, recovered",
             took.as_secs_f64()
         );
         reached.insert(point.clone(), format!("{crashed:?}"));

@@ -415,6 +415,25 @@ pub fn split_random(c: &ProcCluster, rng: &mut Rng) -> String {
     format!("split Region {id}: {res}")
 }
 
+/// Splits the Region with the most keys (as PD last heard): a Region with fewer than two keys
+/// has no middle key, and PD's split operator would wait on it until it times out.
+pub fn split_largest(c: &ProcCluster) -> String {
+    let Ok(body) = procs::http_get(c.pd_addr, "/pd/api/v1/regions") else {
+        return "split: PD did not answer".into();
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let largest = v["regions"].as_array().and_then(|a| {
+        a.iter()
+            .max_by_key(|r| r["approximate_keys"].as_u64().unwrap_or(0))
+            .and_then(|r| r["id"].as_u64())
+    });
+    let Some(id) = largest else {
+        return "split: no Regions known".into();
+    };
+    let res = pd_post(c, &format!("/pd/api/v1/region/split/{id}"));
+    format!("split Region {id}: {res}")
+}
+
 /// Merges a random pair of adjacent Regions, either side the source.
 pub fn merge_random(c: &ProcCluster, rng: &mut Rng) -> String {
     let rs = regions(c);
