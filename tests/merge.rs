@@ -387,6 +387,64 @@ fn bad_merges_are_refused(kind: EngineKind) {
     c.must_put(&key(5), b"v2");
 }
 
+/// A replica of the source lags by more than one CommitMerge can carry (each of its missed
+/// entries a large write): the PrepareMerge is refused, where before it was taken, froze the
+/// source, and left a CommitMerge over `raftstore.raft-entry-max-size` that could never be
+/// proposed: the merge waited for ever. Once the replica catches up, the merge goes through.
+fn merge_too_large_to_carry_is_refused_until_the_replica_catches_up(kind: EngineKind) {
+    use raft::eraftpb::MessageType;
+    let mut c = three_regions_with(kind, |cfg| {
+        cfg.raftstore.raft_entry_max_size = prkv::config::ReadableSize::kib(64);
+        cfg.raftstore.raft_log_gc_threshold = 100_000;
+    });
+    let (left, mid) = (c.regions[0].clone(), c.regions[1].clone());
+    c.must_transfer_leader(mid.id, 1);
+    c.must_transfer_leader(left.id, 1);
+    c.must_put(&key(30), b"v1");
+    c.must_replicate(3, &key(30), b"v1");
+    // Store 3's replica of the source stops acknowledging appends; heartbeats still flow, so
+    // its leader keeps counting it (its `matched` stays behind).
+    c.net.add_filter(
+        "lag",
+        Arc::new(move |m| {
+            if m.region_id == mid.id
+                && m.from_store == 3
+                && m.message.msg_type == MessageType::MsgAppendResponse
+            {
+                Verdict::Drop
+            } else {
+                Verdict::Deliver
+            }
+        }),
+    );
+    let big = vec![b'x'; 20 << 10];
+    for i in 31..41 {
+        c.must_put(&key(i), &big);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    c.stores[&1]
+        .router
+        .try_send(StoreMsg::PrepareMerge {
+            region_id: mid.id,
+            target_id: left.id,
+            cb: Box::new(move |r| drop(tx.send(r))),
+        })
+        .unwrap();
+    match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+        Err(Error::InvalidMerge(why)) => assert!(why.contains("would not fit"), "{why}"),
+        other => panic!("a merge whose CommitMerge could not be proposed: {other:?}"),
+    }
+    c.must_put(&key(31), b"v2"); // the source still takes writes
+    c.net.remove_filter("lag");
+    c.must_replicate(3, &key(31), b"v2");
+    c.must_prepare_merge(mid.id, left.id);
+    c.must_merged(mid.id, left.id, 1);
+    for s in 1..=3 {
+        c.must_replicate(s, &key(31), b"v2");
+        c.must_replicate(s, &key(40), &big);
+    }
+}
+
 macro_rules! both_kinds {
     ($($name:ident),*) => {
         mod partitioned {
@@ -408,5 +466,6 @@ both_kinds!(
     merge_survives_target_store_crash,
     merge_survives_target_leader_change,
     last_merges_into_first,
-    bad_merges_are_refused
+    bad_merges_are_refused,
+    merge_too_large_to_carry_is_refused_until_the_replica_catches_up
 );
