@@ -220,6 +220,16 @@ fn replicas_equal(c: &ProcCluster) -> Result<usize, String> {
                 break;
             }
             if Instant::now() > deadline {
+                // An idle Region's followers may not hear the last commit index before it
+                // hibernates: they then hold entries applied by the leader only, which carry no
+                // data if the data is the same.
+                if sums.len() == 3 && sums.iter().all(|x| (x.2, x.3) == (sums[0].2, sums[0].3)) {
+                    println!(
+                        "Region {id}: same data at different applied indexes: {sums:?} \
+                         (store, applied, keys, crc32)"
+                    );
+                    break;
+                }
                 return Err(format!(
                     "Region {id}: replicas never reached one applied index: {sums:?}"
                 ));

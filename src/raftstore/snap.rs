@@ -110,6 +110,45 @@ impl SnapDirs {
     }
 }
 
+impl SnapDirs {
+    /// While running: removes generated snapshots that no Region holds ready any more (`live`:
+    /// the keys of those that do) once they are older than `min_age`, and received ones older
+    /// than `STALE_RECEIVED` (a transfer abandoned, or a snapshot Raft did not take). Without
+    /// this, every rejected or superseded snapshot stayed until a restart: a full copy of a
+    /// Region (`raft-kv`), or hard links pinning SSTs compactions had replaced (partitioned).
+    /// Returns how many directories went.
+    pub fn sweep(
+        &self,
+        live: &std::collections::HashSet<String>,
+        min_age: std::time::Duration,
+        stale_received: std::time::Duration,
+    ) -> usize {
+        let older = |e: &std::fs::DirEntry, age: std::time::Duration| {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_none_or(|a| a >= age)
+        };
+        let mut removed = 0;
+        for (sub, keep_live, age) in [("gen", true, min_age), ("recv", false, stale_received)] {
+            let Ok(entries) = std::fs::read_dir(self.root.join(sub)) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if (keep_live && live.contains(&name)) || !older(&e, age) {
+                    continue;
+                }
+                if std::fs::remove_dir_all(e.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+}
+
 /// The regular files of `dir`, sorted by name, with their sizes.
 pub fn list_files(dir: &Path) -> std::io::Result<Vec<SnapshotFile>> {
     let mut files = Vec::new();
@@ -168,6 +207,36 @@ pub fn stage(dirs: &SnapDirs, meta: &mut SnapshotMeta) -> Result<(), String> {
     }
     meta.dir = target.to_string_lossy().into_owned();
     Ok(())
+}
+
+#[cfg(test)]
+mod sweep_tests {
+    use super::*;
+
+    /// Generated snapshots no Region holds go; held ones stay; received ones go once stale.
+    #[test]
+    fn sweep_removes_what_nobody_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let dirs = SnapDirs::new(dir.path());
+        for d in [
+            dirs.gen_dir("1_5_10"),
+            dirs.gen_dir("2_5_10"),
+            dirs.recv_dir("3_5_10"),
+        ] {
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("CURRENT"), b"x").unwrap();
+        }
+        let live: std::collections::HashSet<String> = ["1_5_10".to_string()].into();
+        let zero = std::time::Duration::ZERO;
+        let hour = std::time::Duration::from_secs(3600);
+        // Young: nothing goes.
+        assert_eq!(dirs.sweep(&live, hour, hour), 0);
+        assert_eq!(dirs.sweep(&live, zero, hour), 1);
+        assert!(dirs.gen_dir("1_5_10").exists() && !dirs.gen_dir("2_5_10").exists());
+        assert!(dirs.recv_dir("3_5_10").exists());
+        assert_eq!(dirs.sweep(&live, zero, zero), 1);
+        assert!(!dirs.recv_dir("3_5_10").exists());
+    }
 }
 
 #[cfg(test)]

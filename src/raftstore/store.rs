@@ -307,7 +307,16 @@ struct Store {
     readers: Arc<LocalReaders>,
     /// Until when this store grants no votes (see `refuses_votes_after_start`).
     votes_refused_until: Instant,
+    /// When snapshot directories nobody needs are next removed (`sweep_snapshots`).
+    next_snap_sweep: Instant,
 }
+
+/// How often snapshot directories are swept: leaks cost disk, not correctness; a minute keeps
+/// the directory walks rare.
+const SNAP_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// A generated snapshot no Region holds is kept this long: long enough for a generation in
+/// progress (not yet recorded as ready) to finish and be picked up.
+const SNAP_GEN_MIN_AGE: Duration = Duration::from_secs(120);
 
 /// Opens every Region replica found in the engines and starts the store loop.
 pub fn start_store(
@@ -329,6 +338,7 @@ pub fn start_store(
         cfg.raftstore.raft_base_tick_interval.0 * cfg.raftstore.raft_election_timeout_ticks as u32;
     let mut store = Store {
         votes_refused_until: Instant::now() + election_timeout,
+        next_snap_sweep: Instant::now() + SNAP_SWEEP_INTERVAL,
         id,
         tick_interval: cfg.raftstore.raft_base_tick_interval.0,
         next_tick: Instant::now(),
@@ -1341,6 +1351,10 @@ impl Store {
             self.next_gc = now + self.cfg.raftstore.raft_log_gc_tick_interval.0;
             self.on_raft_log_gc_tick();
         }
+        if now >= self.next_snap_sweep {
+            self.next_snap_sweep = now + SNAP_SWEEP_INTERVAL;
+            self.sweep_snapshots();
+        }
         if now >= self.next_split_check {
             self.next_split_check = now + self.cfg.raftstore.split_region_check_tick_interval.0;
             self.on_split_check_tick();
@@ -1787,6 +1801,36 @@ fn remove_installed_snapshot(dir: &std::path::Path) {
     if dir.exists() {
         if let Err(e) = std::fs::remove_dir_all(dir) {
             tracing::warn!(dir = %dir.display(), error = %e, "removing an installed snapshot failed");
+        }
+    }
+}
+
+impl Store {
+    /// Removes snapshot directories nobody needs (`SnapDirs::sweep`): generated ones that no
+    /// Region holds ready (superseded, or of a Region gone or no longer led here) and received
+    /// ones that Raft never took or whose transfer was abandoned.
+    fn sweep_snapshots(&mut self) {
+        let mut live = HashSet::new();
+        for (id, p) in &self.peers {
+            let gen = p.raw.store().snap_gen();
+            let g = gen.lock();
+            if g.generating {
+                return; // its directory is not recorded yet: sweep next time
+            }
+            if let Some(s) = &g.ready {
+                let md = s.get_metadata();
+                live.insert(snap::snapshot_key(*id, md.term, md.index));
+            }
+        }
+        let removed = self
+            .snap_dirs
+            .sweep(&live, SNAP_GEN_MIN_AGE, snap::STALE_RECEIVED);
+        if removed > 0 {
+            tracing::info!(
+                store_id = self.id,
+                removed,
+                "removed snapshot directories nobody needs"
+            );
         }
     }
 }
