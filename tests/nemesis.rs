@@ -269,7 +269,7 @@ async fn run(kind: &str, seed: u64, plan: Plan) -> Report {
         // Logs and data stay for a post-mortem.
         println!("data and logs in {}", dir.path().display());
     }
-    let dir = scopeguard_keep(dir);
+    let mut dir = scopeguard_keep(dir);
     let mut cfg = format!("[storage]\nengine = \"{kind}\"\napi-version = 2\n");
     if kind == "partitioned-raft-kv" {
         // Tablets park and reopen all the time under the faults: at most 2 stay open, and any
@@ -309,6 +309,14 @@ async fn run(kind: &str, seed: u64, plan: Plan) -> Report {
     }
     let v = w.finish(&c, 3).await;
     println!("seed {seed}: {} faults", faults.len());
+    if v.violation.is_some() || !v.lost.is_empty() {
+        // The logs and the history stay for the post-mortem.
+        dir.keep = true;
+        println!(
+            "seed {seed}: data, logs and history kept in {}",
+            dir.path().display()
+        );
+    }
     assert!(
         v.acknowledged > 50 && v.inserts > 50,
         "seed {seed}: too little got done ({} register operations, {} inserts)",
@@ -324,23 +332,29 @@ async fn run(kind: &str, seed: u64, plan: Plan) -> Report {
     }
 }
 
-/// The directory, kept after the run if `PRKV_TEST_KEEP` is set.
+/// The directory, kept after the run if `PRKV_TEST_KEEP` is set or the run failed.
 fn scopeguard_keep(dir: tempfile::TempDir) -> KeptDir {
-    KeptDir(Some(dir))
+    KeptDir {
+        dir: Some(dir),
+        keep: std::env::var("PRKV_TEST_KEEP").is_ok(),
+    }
 }
 
-struct KeptDir(Option<tempfile::TempDir>);
+struct KeptDir {
+    dir: Option<tempfile::TempDir>,
+    keep: bool,
+}
 
 impl KeptDir {
     fn path(&self) -> &std::path::Path {
-        self.0.as_ref().expect("set until drop").path()
+        self.dir.as_ref().expect("set until drop").path()
     }
 }
 
 impl Drop for KeptDir {
     fn drop(&mut self) {
-        if std::env::var("PRKV_TEST_KEEP").is_ok() {
-            if let Some(d) = self.0.take() {
+        if self.keep || std::thread::panicking() {
+            if let Some(d) = self.dir.take() {
                 let _ = d.keep();
             }
         }

