@@ -1497,8 +1497,21 @@ impl Peer {
     /// crash right after a PrepareMerge lost the source's last writes, and the merge copied
     /// their old values, or deleted keys, into the target.)
     pub(crate) fn make_durable_through(&mut self, index: u64, term: u64) -> Result<()> {
+        // The apply state is written even if this peer counts `index` as applied already: a
+        // membership change (or an entry skipped on replay) advances `applied_index` without
+        // writing it, and the engine's own apply state may then be below `index`. (An
+        // assertion below caught that: a PrepareMerge right after a membership change.)
         let mut wb = WriteBatch::new();
-        self.flush_apply(&mut wb, index, term)?;
+        if index >= self.applied_index {
+            wb.set_apply_state(RaftApplyState {
+                applied_index: index,
+                applied_term: term,
+                ..Default::default()
+            });
+            self.engine.write(&wb)?;
+            self.applied_index = index;
+            self.applied_term = term;
+        }
         if self.kv.kind() == crate::config::EngineKind::PartitionedRaftKv {
             crate::metrics::TABLET_FLUSHES
                 .with_label_values(&["region_state"])
