@@ -161,10 +161,21 @@ fn pull(c: &ProcCluster, rng: &mut Rng, trigger: Trigger, store: Option<u64>) ->
             tried.join("; ")
         }
         Trigger::Snapshot => {
-            // A Region busy with another operator refuses: try others until one moves.
+            // The Regions holding the most data first (an empty Region's snapshot would prove
+            // little); one busy with another operator refuses: then the next.
             let mut tried = Vec::new();
-            for _ in 0..8 {
-                let what = workload::region_op_random(c, rng, "remove-peer", store);
+            for id in workload::regions_by_keys(c) {
+                let stores = workload::region_stores(c, id);
+                let Some(on) = store.or_else(|| {
+                    (!stores.is_empty())
+                        .then(|| stores[(rng.next() % stores.len() as u64) as usize])
+                }) else {
+                    continue;
+                };
+                let what = format!(
+                    "remove-peer Region {id} store {on}: {}",
+                    workload::pd_post(c, &format!("/pd/api/v1/region/remove-peer/{id}/{on}"))
+                );
                 let moved = what.contains(": 200 ");
                 tried.push(what);
                 if moved {

@@ -415,19 +415,33 @@ pub fn split_random(c: &ProcCluster, rng: &mut Rng) -> String {
     format!("split Region {id}: {res}")
 }
 
+/// The Regions PD knows, the ones with the most keys (as PD last heard) first.
+pub fn regions_by_keys(c: &ProcCluster) -> Vec<u64> {
+    let Ok(body) = procs::http_get(c.pd_addr, "/pd/api/v1/regions") else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let mut rs: Vec<(u64, u64)> = v["regions"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|r| {
+                    Some((
+                        r["approximate_keys"].as_u64().unwrap_or(0),
+                        r["id"].as_u64()?,
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    rs.sort_unstable_by(|a, b| b.cmp(a));
+    rs.into_iter().map(|(_, id)| id).collect()
+}
+
 /// Splits the Region with the most keys (as PD last heard): a Region with fewer than two keys
 /// has no middle key, and PD's split operator would wait on it until it times out.
 pub fn split_largest(c: &ProcCluster) -> String {
-    let Ok(body) = procs::http_get(c.pd_addr, "/pd/api/v1/regions") else {
-        return "split: PD did not answer".into();
-    };
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-    let largest = v["regions"].as_array().and_then(|a| {
-        a.iter()
-            .max_by_key(|r| r["approximate_keys"].as_u64().unwrap_or(0))
-            .and_then(|r| r["id"].as_u64())
-    });
-    let Some(id) = largest else {
+    let Some(id) = regions_by_keys(c).first().copied() else {
         return "split: no Regions known".into();
     };
     let res = pd_post(c, &format!("/pd/api/v1/region/split/{id}"));
