@@ -37,7 +37,11 @@ pub enum Input {
 pub enum Output {
     Value(Option<Vec<u8>>),
     Ok,
+    /// A compare-and-swap's answer, without the value it found (when false, the model then
+    /// only knows the value was not the expected one).
     Swapped(bool),
+    /// A compare-and-swap that did not swap, with the value it found there.
+    CasFailed(Option<Vec<u8>>),
     Unknown,
 }
 
@@ -68,6 +72,7 @@ impl fmt::Display for Operation {
                 v(&Some(new.clone())),
                 match o {
                     Output::Swapped(b) => b.to_string(),
+                    Output::CasFailed(found) => format!("false (found {})", v(found)),
                     _ => "?".into(),
                 }
             ),
@@ -116,6 +121,9 @@ fn step(state: &Option<Vec<u8>>, op: &Operation) -> Option<Option<Vec<u8>>> {
             (state == old).then(|| Some(new.clone()))
         }
         (Input::Cas { old, .. }, Output::Swapped(false)) => (state != old).then(|| state.clone()),
+        (Input::Cas { old, .. }, Output::CasFailed(found)) => {
+            (state != old && state == found).then(|| state.clone())
+        }
         // Never returned: applied if it could apply (placing it last covers "never").
         (Input::Cas { old, new }, _) => Some(if state == old {
             Some(new.clone())
@@ -256,10 +264,13 @@ pub fn check_register(key: &[u8], ops: &[Operation]) -> Result<(), Box<Violation
 /// Checks a whole history, key by key.
 ///
 /// Writes that never returned and whose value nobody observed (no read returned it, no
-/// compare-and-swap expected it) are dropped first: "it never happened" explains them, and
-/// each one left in would stay concurrent with everything after its call, which is what makes
-/// the search explode on histories with many timeouts. This needs written values to be unique,
-/// as test workloads make them.
+/// compare-and-swap expected or found it) are dropped first: "it never happened" explains them,
+/// and each one left in would stay concurrent with everything after its call, which is what
+/// makes the search explode on histories with many timeouts. This needs written values to be
+/// unique, as test workloads make them. A failed compare-and-swap that does not say what it
+/// found ([`Output::Swapped`]`(false)`) may have found any such write, so none called before it
+/// returned is dropped (dropping them once made a correct history look like a violation: a
+/// client's swap failed on a value written by a put that timed out).
 pub fn check(history: &[Operation]) -> Result<(), Box<Violation>> {
     let mut keys: Vec<&[u8]> = history.iter().map(|o| o.key.as_slice()).collect();
     keys.sort_unstable();
@@ -273,11 +284,22 @@ pub fn check(history: &[Operation]) -> Result<(), Box<Violation>> {
                 (Input::Cas { old: Some(v), .. }, _) => Some(v.as_slice()),
                 _ => None,
             })
+            .chain(ops.iter().filter_map(|o| match &o.output {
+                Output::CasFailed(Some(v)) => Some(v.as_slice()),
+                _ => None,
+            }))
             .collect();
+        // The latest return of a failed swap that found an unknown value.
+        let blind_until = ops
+            .iter()
+            .filter(|o| o.output == Output::Swapped(false))
+            .map(|o| o.ret.unwrap_or(u64::MAX))
+            .max();
         let ops: Vec<Operation> = ops
             .into_iter()
             .filter(|o| {
                 o.ret.is_some()
+                    || blind_until.is_some_and(|t| o.call < t)
                     || match &o.input {
                         Input::Get => false,
                         Input::Put(v) | Input::Cas { new: v, .. } => {
@@ -414,5 +436,47 @@ mod tests {
         }
         h.push(get(9, 200, 201, Some("v3")));
         check(&h).unwrap();
+    }
+
+    /// A failed swap may have found a value written by a put that never returned. The checker
+    /// once dropped such puts as unobserved before searching and reported this correct history
+    /// (a crash-point run's) as a violation.
+    #[test]
+    fn a_failed_swap_may_find_a_write_that_never_returned() {
+        let cas = |c, call, ret, old: &str, new: &str, out| {
+            op(
+                c,
+                call,
+                Some(ret),
+                Input::Cas {
+                    old: Some(old.as_bytes().to_vec()),
+                    new: new.as_bytes().to_vec(),
+                },
+                out,
+            )
+        };
+        let lost_put = op(1, 5, None, Input::Put(b"x".to_vec()), Output::Unknown);
+        let h = vec![
+            put(2, 0, 1, "a"),
+            cas(3, 2, 10, "a", "b", Output::Swapped(true)),
+            lost_put.clone(),
+            cas(3, 11, 12, "b", "c", Output::Swapped(false)),
+        ];
+        check(&h).unwrap();
+        // Told what it found, the checker keeps the put that wrote it...
+        let mut h2 = h.clone();
+        h2[3] = cas(3, 11, 12, "b", "c", Output::CasFailed(Some(b"x".to_vec())));
+        check(&h2).unwrap();
+        // ... and flags a swap that failed on a value nobody wrote, or on the expected one.
+        h2[3] = cas(3, 11, 12, "b", "c", Output::CasFailed(Some(b"z".to_vec())));
+        assert!(check(&h2).is_err());
+        h2[3] = cas(3, 11, 12, "b", "c", Output::CasFailed(Some(b"b".to_vec())));
+        h2.remove(2);
+        assert!(check(&h2).is_err());
+        // Without the put, a swap that failed although the value was the expected one is
+        // still a violation.
+        let mut h3 = h.clone();
+        h3.remove(2);
+        assert!(check(&h3).is_err());
     }
 }

@@ -35,6 +35,11 @@ use super::cluster::{Cluster, RegionInfo, Result};
 
 pub const OPERATOR_RESEND: Duration = Duration::from_secs(5);
 pub const OPERATOR_TIMEOUT: Duration = Duration::from_secs(120);
+/// A split is one admin command its leader proposes within a heartbeat and applies in
+/// milliseconds: one not done in this long will not be (the Region had no key to split at, or
+/// the request met a changed Region), and waiting the full operator timeout would keep every
+/// other operator, a replica repair among them, off the Region for two minutes.
+pub const SPLIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `[replication]` and `[schedule]` of PD's config (PD's key names).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -136,6 +141,15 @@ impl Operator {
             current: 0,
             created: Instant::now(),
             last_sent: None,
+        }
+    }
+
+    /// How long the operator may run before PD drops it.
+    fn timeout(&self) -> Duration {
+        if self.steps.iter().any(|s| matches!(s, Step::Split { .. })) {
+            SPLIT_TIMEOUT
+        } else {
+            OPERATOR_TIMEOUT
         }
     }
 
@@ -303,7 +317,7 @@ impl Cluster {
             self.end_operator(region_id, "finished");
             return None;
         }
-        if op.created.elapsed() > OPERATOR_TIMEOUT {
+        if op.created.elapsed() > op.timeout() {
             tracing::warn!(
                 region_id,
                 kind = op.kind,
@@ -314,6 +328,29 @@ impl Cluster {
             return None;
         }
         let step = op.steps[op.current].clone();
+        // A merge needs the target's replicas on the source's stores: once they moved (a
+        // replica removed by hand, a store drained), the leader refuses the merge for ever and
+        // the operator would only keep the target's replica checker away until it timed out.
+        if let Step::Merge { target, .. } = &step {
+            let placement = |r: &prkv_proto::metapb::Region| {
+                let mut v: Vec<u64> = r.peers.iter().map(|p| p.store_id).collect();
+                v.sort_unstable();
+                v
+            };
+            let lined_up = self
+                .regions
+                .get(&target.id)
+                .is_some_and(|t| placement(&t.region) == placement(&info.region));
+            if !lined_up {
+                tracing::warn!(
+                    region_id,
+                    target = target.id,
+                    "merge operator dropped: the target's replicas are no longer on the source's stores"
+                );
+                self.end_operator(region_id, "cancelled");
+                return None;
+            }
+        }
         // A learner is promoted only once it caught up (its snapshot is in).
         if let Step::Promote(p) = &step {
             if info.pending_peers.iter().any(|x| x.id == p.id) {
@@ -439,7 +476,11 @@ impl Cluster {
                 "Regions {source} and {target} are not adjacent"
             )));
         }
-        if self.ops.contains_key(&source) || self.ops.contains_key(&target) {
+        if self.ops.contains_key(&source)
+            || self.ops.contains_key(&target)
+            || self.merge_target_of_op(source)
+            || self.merge_target_of_op(target)
+        {
             return Err(ClusterError::Invalid(format!(
                 "Region {source} or {target} has an operator in flight"
             )));
@@ -819,7 +860,8 @@ impl Cluster {
         Ok(())
     }
 
-    /// The Region a hand-made operator is for: known, and with no operator in flight.
+    /// The Region a hand-made operator is for: known, with no operator in flight, and not the
+    /// target of a merge in flight (a change there would wreck the merge).
     fn hand_op_target(&self, region_id: u64) -> Result<&RegionInfo> {
         let info = self
             .regions
@@ -828,6 +870,11 @@ impl Cluster {
         if self.ops.contains_key(&region_id) {
             return Err(super::cluster::ClusterError::Invalid(format!(
                 "Region {region_id} has an operator in flight"
+            )));
+        }
+        if self.merge_target_of_op(region_id) {
+            return Err(super::cluster::ClusterError::Invalid(format!(
+                "Region {region_id} is the target of a merge in flight"
             )));
         }
         Ok(info)
@@ -1272,5 +1319,87 @@ mod tests {
         })
         .unwrap();
         assert!(c.schedule(1).unwrap().is_none());
+    }
+
+    /// A merge's target is off limits to hand-made operators while the merge is in flight; if
+    /// its replicas move anyway (a store drained), PD drops the merge rather than keep the
+    /// target's replica checker away until the operator timeout (the crash-point test once left
+    /// a Region on one replica for that long). A split that does not happen is dropped after
+    /// [`SPLIT_TIMEOUT`], not [`OPERATOR_TIMEOUT`].
+    #[test]
+    fn stuck_merge_and_split_operators_give_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Arc::new(MetaStore::open(dir.path()).unwrap());
+        let mut c = Cluster::open(meta, 3, ScheduleConfig::default()).unwrap();
+        let voter = |id, store_id| Peer {
+            id,
+            store_id,
+            role: PeerRole::Voter as i32,
+            is_witness: false,
+        };
+        let region = |id: u64, start: Vec<u8>, end: Vec<u8>, stores: [u64; 3]| Region {
+            id,
+            start_key: start,
+            end_key: end,
+            region_epoch: Some(RegionEpoch {
+                conf_ver: 1,
+                version: 1,
+            }),
+            peers: stores.iter().map(|&s| voter(id * 10 + s, s)).collect(),
+        };
+        let (r1, mut r2) = (
+            region(1, vec![], vec![5], [1, 2, 3]),
+            region(2, vec![5], vec![], [1, 2, 3]),
+        );
+        c.bootstrap(store(1), r1.clone()).unwrap();
+        for s in 2..=4 {
+            c.put_store(store(s)).unwrap();
+        }
+        let beat = |c: &mut Cluster, r: &Region| {
+            c.update_region(RegionInfo {
+                region: r.clone(),
+                leader: Some(r.peers[0]),
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        beat(&mut c, &r1);
+        beat(&mut c, &r2);
+        c.merge_region(1, 2).unwrap();
+        let err = c.remove_peer(2, 3).unwrap_err().to_string();
+        assert!(err.contains("target of a merge"), "{err}");
+        assert!(c.split_region(2, vec![]).is_err());
+        assert!(c.schedule(1).unwrap().is_some_and(|r| r.merge.is_some()));
+        // The target's replica on store 3 moves to store 4 (as a drain would move it).
+        r2.peers[2] = voter(24, 4);
+        r2.region_epoch.as_mut().unwrap().conf_ver += 2;
+        beat(&mut c, &r2);
+        beat(&mut c, &r1);
+        assert!(c.schedule(1).unwrap().is_none_or(|r| r.merge.is_none()));
+        assert!(
+            !c.ops.get(&1).is_some_and(|o| o.kind == "merge-region"),
+            "the merge operator was dropped"
+        );
+        assert!(c.remove_peer(2, 4).is_ok(), "the target is free again");
+        c.ops.clear();
+        // A split the leader never carries out gives way after SPLIT_TIMEOUT.
+        c.split_region(2, vec![]).unwrap();
+        assert!(c
+            .schedule(2)
+            .unwrap()
+            .is_some_and(|r| r.split_region.is_some()));
+        let op = c.ops.get_mut(&2).unwrap();
+        op.created -= SPLIT_TIMEOUT - Duration::from_secs(1);
+        op.last_sent = None;
+        assert!(c
+            .schedule(2)
+            .unwrap()
+            .is_some_and(|r| r.split_region.is_some()));
+        c.ops.get_mut(&2).unwrap().created -= Duration::from_secs(2);
+        let _ = c.schedule(2).unwrap();
+        assert!(
+            !c.ops.get(&2).is_some_and(|o| o.kind == "split-region"),
+            "the split operator timed out"
+        );
     }
 }

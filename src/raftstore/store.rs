@@ -864,18 +864,22 @@ impl Store {
                 split_keys,
                 cb,
             } => self.on_split_region(region_id, epoch, split_keys, cb),
-            StoreMsg::HalfSplit { region_id, epoch } => {
-                if let Some(p) = self.peers.get(&region_id) {
-                    if p.is_leader() && p.region.region_epoch == Some(epoch) {
-                        let job = Job::HalfSplit {
-                            region_id,
-                            epoch,
-                            snap: p.engine.snapshot(),
-                        };
-                        self.worker.schedule(job);
-                    }
+            StoreMsg::HalfSplit { region_id, epoch } => match self.peers.get(&region_id) {
+                Some(p) if p.is_leader() && p.region.region_epoch == Some(epoch) => {
+                    let job = Job::HalfSplit {
+                        region_id,
+                        epoch,
+                        snap: p.engine.snapshot(),
+                    };
+                    self.worker.schedule(job);
                 }
-            }
+                p => tracing::info!(
+                    region_id,
+                    asked = ?epoch,
+                    have = ?p.map(|p| (p.is_leader(), p.region.region_epoch)),
+                    "half split from PD ignored: not the leader, or the Region changed"
+                ),
+            },
             StoreMsg::ProposeSplit {
                 region_id,
                 epoch,

@@ -80,7 +80,9 @@ async fn register_op(
             };
             // No retries (see above): an answer, true or false, is certain.
             let (output, ret) = match writer.compare_and_swap(key.clone(), old, new).await {
-                Ok((_, swapped)) => (Output::Swapped(swapped), Some(now())),
+                Ok((_, true)) => (Output::Swapped(true), Some(now())),
+                // What it found is observed: it may be a write whose client gave up on it.
+                Ok((found, false)) => (Output::CasFailed(found), Some(now())),
                 Err(_) => (Output::Unknown, None),
             };
             return Some(Operation {
