@@ -343,6 +343,19 @@ mod tests {
         )
     }
 
+    fn cas(c: u64, call: u64, ret: u64, old: &str, new: &str, out: Output) -> Operation {
+        op(
+            c,
+            call,
+            Some(ret),
+            Input::Cas {
+                old: Some(old.as_bytes().to_vec()),
+                new: new.as_bytes().to_vec(),
+            },
+            out,
+        )
+    }
+
     #[test]
     fn accepts_linearizable_histories() {
         // A read concurrent with a write may see either value.
@@ -400,23 +413,11 @@ mod tests {
 
     #[test]
     fn flags_a_lost_cas_and_reads_of_values_never_written() {
-        let cas = |c, call, ret, old: &str, new: &str, ok| {
-            op(
-                c,
-                call,
-                Some(ret),
-                Input::Cas {
-                    old: Some(old.as_bytes().to_vec()),
-                    new: new.as_bytes().to_vec(),
-                },
-                Output::Swapped(ok),
-            )
-        };
         // Two sequential CAS from the same old value both succeeded.
         let h = vec![
             put(1, 0, 1, "a"),
-            cas(2, 2, 3, "a", "b", true),
-            cas(3, 4, 5, "a", "c", true),
+            cas(2, 2, 3, "a", "b", Output::Swapped(true)),
+            cas(3, 4, 5, "a", "c", Output::Swapped(true)),
         ];
         assert!(check(&h).is_err());
         // A read of a value nobody wrote.
@@ -443,18 +444,6 @@ mod tests {
     /// (a crash-point run's) as a violation.
     #[test]
     fn a_failed_swap_may_find_a_write_that_never_returned() {
-        let cas = |c, call, ret, old: &str, new: &str, out| {
-            op(
-                c,
-                call,
-                Some(ret),
-                Input::Cas {
-                    old: Some(old.as_bytes().to_vec()),
-                    new: new.as_bytes().to_vec(),
-                },
-                out,
-            )
-        };
         let lost_put = op(1, 5, None, Input::Put(b"x".to_vec()), Output::Unknown);
         let h = vec![
             put(2, 0, 1, "a"),

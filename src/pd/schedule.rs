@@ -182,6 +182,13 @@ impl Operator {
     }
 }
 
+/// The stores holding a Region's replicas, sorted: a merge needs the same on both sides.
+fn placement(r: &prkv_proto::metapb::Region) -> Vec<u64> {
+    let mut v: Vec<u64> = r.peers.iter().map(|p| p.store_id).collect();
+    v.sort_unstable();
+    v
+}
+
 fn step_done(step: &Step, info: &RegionInfo) -> bool {
     let r = &info.region;
     match step {
@@ -332,11 +339,6 @@ impl Cluster {
         // replica removed by hand, a store drained), the leader refuses the merge for ever and
         // the operator would only keep the target's replica checker away until it timed out.
         if let Step::Merge { target, .. } = &step {
-            let placement = |r: &prkv_proto::metapb::Region| {
-                let mut v: Vec<u64> = r.peers.iter().map(|p| p.store_id).collect();
-                v.sort_unstable();
-                v
-            };
             let lined_up = self
                 .regions
                 .get(&target.id)
@@ -424,11 +426,6 @@ impl Cluster {
         if !self.mergeable(info) {
             return None;
         }
-        let stores = |r: &prkv_proto::metapb::Region| {
-            let mut v: Vec<u64> = r.peers.iter().map(|p| p.store_id).collect();
-            v.sort_unstable();
-            v
-        };
         let r = &info.region;
         let next = (!r.end_key.is_empty())
             .then(|| self.region_by_key(&r.end_key))
@@ -443,7 +440,7 @@ impl Cluster {
                 t.region.id != r.id
                     && self.mergeable(t)
                     && !self.merge_target_of_op(t.region.id)
-                    && stores(&t.region) == stores(r)
+                    && placement(&t.region) == placement(r)
             })
             .min_by_key(|t| (t.approximate_size, t.approximate_keys))?;
         let version = r.region_epoch.map_or(0, |e| e.version);
