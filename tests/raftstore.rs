@@ -875,6 +875,78 @@ fn chaos_network(kind: EngineKind) {
     }
 }
 
+/// A split soon after a store restarted: the new Regions still elect their leaders at once.
+/// The restarted store refuses votes for an election timeout in the Regions it recovered (a
+/// promise to their leaders it no longer remembers), but a Region a split created after the
+/// restart made no such promise. Here the split's children need the restarted store's vote
+/// (the third store is cut off); before only recovered Regions refused, they waited out the
+/// restarted store's whole 10 s window.
+fn split_soon_after_a_restart_elects_at_once(kind: EngineKind) {
+    let mut c = Cluster::new(3, kind);
+    c.bootstrap(1, &[1, 2, 3]);
+    c.start();
+    c.must_put(&key(1), b"v");
+    let leader = c.must_leader(1);
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|s| *s != leader).collect();
+    let (restarted, cut) = (others[0], others[1]);
+    // The restarted store's election timeout, and so its vote refusal, is 10 s.
+    let normal = c.cfg.clone();
+    c.cfg.raftstore.raft_election_timeout_ticks = 500;
+    c.restart_store(restarted);
+    c.cfg = normal;
+    c.must_replicate(restarted, &key(1), b"v");
+    c.isolate(cut);
+    assert_eq!(c.must_leader(1), leader, "the leader keeps its quorum");
+    let split_at = Instant::now();
+    let regions = c.must_split(1, &[&key(10), &key(20)]);
+    for r in &regions {
+        let deadline = split_at + Duration::from_secs(3);
+        while c.leader_store(r.id).is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "Region {} has no leader 3 s after the split (waited {:?})",
+                r.id,
+                split_at.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    c.heal();
+    for r in &regions {
+        c.must_leader(r.id);
+    }
+}
+
+/// A newly elected leader reports to PD at once, not at the next heartbeat tick (here a
+/// minute away): PD routes clients by it. Before, a leader elected in a later Raft round than
+/// its term began (every contested or transferred election) waited for the tick.
+fn a_new_leader_reports_to_pd_at_once(kind: EngineKind) {
+    let mut c = Cluster::new(3, kind);
+    c.cfg.raftstore.pd_heartbeat_tick_interval = prkv::config::ReadableDuration::secs(60);
+    c.bootstrap(1, &[1, 2, 3]);
+    let started = Instant::now();
+    c.start();
+    let leader = c.must_leader(1);
+    let first = c.status(leader, 1).unwrap().peer.id;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !c.pd.reported_leader(1, first, started) {
+        assert!(Instant::now() < deadline, "the first leader never reported");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let to = [1, 2, 3].into_iter().find(|s| *s != leader).unwrap();
+    let since = Instant::now();
+    c.must_transfer_leader(1, to);
+    let new = c.status(to, 1).unwrap().peer.id;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !c.pd.reported_leader(1, new, since) {
+        assert!(
+            Instant::now() < deadline,
+            "the new leader did not report to PD within 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 macro_rules! both_kinds {
     ($($name:ident),*) => {
         mod partitioned {
@@ -901,7 +973,9 @@ both_kinds!(
     log_gc_respects_durable_apply_index,
     typed_errors,
     joint_consensus_replace,
-    chaos_network
+    chaos_network,
+    split_soon_after_a_restart_elects_at_once,
+    a_new_leader_reports_to_pd_at_once
 );
 
 /// 1,000 Regions x 3 replicas in one process. Once idle they hibernate: the store loops stop

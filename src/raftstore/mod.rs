@@ -33,7 +33,7 @@ pub use error::{Error, Result};
 pub use local_read::LocalReaders;
 pub use msg::{
     ChangePeer, NoPd, PdReporter, RaftMessage, RegionHeartbeat, RegionSnapshot, RegionStatus,
-    SplitCallback, SplitIds, StoreId, StoreMsg,
+    SplitCallback, SplitIds, SplitIdsCallback, StoreId, StoreMsg,
 };
 pub use store::{
     bootstrap_region, discard_bootstrap_region, even_region_key, even_regions, start_store,

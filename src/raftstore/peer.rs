@@ -162,7 +162,9 @@ pub struct Peer {
     /// Idle: not ticked until a message or command arrives.
     pub hibernated: bool,
     idle_ticks: usize,
+    /// The term and role seen at the last `on_role_maybe_changed`.
     last_term: u64,
+    was_leader: bool,
     /// `region` reflects membership changes through this log index (see `RegionLocalState`).
     conf_index: u64,
     /// PD should hear from this leader soon: it just became leader or its membership changed.
@@ -289,6 +291,7 @@ impl Peer {
             hibernated: false,
             idle_ticks: 0,
             last_term: 0,
+            was_leader: false,
             conf_index,
             pd_dirty: false,
             applied_bytes: 0,
@@ -793,15 +796,21 @@ impl Peer {
 
     /// Called after each Ready round: notices leadership changes.
     pub fn on_role_maybe_changed(&mut self) {
-        if self.term() != self.last_term || !self.is_leader() {
-            if self.term() != self.last_term && self.is_leader() {
-                self.pd_dirty = true;
-                tracing::debug!(
-                    region_id = self.region.id,
-                    term = self.term(),
-                    "became leader"
-                );
-            }
+        let leader = self.is_leader();
+        // Elected: the term usually changed a round earlier, when this peer became a candidate,
+        // so a new term alone does not tell.
+        let elected = leader && (self.term() != self.last_term || !self.was_leader);
+        self.was_leader = leader;
+        if elected {
+            // PD routes clients: tell it at once, not at the next heartbeat tick.
+            self.pd_dirty = true;
+            tracing::debug!(
+                region_id = self.region.id,
+                term = self.term(),
+                "became leader"
+            );
+        }
+        if self.term() != self.last_term || !leader {
             self.last_term = self.term();
             // A PrepareMerge proposed in an older term either applies (and freezes the Region
             // on every replica) or was dropped; either way the fence is no longer ours.

@@ -305,8 +305,15 @@ struct Store {
     disk: DiskMonitor,
     /// The replicas' delegates for lease reads on gRPC threads, shared with the router.
     readers: Arc<LocalReaders>,
-    /// Until when this store grants no votes (see `refuses_votes_after_start`).
+    /// Until when this store grants no votes in the Regions it recovered at its start (see
+    /// `refuses_votes_after_start`).
     votes_refused_until: Instant,
+    /// The Regions whose replicas were recovered from disk at the start: only they may have
+    /// promised a leader not to vote. A replica created since (by a split, or for a Region new
+    /// to this store) made no promise before the restart, and refusing its votes would leave a
+    /// split's new Regions leaderless for an election timeout (10 s by default) whenever a
+    /// store splits soon after it starts. Emptied once `votes_refused_until` passes.
+    recovered_at_start: HashSet<RegionId>,
     /// When snapshot directories nobody needs are next removed (`sweep_snapshots`).
     next_snap_sweep: Instant,
 }
@@ -338,6 +345,7 @@ pub fn start_store(
         cfg.raftstore.raft_base_tick_interval.0 * cfg.raftstore.raft_election_timeout_ticks as u32;
     let mut store = Store {
         votes_refused_until: Instant::now() + election_timeout,
+        recovered_at_start: HashSet::new(),
         next_snap_sweep: Instant::now() + SNAP_SWEEP_INTERVAL,
         id,
         tick_interval: cfg.raftstore.raft_base_tick_interval.0,
@@ -446,6 +454,7 @@ impl Store {
                 // election, so do not wait an election timeout to hold one.
                 let _ = peer.raw.campaign();
             }
+            self.recovered_at_start.insert(region_id);
             self.add_peer(peer);
         }
         // A crash between a replica's tombstone and the removal of its data (`destroy_peer`)
@@ -981,7 +990,10 @@ impl Store {
         if p.hibernated && !quiet_ack {
             p.wake();
         }
-        if self.votes_refused_until > Instant::now() && refuses_votes_after_start(p, &m) {
+        if self.votes_refused_until > Instant::now()
+            && self.recovered_at_start.contains(&m.region_id)
+            && refuses_votes_after_start(p, &m)
+        {
             crate::metrics::RAFT_MESSAGES_DROPPED
                 .with_label_values(&["vote_after_start"])
                 .inc();
@@ -1320,6 +1332,9 @@ impl Store {
             self.refresh_neighbours();
         }
         self.ticks += 1;
+        if now >= self.votes_refused_until && !self.recovered_at_start.is_empty() {
+            self.recovered_at_start = HashSet::new();
+        }
         if self
             .ticks
             .is_multiple_of(self.cfg.raftstore.raft_heartbeat_ticks as u64)

@@ -176,6 +176,7 @@ fn region_error(e: Error) -> Fail {
     crate::metrics::REGION_ERRORS
         .with_label_values(&[kind])
         .inc();
+    tracing::debug!(kind, message = %out.message, "region error answered");
     Fail::Region(Box::new(out))
 }
 

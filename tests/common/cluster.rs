@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use prkv::config::{Config, EngineKind, ReadableDuration, ReadableSize};
 use prkv::raftstore::{
-    bootstrap_region, start_store, ChangePeer, Error, NoPd, RegionStatus, SimNetwork, StoreHandle,
-    StoreId, StoreMsg, Transport,
+    bootstrap_region, start_store, ChangePeer, Error, NoPd, PdReporter, RegionHeartbeat,
+    RegionStatus, SimNetwork, SplitIdsCallback, StoreHandle, StoreId, StoreMsg, Transport,
 };
 use prkv::storage::{Cf, Engines, StoreEngine};
 use prkv_proto::metapb::{Peer, PeerRole, Region, RegionEpoch};
@@ -29,6 +29,8 @@ pub struct Cluster {
     pub kv: HashMap<StoreId, Arc<dyn StoreEngine>>,
     pub regions: Vec<Region>,
     pub cfg: Config,
+    /// What the stores reported to PD (a stand-in that only records).
+    pub pd: Arc<RecordingPd>,
     /// Declared last so that it is dropped last: the stores stop before their data dirs go.
     pub dirs: HashMap<StoreId, tempfile::TempDir>,
 }
@@ -77,6 +79,7 @@ impl Cluster {
             kv: HashMap::new(),
             regions: Vec::new(),
             cfg,
+            pd: Arc::new(RecordingPd::default()),
         }
     }
 
@@ -109,7 +112,8 @@ impl Cluster {
         let engines = Engines::open(&self.store_config(s)).unwrap();
         self.kv.insert(s, engines.kv.clone());
         let trans: Arc<dyn Transport> = Arc::new(self.net.clone());
-        let handle = start_store(s, self.store_config(s), engines, trans, Arc::new(NoPd)).unwrap();
+        let pd: Arc<dyn PdReporter> = self.pd.clone();
+        let handle = start_store(s, self.store_config(s), engines, trans, pd).unwrap();
         self.net.register(s, handle.router.clone());
         self.stores.insert(s, handle);
     }
@@ -492,6 +496,39 @@ impl Cluster {
     pub fn data_dir(&self, s: StoreId) -> &std::path::Path {
         self.dirs[&s].path()
     }
+}
+
+/// A PD that records the Region heartbeats it is sent, as (Region, leader peer, when), and
+/// allocates split ids as [`NoPd`] does.
+#[derive(Default)]
+pub struct RecordingPd {
+    pub heartbeats: std::sync::Mutex<Vec<(u64, Peer, Instant)>>,
+}
+
+impl RecordingPd {
+    /// Whether a heartbeat since `since` named `leader` the leader of `region_id`.
+    pub fn reported_leader(&self, region_id: u64, leader: u64, since: Instant) -> bool {
+        self.heartbeats
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(r, l, at)| *r == region_id && l.id == leader && *at >= since)
+    }
+}
+
+impl PdReporter for RecordingPd {
+    fn region_heartbeat(&self, hb: RegionHeartbeat) {
+        self.heartbeats
+            .lock()
+            .unwrap()
+            .push((hb.region.id, hb.leader, Instant::now()));
+    }
+
+    fn ask_batch_split(&self, region: Region, count: usize, cb: SplitIdsCallback) {
+        NoPd.ask_batch_split(region, count, cb)
+    }
+
+    fn report_batch_split(&self, _regions: Vec<Region>) {}
 }
 
 pub fn peer(id: u64, store_id: StoreId, role: PeerRole) -> Peer {
