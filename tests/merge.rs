@@ -236,6 +236,91 @@ fn rollback_when_target_changes(kind: EngineKind) {
     assert_eq!(c.must_get(&key(35)).as_deref(), Some(&b"v2"[..]));
 }
 
+/// The source's leader learns that the target moved on only from a snapshot (its replica of
+/// the target was cut off while the target split and compacted its log). That proves nothing:
+/// a snapshot can hide a CommitMerge its receiver never applied. So the source stays frozen
+/// while no replica that applied the target's log can answer (the rollback queries are
+/// dropped), and rolls back once one does. Before, it rolled back at once on the snapshot's
+/// word.
+fn rollback_waits_for_a_witness(kind: EngineKind) {
+    let mut c = three_regions(kind);
+    let (left, mid) = (c.regions[0].clone(), c.regions[1].clone());
+    c.must_transfer_leader(mid.id, 1);
+    c.must_transfer_leader(left.id, 2);
+    cut_region_on_store(&c, left.id, 1);
+    c.must_prepare_merge(mid.id, left.id);
+    let frozen = c.status(1, mid.id).unwrap().region.region_epoch.unwrap();
+    let behind = c.status(1, left.id).unwrap().applied_index;
+    c.must_split(left.id, &[&key(10)]);
+    // The target's log is compacted past store 1's replica: only a snapshot brings it back.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let tl = c.must_leader(left.id);
+        if c.status(tl, left.id).unwrap().truncated_index > behind {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the target's log was never compacted"
+        );
+        c.must_put(&key(1), b"again");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let split = c.status(2, left.id).unwrap().region.region_epoch.unwrap();
+    c.net.add_filter(
+        "no-rollback-talk",
+        Arc::new(|m| {
+            if m.merge_rollback.is_some() {
+                Verdict::Drop
+            } else {
+                Verdict::Deliver
+            }
+        }),
+    );
+    c.net.remove_filter(&format!("cut-{}-on-1", left.id));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c
+        .status(1, left.id)
+        .unwrap()
+        .region
+        .region_epoch
+        .unwrap()
+        .version
+        < split.version
+    {
+        assert!(
+            Instant::now() < deadline,
+            "store 1's replica of the target never caught up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let hold = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < hold {
+        for s in 1..=3 {
+            let now = c.status(s, mid.id).unwrap().region.region_epoch.unwrap();
+            assert_eq!(
+                now, frozen,
+                "store {s}: the source changed (rolled back) on a snapshot's word"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.net.remove_filter("no-rollback-talk");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        c.refresh_regions(2);
+        if try_put(&c, &key(35)).is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the source never rolled back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for s in 1..=3 {
+        let want: Vec<Vec<u8>> = (30..60).map(key).collect();
+        must_hold(&c, s, mid.id, &want);
+    }
+}
+
 /// The source's leader moves right after the PrepareMerge: the new leader finishes the merge;
 /// then a store crashes right after and recovers the merged Region.
 fn merge_survives_leader_change(kind: EngineKind) {
@@ -462,6 +547,7 @@ both_kinds!(
     merge_on_request,
     lagging_replica_catches_up,
     rollback_when_target_changes,
+    rollback_waits_for_a_witness,
     merge_survives_leader_change,
     merge_survives_target_store_crash,
     merge_survives_target_leader_change,

@@ -32,8 +32,8 @@ pub mod worker;
 pub use error::{Error, Result};
 pub use local_read::LocalReaders;
 pub use msg::{
-    ChangePeer, NoPd, PdReporter, RaftMessage, RegionHeartbeat, RegionSnapshot, RegionStatus,
-    SplitCallback, SplitIds, SplitIdsCallback, StoreId, StoreMsg,
+    ChangePeer, MergeRollbackMsg, NoPd, PdReporter, RaftMessage, RegionHeartbeat, RegionSnapshot,
+    RegionStatus, SplitCallback, SplitIds, SplitIdsCallback, StoreId, StoreMsg,
 };
 pub use store::{
     bootstrap_region, discard_bootstrap_region, even_region_key, even_regions, start_store,

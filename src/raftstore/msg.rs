@@ -32,6 +32,9 @@ pub struct RaftMessage {
     /// hibernated receiver must wake and tick, or a Region whose leader it was would wait
     /// for that leader forever (its store stays alive, so nothing else wakes it).
     pub wake_up: bool,
+    /// A merge's source leader asking whether the merge may roll back, or a replica's answer
+    /// (see `store/merge.rs`).
+    pub merge_rollback: Option<MergeRollbackMsg>,
     pub from_store: StoreId,
     pub to_store: StoreId,
 }
@@ -50,6 +53,7 @@ impl RaftMessage {
             hibernate: false,
             tombstone: false,
             wake_up: false,
+            merge_rollback: None,
             from_store,
             to_store,
         }
@@ -75,6 +79,7 @@ impl RaftMessage {
             hibernate: false,
             tombstone: false,
             wake_up: false,
+            merge_rollback: None,
             from_store,
             to_store: to_peer.store_id,
         }
@@ -83,6 +88,16 @@ impl RaftMessage {
     pub fn is_store_heartbeat(&self) -> bool {
         self.region_id == 0
     }
+}
+
+/// The rollback check of a merge whose target moved on (see `store/merge.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MergeRollbackMsg {
+    /// From the source's leader: may the merge prepared through `commit` roll back?
+    Query { commit: u64 },
+    /// From a replica of the source: yes. `witness`: its target replica moved past the
+    /// recorded epoch by applying its own log, which proves no CommitMerge can apply.
+    Agree { commit: u64, witness: bool },
 }
 
 pub type WriteCallback = Box<dyn FnOnce(Result<()>) + Send>;

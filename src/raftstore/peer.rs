@@ -182,6 +182,10 @@ pub struct Peer {
     /// This leader proposed a PrepareMerge that has not applied yet: it takes no writes, so
     /// that none lands after the freeze.
     merge_proposed: bool,
+    /// The epoch this replica started from in this process: recovered from disk, created, or
+    /// jumped to by its latest snapshot. Every epoch change since came from applying its own
+    /// log, entry by entry (see [`Peer::applied_past_by_log`]).
+    epoch_from: RegionEpoch,
     /// Where this peer publishes its read state for readers on other threads
     /// ([`super::local_read`]), and the last state published (compared, so that an unchanged
     /// state costs no lock).
@@ -273,6 +277,7 @@ impl Peer {
         let raw = RawNode::new(&raft_cfg, storage, &discard_logger()).map_err(|e| {
             Error::Storage(format!("Region {}: creating raft node: {e}", region.id))
         })?;
+        let epoch_from = region.region_epoch.unwrap_or_default();
         Ok(Peer {
             region,
             meta,
@@ -301,6 +306,7 @@ impl Peer {
             split_check_keys: u64::MAX / 2,
             merge_state: None,
             merge_proposed: false,
+            epoch_from,
             delegate: None,
             published: None,
             lease_fence: None,
@@ -1487,6 +1493,7 @@ impl Peer {
         if let Some(me) = region.peers.iter().find(|p| p.id == self.meta.id) {
             self.meta = *me;
         }
+        self.epoch_from = region.region_epoch.unwrap_or_default();
         self.region = region;
         self.engine = engine;
         self.applied_index = index;
@@ -1494,6 +1501,21 @@ impl Peer {
         self.conf_index = index;
         self.split_check_bytes = u64::MAX / 2;
         self.split_check_keys = u64::MAX / 2;
+    }
+
+    /// Whether this replica moved past `epoch` by applying its own log: it held `epoch` or an
+    /// older one in this process, and every change since was an entry it applied. Then every
+    /// entry made against `epoch` that was ordered before the change was applied here.
+    pub fn applied_past_by_log(&self, epoch: Option<RegionEpoch>) -> bool {
+        let (now, from, e) = (
+            self.region.region_epoch.unwrap_or_default(),
+            self.epoch_from,
+            epoch.unwrap_or_default(),
+        );
+        let passed = (now.version > e.version || now.conf_ver > e.conf_ver)
+            && now.version >= e.version
+            && now.conf_ver >= e.conf_ver;
+        passed && from.version <= e.version && from.conf_ver <= e.conf_ver
     }
 
     /// Makes the engine durable through `index` (its apply state says so, on disk) before a

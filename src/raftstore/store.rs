@@ -301,6 +301,9 @@ struct Store {
     batched: HashMap<RegionId, BatchedWrites>,
     /// Merges this store leads the source of: when each was last driven (see `merge.rs`).
     merge_attempts: HashMap<RegionId, Instant>,
+    /// For each merge this store's source leader wants to roll back: the merge's commit index
+    /// and the replicas that agreed, each with whether it is a witness (see `store/merge.rs`).
+    rollback_agreed: HashMap<RegionId, (u64, HashMap<u64, bool>)>,
     /// Free space against `storage.reserve-space` (see `storage::disk`).
     disk: DiskMonitor,
     /// The replicas' delegates for lease reads on gRPC threads, shared with the router.
@@ -372,6 +375,7 @@ pub fn start_store(
         snap_requests: Vec::new(),
         batched: HashMap::new(),
         merge_attempts: HashMap::new(),
+        rollback_agreed: HashMap::new(),
         disk: DiskMonitor::new(&cfg_data_dir, reserve_space),
         readers: readers.clone(),
     };
@@ -950,6 +954,10 @@ impl Store {
         if m.is_store_heartbeat() {
             return;
         }
+        if let Some(q) = m.merge_rollback {
+            self.on_merge_rollback_msg(&m, q);
+            return;
+        }
         if self.handle_stale_peers(&m) {
             return;
         }
@@ -1424,6 +1432,7 @@ impl Store {
                     hibernate: true,
                     tombstone: false,
                     wake_up: false,
+                    merge_rollback: None,
                     from_store: self.id,
                     to_store: to.store_id,
                 });
@@ -1530,6 +1539,7 @@ impl Store {
                 hibernate: false,
                 tombstone: false,
                 wake_up: false,
+                merge_rollback: None,
                 from_store: self.id,
                 to_store: to.store_id,
             };

@@ -31,7 +31,7 @@ use super::pd_client::PdClient;
 use super::snap_transfer::{self, RateLimiter};
 use crate::metrics::{RAFT_MESSAGES_DROPPED, RAFT_MESSAGES_SENT};
 use crate::raftstore::transport::SnapshotDone as SnapshotDoneCb;
-use crate::raftstore::{RaftMessage, StoreId, StoreMsg, StoreRouter, Transport};
+use crate::raftstore::{MergeRollbackMsg, RaftMessage, StoreId, StoreMsg, StoreRouter, Transport};
 
 /// Messages queued per destination store. Raft messages are small except appends, which
 /// raft-rs caps at 1 MiB (`max_size_per_msg`); a full queue means the peer is not keeping up,
@@ -61,6 +61,18 @@ pub fn encode(m: &RaftMessage) -> StoreRaftMessage {
         to_store: m.to_store,
         tombstone: m.tombstone,
         wake_up: m.wake_up,
+        merge_rollback_query: match m.merge_rollback {
+            Some(MergeRollbackMsg::Query { commit }) => commit,
+            _ => 0,
+        },
+        merge_rollback_agreed: match m.merge_rollback {
+            Some(MergeRollbackMsg::Agree { commit, .. }) => commit,
+            _ => 0,
+        },
+        merge_rollback_witness: matches!(
+            m.merge_rollback,
+            Some(MergeRollbackMsg::Agree { witness: true, .. })
+        ),
     }
 }
 
@@ -78,6 +90,18 @@ pub fn decode(m: StoreRaftMessage) -> Result<RaftMessage, String> {
         hibernate: m.hibernate,
         tombstone: m.tombstone,
         wake_up: m.wake_up,
+        merge_rollback: if m.merge_rollback_query != 0 {
+            Some(MergeRollbackMsg::Query {
+                commit: m.merge_rollback_query,
+            })
+        } else if m.merge_rollback_agreed != 0 {
+            Some(MergeRollbackMsg::Agree {
+                commit: m.merge_rollback_agreed,
+                witness: m.merge_rollback_witness,
+            })
+        } else {
+            None
+        },
         from_store: m.from_store,
         to_store: m.to_store,
     })

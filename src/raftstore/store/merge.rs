@@ -14,18 +14,28 @@
 //!                                                  and range, S's replica is destroyed
 //!  or, once T's epoch moved past the one
 //!  recorded at step 1 (T split, changed
-//!  membership or merged): RollbackMerge
+//!  membership or merged) and that is
+//!  proven (below): RollbackMerge
 //! ```
 //!
 //! **Never both commit and rollback** (the trap of TiKV issues #15242 and #15682). A
-//! CommitMerge applies only if T's epoch is exactly the one the PrepareMerge recorded; S's
-//! leader proposes a RollbackMerge only after this store's T replica has *applied* an epoch
-//! past that one. T's log is totally ordered: if a CommitMerge applied before that epoch change,
-//! this store's T applied it too, before the change, and destroyed S's replica here in the same
-//! step, so no leader of S is left here to roll back; and every CommitMerge ordered after the
-//! change fails its epoch check on every replica. When a CommitMerge applies, S's replica
-//! must be exactly as its PrepareMerge left it (same epoch, applied up to `commit`); anything
-//! else means the invariant broke, and the store stops rather than merge wrong data.
+//! CommitMerge applies only if T's epoch is exactly the one the PrepareMerge recorded, so once T
+//! moved past that epoch, every CommitMerge ordered after the change fails on every replica.
+//! One ordered *before* it may have applied, though: S may roll back only on proof that none
+//! did. T's log is totally ordered, so a replica of T that moved past the epoch by applying its
+//! own log, entry by entry, is a **witness**: had a CommitMerge come first, it would have applied
+//! it too, and destroyed S's replica on its store in the same step. A replica of T that jumped
+//! past the epoch by a snapshot is not: the snapshot may hide a CommitMerge it never applied
+//! (when the snapshot covers S's whole range, `merge_sources_covered_by` destroys S's replica;
+//! when T split S's range off again first, it does not). Nor is one recovered after a restart
+//! with the epoch already past (`Peer::applied_past_by_log` counts from where this process
+//! started). So S's leader rolls back when this store's T replica is a witness, or when another
+//! replica of S answers that its T replica is one, or when every replica of S answers that its
+//! T moved past the epoch (the store whose T replica applied a CommitMerge, if one did, has no
+//! replica of S left to answer). Until then it asks again each `MERGE_RETRY`. When a
+//! CommitMerge applies, S's replica must be exactly as its PrepareMerge left it (same epoch,
+//! applied up to `commit`); anything else means the invariant broke, and the store stops
+//! rather than merge wrong data.
 //!
 //! **Data.** Partitioned: S's keys (small by PD's merge rules) are written into T's tablet,
 //! which is then flushed, all before the Region states change in raft-engine; a crash in
@@ -40,6 +50,7 @@
 //! changes: a replay never crosses a Region-state change, so no entry made against the old
 //! state is ever replayed (and refused) under the new one.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use prkv_proto::metapb::{Region, RegionEpoch};
@@ -52,7 +63,7 @@ use super::{range_of, Store};
 use crate::config::EngineKind;
 use crate::raftlog::LogWriteBatch;
 use crate::raftstore::error::{Error, Result};
-use crate::raftstore::msg::WriteCallback;
+use crate::raftstore::msg::{MergeRollbackMsg, RaftMessage, WriteCallback};
 use crate::raftstore::peer::PendingCommitMerge;
 use crate::storage::{Cf, RegionEngine, RegionId, ScanDir, WriteBatch};
 
@@ -115,6 +126,7 @@ impl Store {
             .map(|p| p.region_id())
             .collect();
         self.merge_attempts.retain(|id, _| sources.contains(id));
+        self.rollback_agreed.retain(|id, _| sources.contains(id));
         for source_id in sources {
             if self
                 .merge_attempts
@@ -143,8 +155,10 @@ impl Store {
             return Ok(());
         };
         if epoch_passed(t.region.region_epoch, recorded.region_epoch) {
-            // The target applied a change the CommitMerge was not made against: no CommitMerge
-            // can apply any more (see the module docs), so rolling back is safe.
+            if !self.rollback_proven(source_id) {
+                self.ask_for_rollback(source_id);
+                return Ok(());
+            }
             tracing::info!(
                 region_id = source_id,
                 target = recorded.id,
@@ -214,6 +228,120 @@ impl Store {
             }),
         );
         Ok(())
+    }
+
+    /// Whether the merge of `source_id`, whose target here moved past the recorded epoch, can
+    /// no longer commit anywhere (see "Rollback" in the module docs): a witness says so (this
+    /// store's target replica, or another replica's that answered), or every replica of the
+    /// source agreed.
+    fn rollback_proven(&self, source_id: RegionId) -> bool {
+        let s = &self.peers[&source_id];
+        let Some(ms) = &s.merge_state else {
+            return false;
+        };
+        let recorded = ms.target.clone().unwrap_or_default();
+        if self
+            .peers
+            .get(&recorded.id)
+            .is_some_and(|t| t.applied_past_by_log(recorded.region_epoch))
+        {
+            return true;
+        }
+        let Some((commit, agreed)) = self.rollback_agreed.get(&source_id) else {
+            return false;
+        };
+        if *commit != ms.commit {
+            return false;
+        }
+        agreed.values().any(|witness| *witness)
+            || s.region
+                .peers
+                .iter()
+                .filter(|p| p.id != s.meta.id)
+                .all(|p| agreed.contains_key(&p.id))
+    }
+
+    /// Asks the source's other replicas (those that have not agreed yet) whether the merge may
+    /// roll back.
+    fn ask_for_rollback(&mut self, source_id: RegionId) {
+        let s = &self.peers[&source_id];
+        let Some(ms) = &s.merge_state else {
+            return;
+        };
+        let commit = ms.commit;
+        let agreed = self
+            .rollback_agreed
+            .get(&source_id)
+            .filter(|(c, _)| *c == commit)
+            .map(|(_, a)| a);
+        tracing::info!(
+            region_id = source_id,
+            agreed = agreed.map_or(0, |a| a.len()),
+            "target changed since the merge was prepared, but not by its log here: asking the \
+             other replicas before rolling back"
+        );
+        for p in s.region.peers.iter().filter(|p| p.id != s.meta.id) {
+            if agreed.is_some_and(|a| a.contains_key(&p.id)) {
+                continue;
+            }
+            let mut m = RaftMessage::signal(
+                source_id,
+                s.meta,
+                *p,
+                s.region.region_epoch.unwrap_or_default(),
+                self.id,
+            );
+            m.merge_rollback = Some(MergeRollbackMsg::Query { commit });
+            self.trans.send(m);
+        }
+    }
+
+    /// A rollback query from the source's leader (answered yes if this replica's target moved
+    /// past the recorded epoch, and whether it is a witness), or an answer to this store's.
+    pub(super) fn on_merge_rollback_msg(&mut self, m: &RaftMessage, q: MergeRollbackMsg) {
+        let Some(p) = self.peers.get(&m.region_id) else {
+            return;
+        };
+        if m.to_peer.id != p.meta.id {
+            return;
+        }
+        match q {
+            MergeRollbackMsg::Query { commit } => {
+                let Some(ms) = p.merge_state.as_ref().filter(|ms| ms.commit == commit) else {
+                    return;
+                };
+                let recorded = ms.target.clone().unwrap_or_default();
+                let Some(t) = self.peers.get(&recorded.id) else {
+                    return;
+                };
+                if !epoch_passed(t.region.region_epoch, recorded.region_epoch) {
+                    return;
+                }
+                let witness = t.applied_past_by_log(recorded.region_epoch);
+                let mut answer = RaftMessage::signal(
+                    m.region_id,
+                    p.meta,
+                    m.from_peer,
+                    p.region.region_epoch.unwrap_or_default(),
+                    self.id,
+                );
+                answer.merge_rollback = Some(MergeRollbackMsg::Agree { commit, witness });
+                self.trans.send(answer);
+            }
+            MergeRollbackMsg::Agree { commit, witness } => {
+                if !p.is_leader() || p.merge_state.as_ref().map(|ms| ms.commit) != Some(commit) {
+                    return;
+                }
+                let entry = self
+                    .rollback_agreed
+                    .entry(m.region_id)
+                    .or_insert_with(|| (commit, HashMap::new()));
+                if entry.0 != commit {
+                    *entry = (commit, HashMap::new());
+                }
+                entry.1.insert(m.from_peer.id, witness);
+            }
+        }
     }
 
     /// Applies a CommitMerge on the target `target_id` (see the module docs for the order).
