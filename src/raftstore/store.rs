@@ -1809,6 +1809,8 @@ impl Store {
 /// this, tikv#15035). Refusing votes for one election timeout after the start restores the
 /// promise: the old lease, shorter than an election timeout, has run out before any vote
 /// counts. A leadership transfer's votes are let through, as Raft lets them through a lease.
+/// Only replicas recovered at the start are concerned (`Store::recovered_at_start`): one made
+/// since never promised anything.
 fn refuses_votes_after_start(p: &Peer, m: &RaftMessage) -> bool {
     use raft::eraftpb::MessageType;
     let vote = matches!(
