@@ -554,6 +554,26 @@ impl Store {
         let key = snap::snapshot_key(region_id, term, index);
         let dir = self.snap_dirs.gen_dir(&key);
         let gen = p.raw.store().snap_gen();
+        // Never rewrite a snapshot's files in place. Two requests of one Region in one loop
+        // round each started a generation (raft-kv: two jobs writing one directory), and the
+        // second truncated and rewrote files a transfer of the first was reading: a receiver
+        // got an SST spliced from the two (right size, the sender's checksum, corrupt blocks)
+        // and its store stopped at the ingest (nemesis seed 20261248). So: none while one is
+        // being generated (Raft asks again once it is ready), and none over a ready snapshot
+        // of the same key (same index, same data: Raft has what it would get).
+        {
+            let g = gen.lock();
+            if g.generating {
+                return;
+            }
+            let same = g
+                .ready
+                .as_ref()
+                .is_some_and(|s| SnapshotMeta::decode(s.data.as_ref()).is_ok_and(|m| m.key == key));
+            if same {
+                return;
+            }
+        }
         let mut md = raft::eraftpb::SnapshotMetadata {
             index,
             term,
@@ -719,7 +739,10 @@ impl Store {
                 // stop rather than diverge (the replica is rebuilt from its log on restart).
                 panic!("store {}: persisting Raft state failed: {e}", self.id);
             }
-            for region_id in std::mem::take(&mut self.snap_requests) {
+            let mut requests = std::mem::take(&mut self.snap_requests);
+            requests.sort_unstable();
+            requests.dedup();
+            for region_id in requests {
                 self.gen_snapshot(region_id);
             }
         }
