@@ -193,6 +193,19 @@ fn lagging_replica_catches_up(kind: EngineKind) {
     }
 }
 
+/// Waits (up to 30 s) until the Region holding `key` takes a write again: a source rolled back.
+fn must_take_a_write_again(c: &mut Cluster, key: &[u8]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        c.refresh_regions(2);
+        if try_put(c, key).is_ok() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the source never rolled back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The target splits after the source prepared its merge (its replica on the source leader's
 /// store cut off meanwhile, so no CommitMerge gets in first): the source rolls back and takes
 /// writes again; no replica of the target took the source in.
@@ -212,15 +225,7 @@ fn rollback_when_target_changes(kind: EngineKind) {
     c.must_split(left.id, &[&key(10)]);
     c.net.remove_filter(&format!("cut-{}-on-1", left.id));
     // The source rolls back: it takes writes again, with a new version.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        c.refresh_regions(2);
-        if try_put(&c, &key(35)).is_ok() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the source never rolled back");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    must_take_a_write_again(&mut c, &key(35));
     let now = c.regions.iter().find(|r| r.id == mid.id).unwrap();
     assert_eq!(
         now.region_epoch.unwrap().version,
@@ -306,15 +311,7 @@ fn rollback_waits_for_a_witness(kind: EngineKind) {
         std::thread::sleep(Duration::from_millis(100));
     }
     c.net.remove_filter("no-rollback-talk");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        c.refresh_regions(2);
-        if try_put(&c, &key(35)).is_ok() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the source never rolled back");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    must_take_a_write_again(&mut c, &key(35));
     for s in 1..=3 {
         let want: Vec<Vec<u8>> = (30..60).map(key).collect();
         must_hold(&c, s, mid.id, &want);
