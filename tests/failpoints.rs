@@ -105,3 +105,54 @@ mod raft_kv {
         super::lagging_follower_crashes_installing_a_snapshot(super::EngineKind::RaftKv)
     }
 }
+
+/// Split checks queued behind a busy region worker must not hold their tablets open. In a
+/// storm of splits the worker falls behind (each trim takes tens of milliseconds) while every
+/// written Region queues a check; a check used to carry a snapshot taken when it was queued,
+/// and each snapshot pinned its tablet open: on a store under `ulimit -n 1024`, 110 tablets
+/// were open against a cap of 35 and the store ran out of descriptors (`tests/fd_budget.rs`).
+/// Here the worker is held while 40 written Regions are checked: the parker must bring the
+/// open tablets back to the cap.
+#[test]
+fn queued_split_checks_do_not_pin_tablets_open() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const REGIONS: u64 = 40;
+    const CAP: usize = 8;
+    let mut c = Cluster::new(1, EngineKind::PartitionedRaftKv);
+    c.cfg.rocksdb.max_open_tablets = CAP;
+    c.cfg.raftstore.split_region_check_tick_interval = prkv::config::ReadableDuration::millis(50);
+    c.cfg.raftstore.region_split_check_diff = prkv::config::ReadableSize(1);
+    // Checks run, but never find a split.
+    c.cfg.coprocessor.region_split_keys = 1_000_000;
+    c.cfg.coprocessor.region_max_keys = 1_500_000;
+    c.bootstrap(REGIONS, &[1]);
+    c.start();
+    fail::cfg("region_worker_before_job", "pause").unwrap();
+    for r in 1..=REGIONS {
+        let mut k = common::cluster::region_key(r);
+        k.extend_from_slice(b"/x");
+        c.must_put(&k, b"v");
+    }
+    let open = |c: &Cluster| {
+        (1..=REGIONS)
+            .filter(|r| c.kv[&1].region(*r).is_some_and(|e| !e.is_parked()))
+            .count()
+    };
+    // Let every Region's check be queued, then give the parker a few rounds.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut now_open = open(&c);
+    while now_open > CAP + 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        now_open = open(&c);
+    }
+    fail::remove("region_worker_before_job");
+    assert!(
+        now_open <= CAP + 1,
+        "{now_open} tablets open with the worker held, cap {CAP}"
+    );
+    // The held checks run, and the store still serves.
+    let mut k = common::cluster::region_key(3);
+    k.extend_from_slice(b"/after");
+    c.must_put(&k, b"v");
+    assert_eq!(c.must_get(&k), Some(b"v".to_vec()));
+}

@@ -287,6 +287,12 @@ pub struct CoprocessorConfig {
     pub region_max_size: ReadableSize,
     pub region_split_keys: u64,
     pub region_max_keys: u64,
+    /// At most this many split keys from one split check (TiKV's name and default). A Region
+    /// far past its limits is cut in steps, one check after another: each split's apply
+    /// (a checkpoint per new Region, on the store loop) stays short, and the new tablets
+    /// arrive at the pace the parker can close them. 256 pieces at once stalled a store's
+    /// loop for a minute under a low descriptor limit (`tests/fd_budget.rs`).
+    pub batch_split_limit: u64,
 }
 
 impl Default for CoprocessorConfig {
@@ -298,6 +304,7 @@ impl Default for CoprocessorConfig {
             region_max_size: ReadableSize::gib(15),
             region_split_keys: 100_000_000,
             region_max_keys: 150_000_000,
+            batch_split_limit: 10,
         }
     }
 }
@@ -530,6 +537,14 @@ impl Config {
                 "must be > 0",
             ));
         }
+        if c.batch_split_limit == 0
+            || c.batch_split_limit > crate::raftstore::split::MAX_SPLIT_KEYS as u64
+        {
+            return Err(ConfigError::invalid(
+                "coprocessor.batch-split-limit",
+                format!("must be 1..={}", crate::raftstore::split::MAX_SPLIT_KEYS),
+            ));
+        }
         if c.region_max_keys < c.region_split_keys {
             return Err(ConfigError::invalid(
                 "coprocessor.region-max-keys",
@@ -684,6 +699,14 @@ mod tests {
             (
                 "[coprocessor]\nregion-split-keys = 0",
                 "coprocessor.region-split-keys",
+            ),
+            (
+                "[coprocessor]\nbatch-split-limit = 0",
+                "coprocessor.batch-split-limit",
+            ),
+            (
+                "[coprocessor]\nbatch-split-limit = 257",
+                "coprocessor.batch-split-limit",
             ),
             ("[server]\naddr = \"nowhere\"", "server.addr"),
             ("[pd]\nendpoints = []", "pd.endpoints"),

@@ -177,6 +177,8 @@ pub struct Peer {
     /// Bytes and keys written since the last split check (the split checker's trigger).
     pub split_check_bytes: u64,
     pub split_check_keys: u64,
+    /// Set while a split check of this Region waits in the worker's queue or runs.
+    pub split_check_queued: Arc<std::sync::atomic::AtomicBool>,
     /// This replica's Region is frozen for a merge (state Merging; see `MergeState`).
     pub merge_state: Option<MergeState>,
     /// This leader proposed a PrepareMerge that has not applied yet: it takes no writes, so
@@ -304,6 +306,7 @@ impl Peer {
             // A Region new to this store (bootstrapped, split off, restarted) is checked once.
             split_check_bytes: u64::MAX / 2,
             split_check_keys: u64::MAX / 2,
+            split_check_queued: Default::default(),
             merge_state: None,
             merge_proposed: false,
             epoch_from,

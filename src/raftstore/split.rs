@@ -157,6 +157,9 @@ pub struct SplitCheckConfig {
     pub max_size: u64,
     pub split_keys: u64,
     pub max_keys: u64,
+    /// At most this many keys per check (`coprocessor.batch-split-limit`, at most
+    /// [`MAX_SPLIT_KEYS`]).
+    pub batch_limit: usize,
 }
 
 /// Scans a Region's snapshot and returns where to cut it, or nothing if it is within
@@ -182,14 +185,14 @@ pub fn find_split_keys(snap: &dyn Snapshot, cfg: &SplitCheckConfig) -> Result<Ve
             };
             if n > 0
                 && n.is_multiple_of(cfg.split_keys.max(1))
-                && by_keys.len() < MAX_SPLIT_KEYS
+                && by_keys.len() < cfg.batch_limit.min(MAX_SPLIT_KEYS)
                 && new_cut(&by_keys)
             {
                 by_keys.push(at.to_vec());
             }
             if n > 0
                 && since_cut >= cfg.split_size
-                && by_size.len() < MAX_SPLIT_KEYS
+                && by_size.len() < cfg.batch_limit.min(MAX_SPLIT_KEYS)
                 && new_cut(&by_size)
             {
                 by_size.push(at.to_vec());
@@ -387,6 +390,7 @@ mod tests {
             max_size: 1 << 31,
             split_keys: 7,
             max_keys: 10,
+            batch_limit: 10,
         };
         let snap = |n: usize| {
             VecSnap(
@@ -409,12 +413,22 @@ mod tests {
                 b"k028".to_vec()
             ]
         );
+        // A Region far past its limits is cut at most `batch_limit` times per check.
+        let limited = SplitCheckConfig {
+            batch_limit: 3,
+            ..cfg
+        };
+        assert_eq!(
+            find_split_keys(&snap(100), &limited).unwrap(),
+            vec![b"k007".to_vec(), b"k014".to_vec(), b"k021".to_vec()]
+        );
         // By size: 20 keys of 14 bytes = 280 bytes over a max of 200, cut every 100 bytes.
         let cfg = SplitCheckConfig {
             split_size: 100,
             max_size: 200,
             split_keys: 1000,
             max_keys: 2000,
+            batch_limit: 10,
         };
         assert_eq!(
             find_split_keys(&snap(20), &cfg).unwrap(),

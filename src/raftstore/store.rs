@@ -1314,6 +1314,7 @@ impl Store {
             max_size: cp.region_max_size.0,
             split_keys: cp.region_split_keys,
             max_keys: cp.region_max_keys,
+            batch_limit: cp.batch_split_limit as usize,
         };
         let diff_bytes = self.cfg.raftstore.region_split_check_diff.0;
         // Keys have no configured diff: like the byte diff (1/16 of a Region by default), check
@@ -1336,16 +1337,26 @@ impl Store {
                 p.split_check_keys = 0;
                 continue;
             }
+            // One check per Region in the queue at a time: the writes since it was queued are
+            // counted on, and checked by the next one.
+            if p.split_check_queued
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                continue;
+            }
             let job = Job::SplitCheck {
                 region_id: p.region.id,
                 epoch: p.region.region_epoch.unwrap_or_default(),
                 engine: p.engine.clone(),
-                snap: p.engine.snapshot(),
                 cfg: check,
+                queued: p.split_check_queued.clone(),
             };
             if self.worker.schedule(job) {
                 p.split_check_bytes = 0;
                 p.split_check_keys = 0;
+            } else {
+                p.split_check_queued
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
             }
         }
         let now = Instant::now();

@@ -32,12 +32,19 @@ use crate::storage::{RegionEngine, RegionId};
 pub const WORKER_QUEUE: usize = 4096;
 
 pub enum Job {
+    /// The snapshot is taken when the job runs, not when it is queued: a snapshot holds its
+    /// tablet open, and in a storm of splits the queue holds hundreds of checks (one per
+    /// written Region) behind slow trims; snapshots taken at queue time pinned that many
+    /// tablets open past the descriptor budget (`storage::fds`), and a store ran out. `epoch`
+    /// is the Region's at queue time: a split found in a later state is refused as stale.
     SplitCheck {
         region_id: RegionId,
         epoch: RegionEpoch,
         engine: Arc<dyn RegionEngine>,
-        snap: Box<dyn Snapshot>,
         cfg: SplitCheckConfig,
+        /// Set while this job is queued or running; the store queues no second check of the
+        /// Region meanwhile.
+        queued: Arc<AtomicBool>,
     },
     Trim(Arc<dyn RegionEngine>),
     /// PD asked to split the Region in half: find the middle key, then split there.
@@ -115,6 +122,8 @@ fn run(rx: Receiver<Job>, store: Sender<StoreMsg>, stopping: Arc<AtomicBool>) {
         if stopping.load(Ordering::SeqCst) {
             continue; // drain without running: the store is stopping
         }
+        // Tests hold the worker here to let its queue fill.
+        fail::fail_point!("region_worker_before_job");
         match job {
             Job::Trim(engine) => trim(&*engine),
             Job::HalfSplit {
@@ -188,12 +197,15 @@ fn run(rx: Receiver<Job>, store: Sender<StoreMsg>, stopping: Arc<AtomicBool>) {
                 region_id,
                 epoch,
                 engine,
-                snap,
                 cfg,
+                queued,
             } => {
+                // Cleared however the check ends, so the next tick may queue another.
+                let _queued = ClearOnDrop(queued);
                 // An untrimmed tablet is trimmed before it is split again: a checkpoint of it
                 // would copy its garbage into every child.
                 trim(&*engine);
+                let snap = engine.snapshot();
                 let keys = match find_split_keys(&*snap, &cfg) {
                     Ok(k) => k,
                     Err(e) => {
@@ -202,6 +214,7 @@ fn run(rx: Receiver<Job>, store: Sender<StoreMsg>, stopping: Arc<AtomicBool>) {
                     }
                 };
                 drop(snap);
+                drop(engine);
                 if keys.is_empty() {
                     continue;
                 }
@@ -222,6 +235,15 @@ fn run(rx: Receiver<Job>, store: Sender<StoreMsg>, stopping: Arc<AtomicBool>) {
                 }
             }
         }
+    }
+}
+
+/// Clears a flag when dropped.
+struct ClearOnDrop(Arc<AtomicBool>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 
