@@ -92,10 +92,76 @@ fn lagging_follower_crashes_installing_a_snapshot(kind: EngineKind) {
     c.must_replicate(3, b"after", b"crash");
 }
 
+/// The same crash, and then the received files are gone (removed by hand, lost with a disk):
+/// the restart must not record the snapshot's index over data it does not have. It used to
+/// (the replica then served its old data, or nothing, as if it were the snapshot's); now the
+/// replica is refused as damaged, for PD to rebuild, and the others go on.
+fn interrupted_install_without_its_files_is_refused(kind: EngineKind) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = Cluster::new(3, kind);
+    c.bootstrap(1, &[1, 2, 3]);
+    c.start();
+    c.must_put(&key(0), b"v");
+    c.must_transfer_leader(1, 1);
+    c.must_replicate(3, &key(0), b"v");
+    c.isolate(3);
+    for i in 1..300 {
+        c.must_put(&key(i), b"v");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.status(1, 1).map_or(0, |s| s.truncated_index) < 100 {
+        assert!(
+            Instant::now() < deadline,
+            "the leader's log was never compacted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    crash_in("snapshot_install_after_applying_state", "store-3");
+    c.heal();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.stores[&3]
+        .router
+        .try_send(prkv::raftstore::StoreMsg::QueryRegion {
+            region_id: 1,
+            cb: Box::new(|_| ()),
+        })
+        .is_ok()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "store 3 never installed the snapshot"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    fail::remove("snapshot_install_after_applying_state");
+    c.stop_store(3);
+    let recv = c.data_dir(3).join("snap").join("recv");
+    let removed = std::fs::read_dir(&recv).map_or(0, |d| d.count());
+    assert!(removed > 0, "no received snapshot in {}", recv.display());
+    std::fs::remove_dir_all(&recv).unwrap();
+    c.start_store(3);
+    std::thread::sleep(Duration::from_millis(500));
+    let held = (0..300)
+        .filter(|i| c.local_get(3, &key(*i)).is_some())
+        .count();
+    assert!(
+        c.status(3, 1).is_none() || held == 300,
+        "store 3 serves Region 1 with {held} of its 300 keys"
+    );
+    c.must_put(b"after", b"crash");
+}
+
 mod partitioned {
     #[test]
     fn lagging_follower_crashes_installing_a_snapshot() {
         super::lagging_follower_crashes_installing_a_snapshot(super::EngineKind::PartitionedRaftKv)
+    }
+
+    #[test]
+    fn interrupted_install_without_its_files_is_refused() {
+        super::interrupted_install_without_its_files_is_refused(
+            super::EngineKind::PartitionedRaftKv,
+        )
     }
 }
 
@@ -103,6 +169,11 @@ mod raft_kv {
     #[test]
     fn lagging_follower_crashes_installing_a_snapshot() {
         super::lagging_follower_crashes_installing_a_snapshot(super::EngineKind::RaftKv)
+    }
+
+    #[test]
+    fn interrupted_install_without_its_files_is_refused() {
+        super::interrupted_install_without_its_files_is_refused(super::EngineKind::RaftKv)
     }
 }
 

@@ -350,3 +350,84 @@ fn trim_through_stale_view_keeps_widened_keys() {
         Some(&b"v"[..])
     );
 }
+
+/// The same race with the trim already running: it has deleted the narrow view's outside
+/// ranges and is about to drop the SSTs lying wholly above the old range's end, when a merge
+/// widens the tablet to the right and flushes the source's keys into it (an SST wholly above
+/// the old end). The widening must wait for the trim (the owner lock): had it gone ahead, the
+/// trim's file deletion would have dropped the merged keys with the garbage.
+#[test]
+fn merge_widening_waits_for_a_running_trim() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Arc::new(registry(dir.path(), 64, 8, true));
+    let range = |s: &[u8], e: &[u8]| KeyRange {
+        start: s.to_vec(),
+        end: e.to_vec(),
+    };
+    // A split child [a, m) whose tablet still holds the parent's keys above m.
+    let all = reg.open_region(11, KeyRange::all(), 0).unwrap();
+    let mut wb = WriteBatch::new();
+    wb.put(Cf::Default, b"b-own", b"v");
+    wb.put(Cf::Default, b"x-garbage", b"x");
+    all.write(&wb).unwrap();
+    all.flush(true).unwrap();
+    drop(all);
+    let narrow = reg.open_region(11, range(b"a", b"m"), 0).unwrap();
+    assert!(narrow.needs_trim().unwrap());
+    // Hold the trim, on its own thread only, at its last step.
+    let (reached_tx, reached_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let reached_tx = std::sync::Mutex::new(reached_tx);
+    let go_rx = std::sync::Mutex::new(go_rx);
+    fail::cfg_callback("trim_before_dropping_files", move || {
+        if std::thread::current().name() == Some("trim-race") {
+            let _ = reached_tx.lock().unwrap().send(());
+            let _ = go_rx.lock().unwrap().recv_timeout(Duration::from_secs(30));
+        }
+    })
+    .unwrap();
+    let trimming = {
+        let narrow = narrow.clone();
+        std::thread::Builder::new()
+            .name("trim-race".into())
+            .spawn(move || narrow.trim())
+            .unwrap()
+    };
+    reached_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the trim reaches its last step");
+    // The merge: widen to [a, ∞), write the source's key above m, flush it into its own SST.
+    let widened = Arc::new(AtomicBool::new(false));
+    let merging = {
+        let widened = widened.clone();
+        let reg = reg.clone();
+        std::thread::spawn(move || {
+            let wide = reg.open_region(11, range(b"a", b""), 0).unwrap();
+            widened.store(true, Ordering::SeqCst);
+            let mut wb = WriteBatch::new();
+            wb.put(Cf::Default, b"p-merged", b"v");
+            wide.write(&wb).unwrap();
+            wide.flush(true).unwrap();
+            wide
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let widened_during_trim = widened.load(Ordering::SeqCst);
+    go_tx.send(()).unwrap();
+    trimming.join().unwrap().unwrap();
+    let wide = merging.join().unwrap();
+    fail::remove("trim_before_dropping_files");
+    assert!(
+        !widened_during_trim,
+        "the tablet widened while a trim through its old range was running"
+    );
+    assert_eq!(
+        wide.get(Cf::Default, b"p-merged").unwrap().as_deref(),
+        Some(&b"v"[..]),
+        "the trim dropped the merged key"
+    );
+    assert_eq!(
+        wide.get(Cf::Default, b"b-own").unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
+}

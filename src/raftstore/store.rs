@@ -513,7 +513,11 @@ impl Store {
             self.engines
                 .kv
                 .install_snapshot(region_id, range_of(&region), &applied, &dir)?;
-        } else {
+        } else if self.cfg.storage.engine == EngineKind::PartitionedRaftKv
+            && self.engines.kv.has_region_data(region_id, t.index)
+        {
+            // The received directory became the tablet (a rename): its data is the snapshot's,
+            // only the apply state may not have been written yet.
             let engine = self
                 .engines
                 .kv
@@ -524,6 +528,18 @@ impl Store {
                 engine.write(&wb)?;
                 engine.flush(true)?;
             }
+        } else {
+            // The received files are gone and nothing holds the snapshot's data (`raft-kv`
+            // keeps its received files until the install is recorded; a partitioned tablet
+            // generation would exist): recording the snapshot's index would claim data this
+            // replica does not have. Left as it is, the start-up check (`open_checked`) finds
+            // its apply state behind the truncated log and refuses the replica; PD rebuilds it.
+            tracing::error!(
+                region_id,
+                index = t.index,
+                dir = %dir.display(),
+                "an interrupted snapshot install lost its received files"
+            );
         }
         state.state = PeerState::Normal as i32;
         let mut lb = LogWriteBatch::new();
