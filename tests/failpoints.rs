@@ -41,8 +41,10 @@ fn crash_in(point: &'static str, thread: &'static str) {
 /// the new state, a crash between the two left neither a Region state nor a HardState: the
 /// replica came back empty, and the leader's next heartbeat named a commit index far past its
 /// empty log, which raft-rs refuses with a panic, at every restart.)
-fn lagging_follower_crashes_installing_a_snapshot(kind: EngineKind) {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+/// A follower (store 3) cut off until the leader's log no longer holds what it lacks, then
+/// crashed just after its snapshot install's first raft-engine write. Returns with store 3's
+/// thread gone and the crash point disarmed.
+fn follower_crashed_installing_a_snapshot(kind: EngineKind) -> Cluster {
     let mut c = Cluster::new(3, kind);
     c.bootstrap(1, &[1, 2, 3]);
     c.start();
@@ -84,6 +86,12 @@ fn lagging_follower_crashes_installing_a_snapshot(kind: EngineKind) {
         std::thread::sleep(Duration::from_millis(50));
     }
     fail::remove("snapshot_install_after_applying_state");
+    c
+}
+
+fn lagging_follower_crashes_installing_a_snapshot(kind: EngineKind) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = follower_crashed_installing_a_snapshot(kind);
     c.restart_store(3);
     for i in 0..300 {
         c.must_replicate(3, &key(i), b"v");
@@ -98,42 +106,7 @@ fn lagging_follower_crashes_installing_a_snapshot(kind: EngineKind) {
 /// replica is refused as damaged, for PD to rebuild, and the others go on.
 fn interrupted_install_without_its_files_is_refused(kind: EngineKind) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut c = Cluster::new(3, kind);
-    c.bootstrap(1, &[1, 2, 3]);
-    c.start();
-    c.must_put(&key(0), b"v");
-    c.must_transfer_leader(1, 1);
-    c.must_replicate(3, &key(0), b"v");
-    c.isolate(3);
-    for i in 1..300 {
-        c.must_put(&key(i), b"v");
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.status(1, 1).map_or(0, |s| s.truncated_index) < 100 {
-        assert!(
-            Instant::now() < deadline,
-            "the leader's log was never compacted"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    crash_in("snapshot_install_after_applying_state", "store-3");
-    c.heal();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.stores[&3]
-        .router
-        .try_send(prkv::raftstore::StoreMsg::QueryRegion {
-            region_id: 1,
-            cb: Box::new(|_| ()),
-        })
-        .is_ok()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "store 3 never installed the snapshot"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    fail::remove("snapshot_install_after_applying_state");
+    let mut c = follower_crashed_installing_a_snapshot(kind);
     c.stop_store(3);
     let recv = c.data_dir(3).join("snap").join("recv");
     let removed = std::fs::read_dir(&recv).map_or(0, |d| d.count());
